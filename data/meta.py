@@ -1,0 +1,103 @@
+"""meta.json of a prepared data set, and the per-channel maps between stored values and model space.
+
+The loader hands the model `x = (stored - shift) * scale` per channel (last axis); `to_stored` inverts it and
+`to_uint8` additionally clips and rounds for pixel data sets. meta.json is written last and atomically, so its
+presence means the data set is complete.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import UserError
+
+META_FORMAT_VERSION = 1
+META_FILE = "meta.json"
+REQUIRED_KEYS = ("format_version", "name", "shape", "dtype", "num_classes", "class_names", "splits", "shift", "scale")
+
+
+def write_meta(dir, meta: dict) -> None:
+    """Write `<dir>/meta.json` atomically (temp file + os.replace) so a crash never leaves a half-written file."""
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".meta-", suffix=".tmp", dir=dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)      # mkstemp creates 0600; the data set is meant to be shared
+        os.replace(tmp, dir / META_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_meta(dir) -> dict:
+    """Read and sanity-check `<dir>/meta.json`; every problem is a one-line UserError."""
+    dir = Path(dir)
+    path = dir / META_FILE
+    hint = f"run `python prepare_data.py data={dir.name}`"
+    if not dir.is_dir():
+        raise UserError(f"no prepared data set at {dir}: {hint}")
+    if not path.is_file():
+        raise UserError(f"{dir} has no {META_FILE} (not prepared, or preparation was interrupted): {hint}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}): {hint}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object: {hint}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{path} has no valid format_version: {hint}")
+    if version > META_FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {version} but this project reads up to {META_FORMAT_VERSION}: "
+                        f"upgrade the project, or {hint} to re-prepare it")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: {hint}")
+    return meta
+
+
+def _affine(meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(meta["shift"], np.float32), np.asarray(meta["scale"], np.float32)
+
+
+def to_model(x_stored: np.ndarray, meta: dict) -> np.ndarray:
+    """Stored values (..., C) -> float32 model space `(x - shift) * scale`."""
+    shift, scale = _affine(meta)
+    return (np.asarray(x_stored, np.float32) - shift) * scale
+
+
+def to_stored(x_model, meta: dict) -> np.ndarray:
+    """Model space (..., C) -> float32 in stored units (not rounded or clipped; see `to_uint8` for pixels)."""
+    shift, scale = _affine(meta)
+    return np.asarray(x_model, np.float32) / scale + shift
+
+
+def to_uint8(x_model, meta: dict) -> np.ndarray:
+    """Model space -> uint8 pixels, clipped to [0, 255] and rounded; only for data sets stored as uint8."""
+    if meta["dtype"] != "uint8":
+        raise UserError(f"data set {meta.get('name')!r} stores {meta['dtype']}, not uint8 pixels: decode it first")
+    return np.clip(np.rint(to_stored(x_model, meta)), 0, 255).astype(np.uint8)
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float64, shape (C,)) of x (N, H, W, C), two passes in float64 chunks
+    (bounded memory, and no catastrophic cancellation as with a one-pass sum of squares)."""
+    n, c = len(x), x.shape[-1]
+    if n == 0:
+        raise UserError("cannot compute channel statistics of an empty split")
+    count = x[:1].size // c * n
+    total = np.zeros(c)
+    for i in range(0, n, chunk):
+        total += x[i:i + chunk].reshape(-1, c).astype(np.float64).sum(0)
+    mean = total / count
+    sq = np.zeros(c)
+    for i in range(0, n, chunk):
+        sq += ((x[i:i + chunk].reshape(-1, c).astype(np.float64) - mean) ** 2).sum(0)
+    return mean, np.sqrt(sq / count)

@@ -1,0 +1,105 @@
+"""Write a data set as ArrayRecord shards plus meta.json (layout in CONTRACTS.md), and prepare built-ins on demand.
+
+Each shard is written under a temporary name and renamed when complete; meta.json is written last, so a data set
+directory with meta.json is always complete and an interrupted preparation is simply redone.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data.builtin import BUILTIN_NAMES, load_builtin
+from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, write_meta
+from data.records import ALLOWED_DTYPES, encode_record
+from training.errors import UserError
+
+RECORDS_PER_SHARD = 7500      # Fashion-MNIST: 8 train shards, 2 test shards
+
+
+def shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.array_record"
+
+
+def _check_splits(splits: dict, class_names: list) -> tuple:
+    if "train" not in splits:
+        raise UserError("a data set needs a 'train' split (its statistics define the normalisation)")
+    shapes = set()
+    for split, (x, y) in splits.items():
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype.name not in ALLOWED_DTYPES:
+            raise UserError(f"split {split!r}: x must be a numeric array (N, H, W, C), got "
+                            f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}")
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"split {split!r}: labels must be integers of shape ({len(x)},), got {y.dtype} {y.shape}")
+        if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
+            raise UserError(f"split {split!r}: labels must lie in [0, {len(class_names)})")
+        shapes.add((x.shape[1:], x.dtype.name))
+    if len(shapes) != 1:
+        raise UserError(f"all splits must share one example shape and dtype, got {sorted(shapes)}")
+    return shapes.pop()
+
+
+def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_shards: int) -> list[str]:
+    n_shards = max(1, min(n_shards, len(x)))
+    names = []
+    # Contiguous chunks in record order, so reading the shards in order gives back the split in order.
+    for i, idx in enumerate(np.array_split(np.arange(len(x)), n_shards)):
+        name = shard_name(split, i, n_shards)
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
+        try:
+            for j in idx:
+                w.write(encode_record({"x": x[j]}, label=int(y[j])))
+        finally:
+            w.close()
+        os.rename(tmp, out_dir / name)
+        names.append(name)
+    return names
+
+
+def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: str, encoder=None,
+                   num_shards: dict | int | None = None) -> dict:
+    """Write `splits` {split: (x (N,H,W,C), y (N,))} into `out_dir` as shards + meta.json; returns the meta.
+
+    num_shards: per split (dict) or for all splits (int); default one shard per RECORDS_PER_SHARD records.
+    """
+    out_dir = Path(out_dir)
+    shape, dtype = _check_splits(splits, class_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)     # the set is incomplete from now until the new meta lands
+    for old in out_dir.glob("*-of-*.array_record"):      # stale shards of an earlier preparation (other counts)
+        old.unlink()
+    meta_splits = {}
+    for split, (x, y) in splits.items():
+        n = num_shards.get(split) if isinstance(num_shards, dict) else num_shards
+        n = n or math.ceil(len(x) / RECORDS_PER_SHARD)
+        meta_splits[split] = {"files": _write_shards(out_dir, split, x, np.asarray(y), n), "num_records": len(x)}
+    mean, std = channel_stats(splits["train"][0])
+    c = shape[-1]
+    if dtype == "uint8":   # pixels: a fixed map to [-1, 1], independent of the data
+        shift, scale = [127.5] * c, [1 / 127.5] * c
+    else:                  # latents/features: standardise per channel
+        shift, scale = mean.tolist(), [1.0 / s if s > 0 else 1.0 for s in std]
+    meta = {"format_version": META_FORMAT_VERSION, "name": name, "source": source, "encoder": encoder,
+            "shape": list(shape), "dtype": dtype, "num_classes": len(class_names), "class_names": list(class_names),
+            "splits": meta_splits, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
+            "shift": shift, "scale": scale}
+    write_meta(out_dir, meta)
+    return meta
+
+
+def ensure_prepared(name: str, root) -> tuple[dict, Path]:
+    """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use."""
+    out_dir = Path(root) / name
+    if (out_dir / META_FILE).exists():
+        return load_meta(out_dir), out_dir
+    if name not in BUILTIN_NAMES:
+        raise UserError(f"no prepared data set at {out_dir}: run `python prepare_data.py data={name}` "
+                        f"(built-in: {', '.join(BUILTIN_NAMES)})")
+    print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
+    d = load_builtin(name)
+    prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"])
+    return load_meta(out_dir), out_dir
