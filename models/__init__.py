@@ -1,0 +1,60 @@
+"""Model construction: `build_model(spec, key=...)` is the only constructor, used by training, sampling and tests.
+
+A *spec* is a flat dict: the model preset from `configs/model/*.yaml` plus what the data set decides (input size,
+channels, number of classes). The spec is saved with every checkpoint, so sample.py rebuilds exactly the model
+that was trained.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from models.dit import DiT
+
+SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "scan_blocks", "remat",
+             "attention_impl", "input_size", "in_channels", "num_classes")
+# Keys that change the function the weights compute; the others (scan, remat, attention kernel, name) do not,
+# so a checkpoint restores across them.
+ARCH_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
+             "num_classes")
+
+
+def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
+    """Merge the model preset with the data set's shape and class count."""
+    h, w, c = meta["shape"]
+    spec = {k: model_cfg[k] for k in SPEC_KEYS if k in model_cfg}
+    spec.update(input_size=[int(h), int(w)], in_channels=int(c), num_classes=int(meta["num_classes"]))
+    if spec["hidden_size"] % spec["num_heads"]:
+        from training.errors import UserError
+        raise UserError(f"model.hidden_size={spec['hidden_size']} is not divisible by model.num_heads={spec['num_heads']}")
+    if h % spec["patch_size"] or w % spec["patch_size"]:
+        from training.errors import UserError
+        raise UserError(f"the data ({h}x{w}) is not divisible by model.patch_size={spec['patch_size']}: pick another patch size")
+    return spec
+
+
+def build_model(spec: dict[str, Any], *, key) -> DiT:
+    kw = {k: v for k, v in spec.items() if k != "name"}
+    kw["input_size"] = tuple(kw["input_size"])
+    return DiT(**kw, key=key)
+
+
+def param_count(model: eqx.Module) -> int:
+    return sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+
+def forward_flops(spec: dict[str, Any]) -> dict[str, float]:
+    """Analytic forward FLOPs per image (2 x multiply-adds), matmuls only.
+
+    Per token per layer: 24 d^2 (qkv 6, proj 2, MLP 16 with mlp_ratio 4) + 4 N d (QK^T and AV);
+    plus per image: adaLN 12 d^2 per layer, patch embedding and output layer 2 N p^2 C d each. Train = 3 x forward.
+    """
+    d, depth, p = spec["hidden_size"], spec["depth"], spec["patch_size"]
+    h, w = spec["input_size"]
+    n, pc = (h // p) * (w // p), p * p * spec["in_channels"]
+    mlp = 2 * 2 * spec.get("mlp_ratio", 4.0) * d * d
+    per_layer = n * (8 * d * d + mlp + 4 * n * d) + 12 * d * d
+    total = depth * per_layer + 2 * 2 * n * pc * d + 4 * d * d
+    return {"tokens": n, "forward_flops": float(total), "formula": "per layer: N*(24 d^2 + 4 N d) + 12 d^2 (adaLN); "
+            "+ 4 N p^2 C d (patch in/out); train = 3 x forward"}

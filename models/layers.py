@@ -1,0 +1,141 @@
+"""Building blocks shared by the class- and text-conditional DiTs.
+
+Every module acts on ONE example (tokens are the leading axis); batch with `jax.vmap` at the call site.
+Normalisations compute their statistics in float32 whatever the compute dtype, because bf16 has only 8
+mantissa bits and variance reductions over hundreds of channels lose most of them.
+"""
+
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+class Linear(eqx.Module):
+    """y = x @ W + b over the last axis; any leading axes. Weight stored (in, out) so no transpose is needed."""
+
+    weight: Float[Array, "din dout"]
+    bias: Float[Array, " dout"] | None
+
+    def __init__(self, d_in: int, d_out: int, *, key: PRNGKeyArray, init: str = "xavier", bias: bool = True):
+        if init == "xavier":  # DiT initialises every linear layer with xavier_uniform
+            lim = math.sqrt(6.0 / (d_in + d_out))
+            self.weight = jax.random.uniform(key, (d_in, d_out), jnp.float32, -lim, lim)
+        elif init == "zeros":  # adaLN-Zero modulations and the output layer start at zero
+            self.weight = jnp.zeros((d_in, d_out), jnp.float32)
+        elif init.startswith("normal"):  # e.g. "normal:0.02"
+            self.weight = float(init.split(":")[1]) * jax.random.normal(key, (d_in, d_out), jnp.float32)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        self.bias = jnp.zeros((d_out,), jnp.float32) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def layer_norm(x: Array, eps: float = 1e-6) -> Array:
+    """LayerNorm without affine parameters (adaLN supplies shift and scale), statistics in fp32."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
+    """RMSNorm over the last axis with a learned scale, statistics in fp32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    return x * (1 + scale) + shift
+
+
+class Attention(eqx.Module):
+    """Multi-head self-attention with per-head RMSNorm on queries and keys (SD3 / ViT-22B QK-norm).
+
+    QK-norm bounds the attention logits, which is what kept the seed's bf16 runs from diverging.
+    The softmax scale stays the usual 1/sqrt(head_dim); the learned norm scales can grow if sharper attention pays.
+    """
+
+    qkv: Linear
+    proj: Linear
+    q_scale: Float[Array, " dh"]
+    k_scale: Float[Array, " dh"]
+    num_heads: int = eqx.field(static=True)
+    impl: str | None = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_heads: int, *, key: PRNGKeyArray, impl: str | None = None):
+        k1, k2 = jax.random.split(key)
+        self.qkv = Linear(dim, 3 * dim, key=k1)  # fused: one matmul instead of three
+        self.proj = Linear(dim, dim, key=k2)
+        self.q_scale = jnp.ones((dim // num_heads,), jnp.float32)
+        self.k_scale = jnp.ones((dim // num_heads,), jnp.float32)
+        self.num_heads, self.impl = num_heads, impl
+
+    def __call__(self, x: Float[Array, "n d"], mask: Array | None = None) -> Float[Array, "n d"]:
+        n, d = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        q, k, v = (a.reshape(n, self.num_heads, d // self.num_heads) for a in (q, k, v))  # (N, H, Dh)
+        q, k = rms_norm(q, self.q_scale), rms_norm(k, self.k_scale)
+        o = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask, implementation=self.impl)[0]
+        return self.proj(o.reshape(n, d))
+
+
+class Mlp(eqx.Module):
+    fc1: Linear
+    fc2: Linear
+
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.fc1, self.fc2 = Linear(dim, hidden, key=k1), Linear(hidden, dim, key=k2)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # GELU-tanh as in DiT
+
+
+def timestep_sinusoid(t: Float[Array, ""], dim: int = 256, max_period: float = 10_000.0) -> Float[Array, " dim"]:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000, the DDPM range the frequencies were designed for).
+
+    Always float32: in bf16, t*1000 is quantised in steps of 4-8 units, so neighbouring times would get the
+    same embedding (a bug of the seed repository); callers cast the result to the compute dtype afterwards.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t.astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+
+
+@functools.lru_cache(maxsize=32)
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sin-cos positional embedding (MAE / DiT): half the channels encode the row, half the column.
+
+    A numpy constant (not a parameter): nothing can train or weight-decay it, and XLA folds it into the graph.
+    """
+    assert dim % 4 == 0, "hidden size must be divisible by 4 for 2-D sin-cos embeddings"
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10_000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gh, gw = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    return emb.astype(np.float32)  # (grid_h * grid_w, dim)
+
+
+def patchify(x: Float[Array, "h w c"], p: int) -> Float[Array, "n ppc"]:
+    h, w, c = x.shape
+    x = x.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape((h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Float[Array, "n ppc"], p: int, h: int, w: int, c: int) -> Float[Array, "h w c"]:
+    x = x.reshape(h // p, w // p, p, p, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape(h, w, c)
