@@ -1,0 +1,118 @@
+"""Train-step throughput on synthetic data, with the real train step the stage scripts call. Prints JSON.
+
+    python bench/throughput.py model=XL-2 batch=256                       # 4x32x32 latents, 1000 classes
+    python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 precision=float32 steps=20
+
+Overrides use the stage scripts' syntax: `model=<preset>` reads configs/model/<preset>.yaml, `model.<key>=v`,
+`train.<key>=v` and `optim.<key>=v` change single keys. Imports only what the train step needs (no Grain, Hydra,
+W&B), so it runs on a bare accelerator machine with JAX, Equinox and Optax.
+FLOPs are analytic (models.forward_flops): matmuls only, per layer N*(24 d^2 + 4 N d) + adaLN; train = 3 x forward.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models import build_model, forward_flops, model_spec, param_count  # noqa: E402
+from training.optim import make_optimizer  # noqa: E402
+from training.state import init_state, split_keys  # noqa: E402
+from training.step import make_train_step  # noqa: E402
+
+PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16
+
+
+def read_yaml(path: Path) -> dict:
+    """The model/train/optim presets are flat `key: value` files; parse them without PyYAML/OmegaConf."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        if ":" not in line or line.startswith(" "):
+            continue
+        k, v = (s.strip() for s in line.split(":", 1))
+        out[k] = parse(v)
+    return out
+
+
+def parse(v: str):
+    if v in ("null", "~", ""):
+        return None
+    if v in ("true", "false"):
+        return v == "true"
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def main(argv):
+    args = dict(a.split("=", 1) for a in argv)
+    model = read_yaml(ROOT / "configs/model" / f"{args.pop('model', 'XL-2')}.yaml")
+    train = read_yaml(ROOT / "configs/train/stage1.yaml")
+    optim = read_yaml(ROOT / "configs/optim/adamw.yaml")
+    train.update(precision="bfloat16" if jax.default_backend() == "gpu" else "float32")
+    for k in [k for k in args if "." in k]:
+        group, key = k.split(".", 1)
+        {"model": model, "train": train, "optim": optim}[group][key] = parse(args.pop(k))
+    shape = [int(s) for s in args.pop("shape", "32,32,4").split(",")]
+    classes, batch = int(args.pop("classes", 1000)), int(args.pop("batch", 256))
+    steps, warmup = int(args.pop("steps", 20)), int(args.pop("warmup", 3))
+    if "precision" in args:
+        train["precision"] = args.pop("precision")
+    if "grad_accum" in args:
+        train["grad_accum"] = int(args.pop("grad_accum"))
+    if args:
+        raise SystemExit(f"error: unknown arguments {sorted(args)}")
+    tc, oc = SimpleNamespace(**train), SimpleNamespace(**optim)
+    spec = model_spec(model, {"shape": shape, "num_classes": classes})
+    model_key, train_key = split_keys(0)
+    m = build_model(spec, key=model_key)
+    opt, sched = make_optimizer(tc, oc)
+    state = init_state(m, opt, train_key)
+    step = make_train_step(tc, opt, sched, classes)
+    total = batch * int(tc.grad_accum)
+    rng = np.random.default_rng(0)
+    batches = [{"x": jnp.asarray(rng.standard_normal((total, *shape), np.float32)),
+                "label": jnp.asarray(rng.integers(0, classes, total, dtype=np.int32))} for _ in range(2)]
+    t0 = time.perf_counter()
+    state, met = step(state, dict(batches[0]))
+    jax.block_until_ready(met["loss"])
+    compile_s = time.perf_counter() - t0
+    for i in range(warmup):
+        state, met = step(state, dict(batches[i % 2]))
+    jax.block_until_ready(met["loss"])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, met = step(state, dict(batches[i % 2]))
+    jax.block_until_ready(met["loss"])
+    dt = (time.perf_counter() - t0) / steps
+    fl = forward_flops(spec)
+    train_flops = 3 * fl["forward_flops"] * total
+    mem = None
+    try:
+        mem = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
+    except Exception:  # CPU devices have no memory stats
+        pass
+    out = {"model": spec["name"], "params_M": param_count(m) / 1e6, "batch": batch, "grad_accum": int(tc.grad_accum),
+           "shape": shape, "precision": tc.precision, "backend": jax.default_backend(),
+           "device": jax.devices()[0].device_kind, "images_per_s": total / dt, "step_time_s": dt,
+           "tflops_per_s": train_flops / dt / 1e12, "mfu_vs_989": train_flops / dt / 1e12 / PEAK_BF16_TFLOPS,
+           "peak_device_memory_GB": None if mem is None else mem / 1e9, "compile_s": compile_s,
+           "forward_gflops_per_image": fl["forward_flops"] / 1e9, "flops_formula": fl["formula"],
+           "loss": float(met["loss"])}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from training.cli import CONFIG_DIR, compose
+
+
+def test_defaults_compose_with_the_documented_keys():
+    cfg = compose("config", [])
+    for key in ("data.name", "model.name", "train.steps", "train.batch_size", "train.lr", "train.ckpt_dir",
+                "train.ckpt_every", "train.is_restore", "train.seed", "wandb.mode"):
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert cfg.data.name == "fashion_mnist" and cfg.wandb.mode == "offline" and cfg.train.is_restore is False
+
+
+def test_overrides_reach_the_config():
+    cfg = compose("config", ["data=digits", "model=tiny", "train.steps=2000", "train.batch_size=128",
+                             "wandb.mode=disabled", "model=B-4"])
+    assert (cfg.data.name, cfg.model.name, cfg.model.hidden_size, cfg.model.patch_size) == ("digits", "B-4", 768, 4)
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.wandb.mode) == (2000, 128, "disabled")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))
+def test_every_model_preset_composes(preset):
+    cfg = compose("config", [f"model={preset}"])
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="lrr"):
+        compose("config", ["train.lrr=1"])
+
+
+def test_sample_config_composes():
+    cfg = compose("sample", ["ckpt_dir=/x", "num_samples=10", "cfg_scale=2.0"])
+    assert cfg.num_samples == 10 and cfg.cfg_scale == 2.0

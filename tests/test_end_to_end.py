@@ -1,0 +1,56 @@
+"""The whole pipeline as a user runs it: train_stage1.py -> sample.py (from a non-default preset) -> evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conftest import ROOT, tiny_overrides
+
+
+def run_script(*args, env_extra=None, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
+    ckpt = tmp_path / "run"
+    # A non-default preset (B-8 shape family, shrunk) and patch 2: sample.py must rebuild it from the checkpoint.
+    over = tiny_overrides(digits_root, str(ckpt), steps=6, **{"model.hidden_size": 48, "model.num_heads": 3,
+                                                               "train.sample_every": 6})
+    p = run_script("train_stage1.py", *over)
+    assert "parameters" in p.stdout and "GFLOPs" in p.stdout and "compiling" in p.stdout
+    assert (ckpt / "6").is_dir() and list((ckpt / "samples").glob("*.png"))
+    out = tmp_path / "s" / "samples.npz"
+    p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
+                   "solver=heun", "steps=3", "evaluate=true")
+    z = np.load(out, allow_pickle=False)
+    assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
+    np.testing.assert_array_equal(z["arr_0"], z["images"])
+    np.testing.assert_array_equal(z["arr_1"], z["labels"])
+    assert sorted(np.bincount(z["labels"], minlength=10).tolist()) == [1] * 8 + [2] * 2
+    assert out.with_suffix(".png").is_file()
+    res = json.loads(out.with_suffix(".eval.json").read_text())
+    assert {"cond_acc", "fd", "fd_floor"} <= set(res)
+
+
+def test_user_errors_are_one_line(digits_root, tmp_path):
+    cases = [
+        (["train.lrr=1"], {}, "lrr"),
+        (["model=nope"], {}, "nope"),
+        (["data=fashion_mnist"], {"FASHION_MNIST_DIR": str(tmp_path / "absent"),
+                                  "DIT_DATA_ROOT": str(tmp_path / "empty")}, "apt-get install"),
+        (tiny_overrides(digits_root, str(tmp_path / "none"), **{"train.is_restore": True}), {}, "no checkpoint"),
+    ]
+    for args, env, needle in cases:
+        p = run_script("train_stage1.py", *args, env_extra=env, check=False)
+        lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr

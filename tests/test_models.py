@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import build_model, forward_flops, model_spec, param_count
+from models.layers import patchify, sincos_pos_embed_2d, unpatchify
+from training.cli import compose
+from training.errors import UserError
+
+META = {"shape": [8, 8, 1], "num_classes": 10}
+
+
+def spec_for(preset: str, meta=META, **over):
+    cfg = compose("config", [f"model={preset}"] + [f"model.{k}={v}" for k, v in over.items()])
+    return model_spec(cfg.model, meta)
+
+
+def test_shapes_and_zero_output_at_init():
+    spec = spec_for("tiny")
+    model = build_model(spec, key=jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 8, 1))
+    out = jax.vmap(model)(x, jnp.array([0.1, 0.5, 0.9]), jnp.array([0, 3, 10]))  # 10 = null class
+    assert out.shape == x.shape
+    assert float(jnp.abs(out).max()) == 0.0  # adaLN-Zero + zero output layer: the untrained net predicts 0
+    # ...but gradients flow into the output layer, so the network is not stuck at zero.
+    g = jax.grad(lambda m: jnp.sum(jax.vmap(m)(x, jnp.full(3, 0.5), jnp.zeros(3, jnp.int32)) * x))(model)
+    assert float(jnp.abs(g.final.weight).max()) > 0
+
+
+def test_conditioning_changes_output_once_trained_weights_are_nonzero():
+    spec = spec_for("tiny")
+    model = build_model(spec, key=jax.random.PRNGKey(0))
+    # Perturb the zero-initialised layers, as training does, and check t and y both matter.
+    perturb = lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(2), a.shape)
+    model = jax.tree.map(perturb, model)
+    x = jnp.ones((8, 8, 1))
+    base = model(x, jnp.float32(0.3), jnp.int32(1))
+    assert not np.allclose(base, model(x, jnp.float32(0.7), jnp.int32(1)))
+    assert not np.allclose(base, model(x, jnp.float32(0.3), jnp.int32(2)))
+
+
+def test_scan_equals_unrolled_and_remat():
+    spec = spec_for("tiny")
+    m_scan = jax.tree.map(lambda a: a + 0.05, build_model(spec, key=jax.random.PRNGKey(0)))
+    x, t, y = jnp.ones((8, 8, 1)), jnp.float32(0.4), jnp.int32(2)
+    ref = m_scan(x, t, y)
+    for over in ({"scan_blocks": False}, {"remat": True}):
+        other = jax.tree.map(lambda a: a + 0.05, build_model({**spec, **over}, key=jax.random.PRNGKey(0)))
+        np.testing.assert_allclose(other(x, t, y), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_patchify_round_trip():
+    x = jnp.arange(8 * 8 * 3, dtype=jnp.float32).reshape(8, 8, 3)
+    np.testing.assert_array_equal(unpatchify(patchify(x, 2), 2, 8, 8, 3), x)
+    assert patchify(x, 4).shape == (4, 48)
+
+
+def test_pos_embed_distinguishes_positions():
+    e = sincos_pos_embed_2d(32, 4, 4)
+    assert e.shape == (16, 32)
+    assert len({tuple(np.round(r, 5)) for r in e}) == 16
+
+
+@pytest.mark.parametrize("preset,params_m,gmacs", [("S-2", 33.0, 6.06), ("B-2", 130.5, 23.01), ("XL-2", 675.1, 118.6)])
+def test_dit_family_matches_paper(preset, params_m, gmacs):
+    """DiT paper, Table 1 (ImageNet 256: 32x32x4 latents, 1000 classes). The paper's Gflops count multiply-adds."""
+    spec = spec_for(preset, {"shape": [32, 32, 4], "num_classes": 1000})
+    shapes = jax.eval_shape(lambda: build_model(spec, key=jax.random.PRNGKey(0)))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    assert abs(n / 1e6 - params_m) / params_m < 0.02
+    assert abs(forward_flops(spec)["forward_flops"] / 2e9 - gmacs) / gmacs < 0.03
+
+
+def test_bad_patch_size_is_a_user_error():
+    with pytest.raises(UserError, match="patch"):
+        spec_for("small", {"shape": [30, 30, 1], "num_classes": 10})  # 30 is not divisible by patch 4

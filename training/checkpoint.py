@@ -1,0 +1,113 @@
+"""Orbax checkpoints: params, optimizer state, EMA, counters + PRNG key, the Grain iterator and the resolved config.
+
+Layout: <ckpt_dir>/<step>/{params, opt_state, ema, train, data, config}/ written by one CheckpointManager.
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
+the previous checkpoint as the latest one; saves are asynchronous and `close()` waits for them before exit.
+Items are restored into shape/dtype skeletons built from the same config, never unpickled.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import equinox as eqx
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from training.errors import UserError
+from training.state import TrainState
+
+ITEMS = ("params", "opt_state", "ema", "train", "data", "config")
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _arrays(tree):
+    return eqx.filter(tree, eqx.is_array)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, *, create: bool = True):
+        self.directory = Path(directory).absolute()
+        if create:
+            self.check_writable()
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def check_writable(self):
+        """Fail before training starts, not at the first save hours later."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"checkpoint directory {self.directory} is not writable ({err.strerror}): "
+                            f"choose another with train.ckpt_dir=...") from err
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_iter, config: dict, *, force: bool = False) -> bool:
+        step = int(state.step)
+        train = {"step": state.step, "key": state.key, "bad_steps": state.bad_steps, "skipped": state.skipped}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(_arrays(state.params)),
+            opt_state=ocp.args.StandardSave(_arrays(state.opt_state)),
+            ema=ocp.args.StandardSave(_arrays(state.ema)),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, template: TrainState, data_iter, step: int | None = None) -> TrainState:
+        """Restore into `template` (a freshly initialised state of the same config) and the given iterator."""
+        step = self.latest_step() if step is None else step
+        train_t = {"step": template.step, "key": template.key, "bad_steps": template.bad_steps,
+                   "skipped": template.skipped}
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(_arrays(template.params))),
+            opt_state=ocp.args.StandardRestore(_abstract(_arrays(template.opt_state))),
+            ema=ocp.args.StandardRestore(_abstract(_arrays(template.ema))),
+            train=ocp.args.StandardRestore(_abstract(train_t)),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+        ))
+        combine = lambda arrays, like: eqx.combine(arrays, eqx.filter(like, eqx.is_array, inverse=True))
+        t = r["train"]
+        return TrainState(step=jnp.asarray(t["step"]), params=combine(r["params"], template.params),
+                          opt_state=combine(r["opt_state"], template.opt_state),
+                          ema=combine(r["ema"], template.ema), key=jnp.asarray(t["key"]),
+                          bad_steps=jnp.asarray(t["bad_steps"]), skipped=jnp.asarray(t["skipped"]))
+
+    def restore_ema(self, template_model, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            ema=ocp.args.StandardRestore(_abstract(_arrays(template_model)))))
+        return eqx.combine(r["ema"], eqx.filter(template_model, eqx.is_array, inverse=True))
+
+    def close(self):
+        """Wait for pending asynchronous saves, then release the manager (always call before exit)."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
+    """The resolved config saved with a checkpoint (for sample.py and resume checks), without loading arrays."""
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise UserError(f"no checkpoint directory {path}: train first, or pass ckpt_dir=<dir of a run>")
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "config").is_dir())
+    if not steps:
+        raise UserError(f"{path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a run")
+    step = steps[-1] if step is None else int(step)
+    files = list((path / str(step) / "config").glob("*"))
+    try:
+        return json.loads(next(f for f in files if f.is_file()).read_text()), step
+    except (StopIteration, json.JSONDecodeError, OSError) as err:
+        raise UserError(f"checkpoint {path / str(step)} has an unreadable config: it is not one of ours") from err

@@ -1,0 +1,53 @@
+"""THE flow-matching convention of this project. Training and sampling both import it; nothing else defines it.
+
+    t in [0, 1];  t = 0 is pure noise e ~ N(0, I),  t = 1 is data x.
+    x_t = t * x + (1 - t) * e                      (rectified-flow / linear interpolant)
+    v   = d x_t / d t = x - e                      (the velocity target)
+    sampling integrates  d x / d t = v(x_t, t)  from t = 0 (noise) to t = 1 (data).
+
+prediction = "v": the network output is the velocity itself.
+prediction = "x": the network output is a clean-image estimate x_hat (JiT, "Back to Basics"), converted to a velocity
+    v_hat = (x_hat - x_t) / (1 - t), with 1 - t clamped to at least t_eps; the loss is still on v (JiT's v-loss).
+Loss: mean over all elements of (v_hat - v)^2 (plain MSE, not the seed's 1/2 MSE).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0):
+    """Training times. logit-normal(mean, std) puts more weight mid-trajectory (SD3, Esser et al. 2024)."""
+    if kind == "uniform":
+        return jax.random.uniform(key, (n,), jnp.float32)
+    if kind == "logit_normal":
+        return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+    raise ValueError(f"unknown time sampling {kind!r} (uniform | logit_normal)")
+
+
+def interpolate(x, eps, t):
+    t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+    return t * x + (1.0 - t) * eps
+
+
+def velocity_target(x, eps):
+    return x - eps
+
+
+def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):
+    """Turn the network output into a velocity, whatever it predicts."""
+    if prediction == "v":
+        return out
+    if prediction == "x":
+        t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
+        return (out - x_t) / jnp.maximum(1.0 - t, t_eps)
+    raise ValueError(f"unknown prediction {prediction!r} (v | x)")
+
+
+def drop_labels(key, y, p: float, null_class: int):
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    return jnp.where(jax.random.bernoulli(key, p, y.shape), null_class, y)
+
+
+def guided_velocity(v_cond, v_uncond, scale: float):
+    """Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional towards the conditional."""
+    return v_uncond + scale * (v_cond - v_uncond)

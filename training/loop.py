@@ -1,0 +1,217 @@
+"""The training loop both stages share: set-up, resume, the step loop, logging, checkpoints, final evaluation.
+
+A stage script only decides what differs (its `Task`: data, model spec, conditioning); everything else is here.
+Resume order: build a fresh state from the config -> restore arrays + counters + PRNG key + data iterator from the
+latest checkpoint in train.ckpt_dir -> continue at the restored step with the same per-step randomness.
+"""
+
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
+from models import ARCH_KEYS, build_model, forward_flops, param_count
+from training import sharding
+from training.checkpoint import Checkpointer, read_config
+from training.errors import UserError
+from training.generate import generate, grid_labels
+from training.optim import make_optimizer
+from training.state import init_state, split_keys
+from training.step import class_conditioning, make_train_step
+from training.tracking import Tracker, make_grid, save_png
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage decides; the loop does the rest."""
+    spec: dict                      # model spec (models.model_spec), saved with every checkpoint
+    meta: dict                      # prepared data set metadata
+    data_dir: str
+    make_iterator: Callable         # (batch_size, process_index, process_count) -> checkpointable iterator
+    null_cond: int                  # the null condition (class id) used for CFG
+    conditioning: Callable = class_conditioning
+    evaluator: Callable | None = None  # () -> object with .evaluate(images, labels) -> dict, or None
+
+
+class StopFlag:
+    """SIGTERM / SIGINT (preemption, Ctrl-C): finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal} received: finishing the current step and writing a checkpoint", flush=True)
+
+
+def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
+    old = saved.get("model_spec", {})
+    diff = [k for k in ARCH_KEYS if old.get(k) != spec.get(k)]
+    if diff:
+        pairs = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {spec.get(k)!r}" for k in diff)
+        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): "
+                        f"use the same model/data overrides, or another train.ckpt_dir")
+
+
+def run(cfg, task: Task) -> dict:
+    tc = cfg.train
+    is_main = jax.process_index() == 0
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["model_spec"] = task.spec
+    mesh = sharding.make_mesh(cfg.mesh)
+    global_batch = int(tc.batch_size) * int(tc.grad_accum)
+    if global_batch % mesh.size or global_batch % jax.process_count():
+        raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices")
+
+    # ---- model, optimizer, state ----
+    model_key, train_key = split_keys(tc.seed)
+    model = build_model(task.spec, key=model_key)
+    flops = forward_flops(task.spec)
+    if is_main:
+        print(f"model {task.spec.get('name')}: {param_count(model) / 1e6:.2f}M parameters, "
+              f"{flops['forward_flops'] / 1e9:.3f} GFLOPs forward per image ({flops['tokens']} tokens)", flush=True)
+    optimizer, schedule = make_optimizer(tc, cfg.optim)
+    state = sharding.place(init_state(model, optimizer, train_key), mesh)
+
+    # ---- data and checkpoints (resume) ----
+    it = task.make_iterator(global_batch // jax.process_count(), jax.process_index(), jax.process_count())
+    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts)
+    latest = ckpt.latest_step()
+    run_id = None
+    if tc.is_restore:
+        if latest is None:
+            raise UserError(f"train.is_restore=true but {tc.ckpt_dir} holds no checkpoint: "
+                            f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
+        saved, _ = read_config(tc.ckpt_dir, latest)
+        check_same_model(saved, task.spec, tc.ckpt_dir)
+        state = sharding.place(ckpt.restore(state, it, latest), mesh)
+        run_id = saved.get("run", {}).get("wandb_id")
+        print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
+    elif latest is not None:
+        raise UserError(f"{tc.ckpt_dir} already holds checkpoints (latest step {latest}): resume with "
+                        f"train.is_restore=true, or choose a new train.ckpt_dir")
+    tracker = Tracker(cfg.wandb, config, run_id=run_id) if is_main else None
+    config["run"] = {"wandb_id": tracker.run_id if tracker else None}
+
+    step_fn = make_train_step(tc, optimizer, schedule, task.null_cond, task.conditioning)
+    stop = StopFlag()
+    start, total = int(state.step), int(tc.steps)
+    sample_key = jax.random.PRNGKey(int(tc.seed) + 1)
+    samples_dir = Path(tc.ckpt_dir) / "samples"
+
+    def save(force=False):
+        ckpt.save(state, it, config, force=force)
+
+    def sample_grid(step):
+        labels = grid_labels(task.spec["num_classes"], per_class=8)
+        imgs = generate(state.ema, task.spec, task.meta, labels, sample_key, cfg.sampler, tc)
+        grid = make_grid(imgs, nrow=8)
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
+        tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, one class per row, step {step}")
+
+    # ---- the loop ----
+    bar = _progress(start, total, enabled=is_main and tc.progress)
+    pending, t_last, n_last, compiled = [], time.perf_counter(), start, start > total
+    if is_main and start < total:
+        print(f"compiling the train step (first step; usually {'10-60 s' if jax.default_backend() == 'cpu' else '1-3 min'})...",
+              flush=True)
+    step = start
+    try:
+        while step < total and stop.signal is None:
+            batch = sharding.global_batch(next(it), mesh)
+            state, metrics = step_fn(state, batch)
+            pending.append(metrics)
+            step += 1
+            if not compiled:
+                jax.block_until_ready(metrics["loss"])
+                compiled, t_last, n_last = True, time.perf_counter(), step
+                if is_main:
+                    print(f"compiled; training from step {start} to {total}", flush=True)
+            if step % tc.log_every == 0 or step == total:
+                scalars = _summarise(pending, step, t_last, n_last, global_batch)
+                pending, t_last, n_last = [], time.perf_counter(), step
+                if is_main:
+                    tracker.log(step, scalars, console=not tc.progress)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['perf/img_per_s']:.0f}")
+                if int(state.bad_steps) >= int(tc.max_bad_steps):
+                    raise UserError(f"{int(state.bad_steps)} non-finite steps in a row at step {step}: stopping; "
+                                    f"last good checkpoint: {tc.ckpt_dir}/{ckpt.latest_step()} (lower train.lr?)")
+            if is_main and tc.sample_every and step % tc.sample_every == 0:
+                sample_grid(step)
+            if step % tc.ckpt_every == 0:
+                save()
+            bar.update(1)
+            if tc.stop_at_step is not None and step >= int(tc.stop_at_step) and step < total:
+                stop.signal = f"train.stop_at_step={int(tc.stop_at_step)}"
+        save()  # no-op when this step was just saved
+    finally:
+        bar.close()
+        ckpt.close()  # waits for asynchronous saves: the last checkpoint is complete before we exit
+    if stop.signal is not None:
+        print(f"stopped by {stop.signal} at step {step}; checkpoint saved in {tc.ckpt_dir}: resume with "
+              f"train.is_restore=true", flush=True)
+        if tracker:
+            tracker.finish()
+        return {"step": step, "stopped": stop.signal}
+
+    result = {"step": step}
+    if is_main:
+        sample_grid(step)
+        if cfg.eval.at_end and task.evaluator is not None:
+            result.update(evaluate(state.ema, task, cfg, int(cfg.eval.num_samples), step))
+            tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+            tracker.summary(result)
+        tracker.finish()
+    return result
+
+
+def evaluate(model, task: Task, cfg, n: int, step: int) -> dict:
+    """Class-balanced EMA samples scored by the project's classifier; results saved beside the checkpoints."""
+    from training.sampling import balanced_labels
+
+    evaluator = task.evaluator()
+    labels = balanced_labels(n, task.spec["num_classes"])
+    t0 = time.perf_counter()
+    images = generate(model, task.spec, task.meta, labels, jax.random.PRNGKey(int(cfg.train.seed) + 2),
+                      cfg.sampler, cfg.train)
+    res = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in evaluator.evaluate(images, labels).items()}
+    res["sample_seconds"] = time.perf_counter() - t0
+    Path(cfg.train.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.train.ckpt_dir) / f"eval-step{step:07d}.json").write_text(json.dumps(res, indent=1))
+    print("evaluation: " + json.dumps(res), flush=True)
+    return res
+
+
+def _summarise(pending: list, step: int, t_last: float, n_last: int, global_batch: int) -> dict:
+    stacked = jax.device_get(pending)  # the one host sync per log interval
+    mean = lambda k: float(np.mean([m[k] for m in stacked]))
+    dt = time.perf_counter() - t_last
+    steps = max(step - n_last, 1)
+    return {"train/loss": mean("loss"), "train/grad_norm": mean("grad_norm"), "train/lr": float(stacked[-1]["lr"]),
+            "train/skipped": int(sum(int(m["skipped"]) for m in stacked)), "perf/step_time_s": dt / steps,
+            "perf/img_per_s": global_batch * steps / max(dt, 1e-9), "perf/effective_batch": global_batch}
+
+
+class _NoBar:
+    def update(self, n): pass
+    def set_postfix(self, **kw): pass
+    def close(self): pass
+
+
+def _progress(start: int, total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=2.0)

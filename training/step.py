@@ -1,0 +1,88 @@
+"""The pure, jitted train step: loss, gradient (with accumulation), clipping + AdamW, EMA, non-finite guard.
+
+All randomness (time, noise, label dropout) is drawn inside the step from fold_in(state.key, state.step): no host
+work per step, and a resumed run draws exactly what the uninterrupted one would have.
+"""
+
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from training import flow
+from training.state import TrainState
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast_floats(tree, dtype):
+    """Cast every floating array of a pytree (model weights) to the compute dtype."""
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
+
+
+def class_conditioning(key, batch, p: float, null_class: int):
+    """Stage 1: per-example conditioning arguments of the model after CFG label dropout."""
+    return (flow.drop_labels(key, batch["label"], p, null_class),)
+
+
+def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
+                    conditioning: Callable = class_conditioning):
+    """Build `train_step(state, batch) -> (state, metrics)`; batch leading axis = batch_size * grad_accum."""
+    compute_dtype = DTYPES[train_cfg.precision]
+    accum = int(train_cfg.grad_accum)
+    pred, t_eps = str(train_cfg.prediction), float(train_cfg.t_eps)
+    ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
+
+    def micro_loss(model, x_t, t, v, cond):
+        m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
+        out = jax.vmap(m)(x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
+        v_hat = flow.to_velocity(out, x_t, t, pred, t_eps)
+        return jnp.mean(jnp.square(v_hat - v))
+
+    grad_fn = eqx.filter_value_and_grad(micro_loss)
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.key, state.step)
+        k_t, k_e, k_c = jax.random.split(key, 3)
+        x = batch["x"].astype(jnp.float32)
+        n = x.shape[0]
+        # Randomness for the whole (accumulated) batch at once: accumulation equals one large batch exactly.
+        t = flow.sample_t(k_t, n, train_cfg.time_sampling, train_cfg.time_mean, train_cfg.time_std)
+        eps = jax.random.normal(k_e, x.shape, jnp.float32)
+        x_t, v = flow.interpolate(x, eps, t), flow.velocity_target(x, eps)
+        cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
+        if accum == 1:
+            loss, grads = grad_fn(state.params, x_t, t, v, cond)
+        else:
+            split = lambda a: a.reshape((accum, n // accum) + a.shape[1:])
+            micro = jax.tree.map(split, (x_t, t, v, cond))
+            zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.params, eqx.is_inexact_array))
+
+            def body(carry, mb):
+                l, g = grad_fn(state.params, *mb)
+                return jax.tree.map(jnp.add, carry, (l, g)), None
+
+            loss, grads = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)[0]
+            loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        params_f = eqx.filter(state.params, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params_f)
+        params = eqx.apply_updates(state.params, updates)
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)) if ema_warmup else jnp.float32(ema_decay)
+        ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), eqx.filter(state.ema, eqx.is_inexact_array),
+                           eqx.filter(params, eqx.is_inexact_array))
+        ema = eqx.combine(ema, state.ema)
+        # Non-finite loss or gradient: keep params, optimizer state and EMA as they were; count it.
+        good = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(good, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            ema=keep(ema, state.ema), key=state.key,
+            bad_steps=jnp.where(good, 0, state.bad_steps + 1), skipped=state.skipped + (~good).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": (~good).astype(jnp.int32)}
+        return new_state, metrics
+
+    return eqx.filter_jit(train_step, donate="all")

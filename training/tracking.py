@@ -1,0 +1,67 @@
+"""Monitoring: W&B (offline by default, no account needed) and the console get the same scalars; image grids."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*H, nrow*W, C) uint8 image, C in {1, 3} (grey stays grey)."""
+    n, h, w, c = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = im
+    return grid
+
+
+def save_png(grid: np.ndarray, path, upscale: int = 1) -> None:
+    im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    im.save(path)
+
+
+class Tracker:
+    """Thin wrapper over a W&B run; `mode=disabled` makes every call a no-op except the console."""
+
+    def __init__(self, wandb_cfg, config: dict, run_id: str | None = None):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        Path(wandb_cfg.dir).mkdir(parents=True, exist_ok=True)  # W&B warns when its dir is missing
+        self.wandb = wandb
+        self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                              dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
+                              resume="allow" if run_id else None)
+        self.enabled = wandb_cfg.mode != "disabled"
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.enabled else None
+
+    def log(self, step: int, scalars: dict, *, console: bool = True) -> None:
+        if self.enabled:
+            self.run.log(scalars, step=step)
+        if console:
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items())
+            print(f"[step {step}] {text}", file=sys.stderr if os.environ.get("DIT_LOG_STDERR") else sys.stdout,
+                  flush=True)
+
+    def log_image(self, step: int, name: str, grid: np.ndarray, caption: str = "") -> None:
+        if self.enabled:
+            self.run.log({name: self.wandb.Image(grid[..., 0] if grid.shape[-1] == 1 else grid, caption=caption)},
+                         step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.run.summary[k] = v
+
+    def finish(self) -> None:
+        self.run.finish()
