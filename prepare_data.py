@@ -2,6 +2,8 @@
 
     python prepare_data.py data=fashion_mnist
     python prepare_data.py data=digits data.root=/fast/disk
+    python prepare_data.py source=<folder> vae=<dir|hub id|sd3|sdxl|sd> resolution=256 out=<dir>   # VAE latents
+    python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 """
 
 import os
@@ -17,6 +19,8 @@ def main(cfg):
 
     from data.prepare import ensure_prepared
 
+    if cfg.get("source") or cfg.get("vae"):
+        return encode_latents(cfg)
     target = Path(cfg.data.root) / cfg.data.name
     if cfg.force and (target / "meta.json").exists():
         (target / "meta.json").unlink()  # meta.json is written last, so removing it marks the set as incomplete
@@ -25,6 +29,31 @@ def main(cfg):
     counts = ", ".join(f"{s}: {v['num_records']}" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {data_dir}: shape {meta['shape']} {meta['dtype']}, {meta['num_classes']} classes, "
           f"{counts}")
+
+
+def encode_latents(cfg):
+    """source + vae: encode images to VAE latents (data/encode.py)."""
+    from pathlib import Path
+
+    from data.encode import prepare_latents
+    from data.vae import load_vae
+    from training.errors import UserError
+
+    if not cfg.source or not cfg.vae:
+        raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
+    out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
+    if cfg.force:
+        (out / "meta.json").unlink(missing_ok=True)
+        (out / ".prepare-state.json").unlink(missing_ok=True)
+    vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
+    meta = prepare_latents(str(cfg.source), vae, out, resolution=cfg.resolution, hflip=bool(cfg.hflip),
+                           batch_size=int(cfg.batch_size), shard_size=int(cfg.shard_size), dtype=cfg.latent_dtype,
+                           sample=bool(cfg.sample_posterior), workers=int(cfg.workers), progress=bool(cfg.progress))
+    counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
+    print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
+          f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "
+          f"data.hflip=false", flush=True)
+    return meta
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ def main(cfg):
     def evaluator():
         from training.evaluate import get_evaluator  # trains the classifier on first use
 
+        pixels = (meta.get("encoder") or {}).get("pixels")
+        if pixels:   # latents of a built-in set: decoded samples are scored against the pixel set's classifier
+            pmeta, pdir = ensure_prepared(pixels, cfg.data.root)
+            return get_evaluator(pmeta, pdir, lambda split: load_split(pmeta, pdir, split))
         return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split))
 
     return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator,

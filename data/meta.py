@@ -82,7 +82,8 @@ def to_stored(x_model, meta: dict) -> np.ndarray:
 def to_uint8(x_model, meta: dict) -> np.ndarray:
     """Model space -> uint8 pixels, clipped to [0, 255] and rounded; only for data sets stored as uint8."""
     if meta["dtype"] != "uint8":
-        raise UserError(f"data set {meta.get('name')!r} stores {meta['dtype']}, not uint8 pixels: decode it first")
+        raise UserError(f"data set {meta.get('name')!r} stores {meta['dtype']}, not uint8 pixels: decode latents with "
+                        "data.vae.decode_to_uint8")
     return np.clip(np.rint(to_stored(x_model, meta)), 0, 255).astype(np.uint8)
 
 

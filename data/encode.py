@@ -1,0 +1,282 @@
+"""Images -> VAE latents -> sharded ArrayRecord + meta.json, resumable (`prepare_data.py source=... vae=...`).
+
+Pipeline per shard: read `shard_size` source images (folder layouts in data/folders.py, or a built-in set) ->
+resize + centre-crop -> optionally also the horizontally flipped image (stored as the next record) -> VAE encode
+in batches (data/vae.py, whose docstring defines the latent convention) -> float16/float32 records
+{"x": (h, w, c), "label"} -> written by data.prepare's atomic shard writer, then renamed to its final name.
+
+Resume: `<out>/.prepare-state.json` holds a fingerprint of the plan (source files, VAE, resolution, flip, dtype,
+shard size) and, per finished shard, its record/skip counts and channel statistics. A re-run with the same plan
+skips the finished shards and starts at the first unfinished one; the shards it writes are bitwise identical to an
+uninterrupted run's (same batches, same order). A different plan starts over. meta.json is written last.
+
+Corrupt images are skipped with a warning and counted (per split in meta.json, `skipped`); the run continues.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from data.meta import META_FILE, META_FORMAT_VERSION, load_meta, write_meta
+from data.prepare import _write_shards, shard_name
+from training.errors import UserError
+
+STATE_FILE = ".prepare-state.json"
+SHARD_SIZE = 4096        # source images per shard (x2 records with hflip copies)
+
+
+class _Items:
+    """One split of a source: n examples, each loaded as uint8 (res, res, C) or None (undecodable)."""
+
+    def __init__(self, n, load, labels, ids, captions=None):
+        self.n, self.load, self.labels, self.ids, self.captions = n, load, labels, ids, captions
+
+
+def _builtin_items(name: str, resolution: int | None, channels: int) -> tuple[dict, list, str, int]:
+    from PIL import Image
+
+    from data.builtin import load_builtin
+
+    d = load_builtin(name)
+    native = d["train"][0].shape[1]
+    res = int(resolution or native)
+
+    def loader(x):
+        def load(i):
+            a = x[i]
+            if res != a.shape[0] or channels != a.shape[-1]:
+                im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+                im = im.convert("L" if channels == 1 else "RGB").resize((res, res), Image.BICUBIC)
+                a = np.asarray(im)
+                a = a[..., None] if a.ndim == 2 else a
+            return a
+        return load
+
+    items = {s: _Items(len(d[s][0]), loader(d[s][0]), [int(v) for v in d[s][1]],
+                       [f"{name}/{s}/{i}" for i in range(len(d[s][0]))]) for s in ("train", "test")}
+    return items, d["class_names"], d["source"], res
+
+
+def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, str, str]:
+    from data.folders import load_image, scan_source
+
+    src = scan_source(source)
+    root = Path(source).expanduser().resolve()
+    items = {}
+    for split, sp in src.splits.items():
+        files = list(sp.files)
+        items[split] = _Items(len(files), lambda i, f=files: load_image(f[i], resolution, channels), list(sp.labels),
+                              [f"{p.resolve().relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                               for p in files], sp.captions)
+    return items, src.class_names, str(root), src.layout
+
+
+def _fingerprint(plan: dict, items: dict) -> str:
+    h = hashlib.sha256(json.dumps(plan, sort_keys=True).encode())
+    for split in sorted(items):
+        h.update(split.encode()), h.update(json.dumps(items[split].ids).encode())
+        h.update(json.dumps(items[split].labels).encode())
+    return h.hexdigest()
+
+
+def _vae_identity(vae) -> dict:
+    """Config plus the size and mtime of its weight files: a changed VAE must not resume old shards."""
+    ident = {"name": vae.name, "config": {k: v for k, v in dict(vae.model.config).items() if not k.startswith("_")}}
+    p = Path(vae.name)
+    if p.is_dir():
+        ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                                if f.suffix in (".safetensors", ".bin"))
+    return json.loads(json.dumps(ident, default=str))
+
+
+def _stats(x: np.ndarray) -> dict:
+    """Per-channel count, mean, M2 (float64) of x (..., C): combined across shards with Chan's formula."""
+    f = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mean = f.mean(0)
+    return {"count": len(f), "mean": mean.tolist(), "m2": ((f - mean) ** 2).sum(0).tolist()}
+
+
+def _combine(stats: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    n, mean, m2 = 0, None, None
+    for s in stats:
+        if not s["count"]:
+            continue
+        nb, mb, m2b = s["count"], np.asarray(s["mean"]), np.asarray(s["m2"])
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        d = mb - mean
+        tot = n + nb
+        mean, m2, n = mean + d * nb / tot, m2 + m2b + d ** 2 * n * nb / tot, tot
+    if mean is None:
+        raise UserError("every training image was skipped as undecodable: nothing to encode")
+    return mean, np.sqrt(m2 / n)
+
+
+def _save_state(out_dir: Path, state: dict) -> None:
+    tmp = out_dir / f"{STATE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out_dir / STATE_FILE)
+
+
+def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None, hflip: bool = False,
+                    batch_size: int = 64, shard_size: int = SHARD_SIZE, dtype: str = "float16",
+                    sample: bool = False, seed: int = 0, workers: int = 4, progress: bool = True,
+                    on_shard=None) -> dict:
+    """Encode `source` with `vae` into `out_dir` (shards + meta.json); returns the meta.
+
+    **Arguments:**
+    - `source`: a folder in one of data/folders.py's layouts, or a built-in data set name (`fashion_mnist`,
+      `digits`: its own train/test splits, at its native resolution unless `resolution` is given).
+    - `vae`: a `data.vae.Vae` (see `data.vae.load_vae`).
+    - `resolution`: square image size after resize + centre crop (required for folders).
+    - `hflip`: also store the latent of each horizontally flipped train image (as the next record); latents
+      cannot be flipped on the fly.
+    - `dtype`: stored latent dtype (`float16` or `float32`).
+    - `sample`: store a posterior sample instead of the posterior mean.
+    - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
+    """
+    from data.builtin import BUILTIN_NAMES
+
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"latent dtype must be float16 or float32, got {dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise UserError("shard_size and batch_size must be >= 1")
+    out_dir = Path(out_dir)
+    is_builtin = str(source) in BUILTIN_NAMES and not Path(str(source)).is_dir()
+    if is_builtin:
+        items, class_names, src_desc, resolution = _builtin_items(str(source), resolution, vae.in_channels)
+        layout = "builtin"
+    else:
+        if not resolution:
+            raise UserError("encoding a folder needs resolution=<size> (images are resized and centre-cropped to it)")
+        items, class_names, src_desc, layout = _folder_items(source, int(resolution), vae.in_channels)
+    resolution = int(resolution)
+    latent_shape = vae.latent_shape(resolution, resolution)
+    plan = {"version": 1, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),
+            "dtype": dtype, "sample": bool(sample), "seed": int(seed), "shard_size": int(shard_size),
+            "batch_size": int(batch_size), "vae": _vae_identity(vae)}
+    fp = _fingerprint(plan, items)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {}
+    try:
+        state = json.loads((out_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    if state.get("fingerprint") == fp and (out_dir / META_FILE).exists():
+        print(f"{out_dir} is already prepared with this source, VAE and settings", flush=True)
+        return load_meta(out_dir)
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    if state.get("fingerprint") != fp:   # a different plan: nothing can be reused
+        for old in out_dir.glob("*-of-*.array_record"):
+            old.unlink()
+        state = {"fingerprint": fp, "shards": {}}
+        _save_state(out_dir, state)
+    for junk in list(out_dir.glob(".*.tmp-*")) + list(out_dir.glob(".work-*")):   # leftovers of an interruption
+        shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+
+    np_dtype = np.dtype(dtype)
+    jobs = []   # (split, shard index, n shards, example indices)
+    for split, it in items.items():
+        n = max(1, math.ceil(it.n / shard_size))
+        jobs += [(split, i, n, idx) for i, idx in enumerate(np.array_split(np.arange(it.n), n))]
+    done = {name for name in state["shards"] if (out_dir / name).is_file()}
+    todo_images = sum(len(j[3]) for j in jobs if shard_name(j[0], j[1], j[2]) not in done)
+    if done:
+        print(f"resuming: {len(done)} of {len(jobs)} shards already written", flush=True)
+    bar = _bar(todo_images, progress)
+    scratch = out_dir / f".work-{os.getpid()}"
+    t0, n_img = time.perf_counter(), 0
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        for split, i, n, idx in jobs:
+            name = shard_name(split, i, n)
+            if name in done:
+                continue
+            it = items[split]
+            flip = hflip and split == "train"
+            xs, ys, caps, skipped = [], [], [], 0
+            for k in range(0, len(idx), batch_size):
+                chunk = idx[k:k + batch_size]
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    imgs = list(pool.map(it.load, chunk))
+                for w in caught:
+                    warnings.warn(str(w.message), stacklevel=1)
+                keep = [j for j, a in zip(chunk, imgs) if a is not None]
+                skipped += len(chunk) - len(keep)
+                imgs = [a for a in imgs if a is not None]
+                if imgs:
+                    batch = np.stack(imgs)
+                    z = vae.encode(batch, batch_size=batch_size, sample=sample, seed=seed + int(chunk[0]))
+                    if flip:
+                        zf = vae.encode(batch[:, :, ::-1], batch_size=batch_size, sample=sample,
+                                        seed=seed + 7919 + int(chunk[0]))
+                        z = np.stack([z, zf], 1).reshape(-1, *z.shape[1:])   # original, flipped, original, ...
+                    xs.append(z.astype(np_dtype))
+                    rep = 2 if flip else 1
+                    ys += [it.labels[j] for j in keep for _ in range(rep)]
+                    if it.captions is not None:
+                        caps += [{"file": it.ids[j], "caption": it.captions[j], "flipped": bool(r)}
+                                 for j in keep for r in range(rep)]
+                n_img += len(chunk)
+                bar.update(len(chunk))
+                bar.set_postfix(img_s=f"{n_img / max(time.perf_counter() - t0, 1e-9):.1f}", skipped=skipped)
+            x = np.concatenate(xs) if xs else np.zeros((0, *latent_shape), np_dtype)
+            # data.prepare's atomic writer (temp name, then rename) into a scratch folder, then one more rename to
+            # the shard's final name: a shard file exists only when complete. A shard whose images were all
+            # undecodable is written empty, so the file count stays fixed.
+            scratch.mkdir(exist_ok=True)
+            (tmp_name,) = _write_shards(scratch, split, x, np.asarray(ys, np.int64), 1)
+            os.rename(scratch / tmp_name, out_dir / name)
+            info = {"records": len(x), "skipped": skipped, "stats": _stats(x) if len(x) else {"count": 0}}
+            if caps:
+                info["captions"] = caps
+            state["shards"][name] = info
+            _save_state(out_dir, state)
+            if on_shard is not None:
+                on_shard(name)
+    bar.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    meta_splits = {}
+    for split in items:
+        names = [shard_name(s, i, n) for s, i, n, _ in jobs if s == split]
+        meta_splits[split] = {"files": names, "num_records": sum(state["shards"][nm]["records"] for nm in names),
+                              "skipped": sum(state["shards"][nm]["skipped"] for nm in names)}
+        caps = [c for nm in names for c in state["shards"][nm].get("captions", [])]
+        if caps:   # captions layout: one line per record, in record order (stage 2 computes text features from it)
+            with open(out_dir / f"captions-{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(c) + "\n" for c in caps)
+    if meta_splits["train"]["num_records"] == 0:
+        raise UserError(f"no decodable training images in {source}: every file was skipped")
+    mean, std = _combine([state["shards"][nm]["stats"] for nm in meta_splits["train"]["files"]])
+    skipped = sum(v["skipped"] for v in meta_splits.values())
+    if skipped:
+        warnings.warn(f"{skipped} undecodable image(s) skipped (counted per split in meta.json)", stacklevel=2)
+    enc = dict(vae.info(), resolution=resolution, hflip_copies=bool(hflip), posterior="sample" if sample else "mean",
+               layout=layout)
+    if is_builtin:
+        enc["pixels"] = str(source)   # the pixel data set these latents came from (evaluation decodes against it)
+    meta = {"format_version": META_FORMAT_VERSION, "name": out_dir.name, "source": src_desc, "encoder": enc,
+            "shape": list(latent_shape), "dtype": dtype, "num_classes": len(class_names),
+            "class_names": list(class_names), "splits": meta_splits, "channel_mean": mean.tolist(),
+            "channel_std": std.tolist(), "shift": mean.tolist(), "scale": [1.0 / s if s > 0 else 1.0 for s in std]}
+    write_meta(out_dir, meta)
+    dt = time.perf_counter() - t0
+    print(f"encoded {n_img} images in {dt:.1f} s ({n_img / max(dt, 1e-9):.1f} images/s), {skipped} skipped", flush=True)
+    return meta
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", dynamic_ncols=True, disable=not enabled, mininterval=1.0)

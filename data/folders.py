@@ -1,0 +1,203 @@
+"""Bring-your-own images: recognise the input folder layout and list (file, label, caption) examples per split.
+
+Accepted layouts (anything else is a one-line UserError naming what was found and these three):
+
+1. ImageFolder: `<dir>/<class>/<image>` (one sub-folder per class; class ids follow the sorted folder names).
+2. Flat folder + labels: images in `<dir>` and `labels.csv` (header `file,label`) or `labels.jsonl`
+   (`{"file": ..., "label": ...}` per line); labels are integers or class names (sorted into ids).
+3. Flat folder + captions: images in `<dir>` and `captions.jsonl` (`{"file": ..., "caption": ...}` per line);
+   one class ("all"), the caption travels with each record.
+
+Splits: if `<dir>` holds sub-folders named `train` and optionally `val`/`validation`/`test`, each is read as its own
+layout (ImageNet's `train/` + `val/`); otherwise the whole folder is the `train` split. Keys `file_name`/`image` and
+`text` are accepted for `file` and `caption` (Hugging Face `metadata.jsonl` style).
+
+`load_image` reads, converts (alpha composited over white), resizes the shorter side and centre-crops (ADM's
+`center_crop_arr`); a file that cannot be decoded returns None so the caller can skip and count it.
+"""
+
+import csv
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SPLIT_DIRS = {"train": "train", "val": "test", "validation": "test", "test": "test"}
+LABEL_FILES = ("labels.csv", "labels.jsonl")
+CAPTION_FILES = ("captions.jsonl",)
+ACCEPTED = ("accepted layouts: ImageFolder <dir>/<class>/<image>; flat <dir>/<image> + labels.csv (file,label) or "
+            "labels.jsonl; flat <dir>/<image> + captions.jsonl ({\"file\", \"caption\"}); optionally inside "
+            "<dir>/train and <dir>/val or <dir>/test")
+
+
+@dataclass
+class Split:
+    files: list[Path]
+    labels: list[int]
+    captions: list[str] | None = None
+
+
+@dataclass
+class Source:
+    layout: str                     # "imagefolder" | "labels" | "captions"
+    class_names: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+
+def _images(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _describe(d: Path) -> str:
+    files = [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]
+    imgs = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    others = sorted(p.name for p in files if p.suffix.lower() not in IMAGE_EXTS)
+    subs = _subdirs(d)
+    parts = [f"{len(imgs)} image files", f"{len(subs)} sub-folders"]
+    if others:
+        parts.append("other files " + ", ".join(others[:4]) + (" ..." if len(others) > 4 else ""))
+    return ", ".join(parts)
+
+
+def _read_table(path: Path) -> list[dict]:
+    """Rows of labels.csv / *.jsonl as dicts; a malformed line is a UserError naming file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__})") from None
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and not {"file", "label"} <= set(rows[0]) and not {"file_name", "label"} <= set(rows[0]):
+            raise UserError(f"{path} needs a header line with the columns file,label; found {list(rows[0])}")
+        return rows
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise UserError(f"{path} line {i} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _get(row: dict, keys: tuple, path: Path, what: str):
+    for k in keys:
+        if k in row and row[k] not in (None, ""):
+            return row[k]
+    raise UserError(f"{path}: a row has no {what} (expected one of the keys {', '.join(keys)}): {str(row)[:120]}")
+
+
+def _flat(d: Path, table: Path, kind: str) -> tuple[list[Path], list, list | None]:
+    rows = _read_table(table)
+    if not rows:
+        raise UserError(f"{table} lists no images: add one line per image")
+    files, values = [], []
+    for row in rows:
+        f = d / str(_get(row, ("file", "file_name", "image"), table, "file name"))
+        if not f.is_file():
+            raise UserError(f"{table} names {f.name}, which is not a file in {d}")
+        files.append(f)
+        values.append(_get(row, ("caption", "text"), table, "caption") if kind == "captions"
+                      else _get(row, ("label",), table, "label"))
+    return files, values
+
+
+def _scan(d: Path) -> tuple[str, list[Path], list, list | None]:
+    """(layout, files, raw labels or class names, captions) of one split folder."""
+    if not any(True for p in d.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"source folder {d} is empty: put images in it ({ACCEPTED})")
+    imgs, subs = _images(d), _subdirs(d)
+    caps = [d / n for n in CAPTION_FILES if (d / n).is_file()]
+    labs = [d / n for n in LABEL_FILES if (d / n).is_file()]
+    if imgs and caps:
+        files, captions = _flat(d, caps[0], "captions")
+        return "captions", files, None, [str(c) for c in captions]
+    if imgs and labs:
+        files, labels = _flat(d, labs[0], "labels")
+        return "labels", files, labels, None
+    if subs and not imgs:
+        files, names = [], []
+        for s in subs:
+            for f in _images(s):
+                files.append(f)
+                names.append(s.name)
+        if not files:
+            raise UserError(f"source folder {d} has sub-folders ({', '.join(s.name for s in subs[:5])}) but no "
+                            f"images inside them; {ACCEPTED}")
+        return "imagefolder", files, names, None
+    raise UserError(f"source folder {d} has a layout this project does not read: found {_describe(d)}; {ACCEPTED}")
+
+
+def scan_source(source) -> Source:
+    """Recognise the layout of `source` and list its examples (sorted, so the order is reproducible)."""
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise UserError(f"source {root} is not a folder ({ACCEPTED})")
+    subs = {s.name.lower(): s for s in _subdirs(root)}
+    split_dirs = {SPLIT_DIRS[n]: subs[n] for n in SPLIT_DIRS if n in subs}
+    if "train" in split_dirs and not _images(root):
+        dirs = split_dirs
+    else:
+        dirs = {"train": root}
+    scanned = {split: _scan(d) for split, d in dirs.items()}
+    layouts = {v[0] for v in scanned.values()}
+    if len(layouts) > 1:
+        raise UserError(f"the split folders of {root} use different layouts ({', '.join(sorted(layouts))}): use one")
+    layout = layouts.pop()
+    if layout == "captions":
+        class_names = ["all"]
+        splits = {s: Split(f, [0] * len(f), c) for s, (_, f, _, c) in scanned.items()}
+    else:
+        raw = [v for (_, _, labels, _) in scanned.values() for v in labels]
+        if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw) \
+                and layout == "labels":
+            ids = {s: [int(v) for v in labels] for s, (_, _, labels, _) in scanned.items()}
+            k = max(max(v) for v in ids.values()) + 1
+            if min(min(v) for v in ids.values()) < 0:
+                raise UserError(f"integer labels in {root} must be >= 0")
+            class_names = [str(i) for i in range(k)]
+        else:
+            class_names = sorted({str(v) for v in raw})
+            index = {n: i for i, n in enumerate(class_names)}
+            ids = {s: [index[str(v)] for v in labels] for s, (_, _, labels, _) in scanned.items()}
+        splits = {s: Split(f, ids[s]) for s, (_, f, _, _) in scanned.items()}
+    return Source(layout, class_names, splits)
+
+
+def load_image(path: Path, resolution: int, channels: int) -> np.ndarray | None:
+    """uint8 (resolution, resolution, channels): shorter side resized to `resolution` (bicubic; box-filtered first
+    when shrinking a lot, as ADM does), centre-cropped. None (with a warning) if the file cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, rgba)
+            im = im.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        warnings.warn(f"skipping {path}: cannot decode it as an image ({type(e).__name__})", stacklevel=2)
+        return None
+    while min(im.size) >= 2 * resolution:   # ADM center_crop_arr: box-downsample by 2 first
+        im = im.resize(tuple(x // 2 for x in im.size), resample=Image.BOX)
+    s = resolution / min(im.size)
+    im = im.resize(tuple(max(resolution, round(x * s)) for x in im.size), resample=Image.BICUBIC)
+    a = np.asarray(im)
+    top, left = (a.shape[0] - resolution) // 2, (a.shape[1] - resolution) // 2
+    a = a[top:top + resolution, left:left + resolution]
+    return a[..., None] if a.ndim == 2 else a

@@ -1,0 +1,222 @@
+"""The image autoencoder (a diffusers `AutoencoderKL`, PyTorch) behind latent data sets: load, encode, decode.
+
+**The latent convention (the one place it is defined; important!).** For an image `img` (uint8, H x W x C):
+
+    pixels   p = img / 127.5 - 1                                   in [-1, 1], NCHW float32 for torch
+    stored   s = (vae.encode(p).latent_dist.mean - shift_factor) * scaling_factor      (h, w, c) channels-last
+    model    x = (s - meta.shift) * meta.scale                     (the loader; meta.shift/scale = per-channel
+                                                                     mean and 1/std of `s` over the train split)
+and back, for sample grids, W&B images and sample.py:
+
+    s = data.meta.to_stored(x, meta);   latent = s / scaling_factor + shift_factor;   p = vae.decode(latent)
+    img = clip(round((p + 1) * 127.5), 0, 255)
+
+`s` is what diffusers pipelines feed their denoisers (SD: `latent * 0.18215`; SD3/Flux: `(latent - shift) * scale`);
+we store it (posterior *mean* by default, as the seed and DiT do) and standardise it again per channel, because a
+VAE's single global scale is only approximate per channel (and our own small autoencoders are not calibrated at all).
+`shift_factor` is 0 for VAEs that have none (SD, SDXL). meta.json keeps the VAE path, scaling_factor and
+shift_factor under `encoder`, so decoding needs nothing but the meta.
+
+Known VAEs by name (`PRESETS`): `sd3` (16 latent channels, scaling 1.5305, shift 0.0609), `sdxl` (4, 0.13025),
+`sd` (4, 0.18215). A preset resolves to its hub id, or with the suffix `-random` to the same architecture with
+random weights (for throughput measurements only: its latents mean nothing). Anything else is a local directory
+written by `save_pretrained` (e.g. by train_autoencoder.py) or a hub id; `HF_HUB_OFFLINE=1` is honoured, and a
+local directory never touches the network.
+
+Encoding and decoding run in torch, on the CPU unless a device is named, in chunks; they never touch the
+accelerator JAX trains on unless asked.
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import UserError
+
+_SD_ARCH = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                norm_num_groups=32, act_fn="silu")
+PRESETS = {
+    "sd3": {"repo": "stabilityai/stable-diffusion-3-medium-diffusers", "subfolder": "vae",
+            "config": dict(_SD_ARCH, latent_channels=16, sample_size=1024, scaling_factor=1.5305,
+                           shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+                           mid_block_add_attention=True)},
+    "sdxl": {"repo": "stabilityai/sdxl-vae", "subfolder": None,
+             "config": dict(_SD_ARCH, latent_channels=4, sample_size=1024, scaling_factor=0.13025,
+                            force_upcast=True)},
+    "sd": {"repo": "stabilityai/sd-vae-ft-mse", "subfolder": None,
+           "config": dict(_SD_ARCH, latent_channels=4, sample_size=256, scaling_factor=0.18215)},
+}
+_TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def torch_device(device: str | None = "cpu") -> str:
+    """'cpu', 'cuda', 'cuda:1', or 'auto' (cuda when torch sees one)."""
+    import torch
+
+    device = (device or "cpu").strip()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"VAE device {device!r} requested but torch sees no CUDA device: use vae_device=cpu")
+    return device
+
+
+class Vae:
+    """An `AutoencoderKL` plus its latent convention (see the module docstring).
+
+    **Arguments:**
+    - `model`: the diffusers `AutoencoderKL` (eval mode).
+    - `name`: how it was named (local path or hub id or preset), recorded in meta.json.
+    - `device`, `dtype`: where and in which torch dtype it runs.
+    """
+
+    def __init__(self, model, name: str, device: str = "cpu", dtype: str = "float32"):
+        self.model, self.name, self.device, self.dtype = model, name, device, dtype
+        cfg = model.config
+        self.scaling_factor = float(cfg.get("scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(cfg.get("shift_factor", 0.0) or 0.0)
+        self.in_channels = int(cfg["in_channels"])
+        self.latent_channels = int(cfg["latent_channels"])
+        self.downsample = 2 ** (len(cfg["block_out_channels"]) - 1)
+
+    def latent_shape(self, h: int, w: int) -> tuple[int, int, int]:
+        if h % self.downsample or w % self.downsample:
+            raise UserError(f"image size {h}x{w} is not divisible by the VAE's downsampling factor {self.downsample}: "
+                            f"pick a resolution that is a multiple of {self.downsample}")
+        return h // self.downsample, w // self.downsample, self.latent_channels
+
+    def info(self) -> dict:
+        """What meta.json records under `encoder`."""
+        return {"type": "AutoencoderKL", "vae": self.name, "scaling_factor": self.scaling_factor,
+                "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
+                "downsample": self.downsample, "image_channels": self.in_channels,
+                "convention": "stored = (posterior - shift_factor) * scaling_factor (data/vae.py)"}
+
+    def encode(self, images: np.ndarray, *, batch_size: int = 64, sample: bool = False, seed: int = 0) -> np.ndarray:
+        """uint8 images (N, H, W, C) -> stored latents float32 (N, h, w, c), in batches.
+
+        `sample=False` takes the posterior mean (deterministic); `sample=True` draws from it with a seeded
+        generator.
+        """
+        import torch
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != self.in_channels or images.dtype != np.uint8:
+            raise UserError(f"the VAE {self.name} encodes uint8 images (N, H, W, {self.in_channels}), got "
+                            f"{images.dtype} {images.shape}")
+        out = []
+        gen = torch.Generator(device=self.device).manual_seed(int(seed)) if sample else None
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.array(images[i:i + batch_size].transpose(0, 3, 1, 2), order="C"))
+                x = (x.to(self.device, torch.float32) / 127.5 - 1.0).to(getattr(torch, self.dtype))
+                post = self.model.encode(x).latent_dist
+                z = post.sample(generator=gen) if sample else post.mean
+                z = (z.float() - self.shift_factor) * self.scaling_factor
+                out.append(z.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0, 0, self.latent_channels), np.float32)
+
+    def decode(self, stored: np.ndarray, *, chunk: int = 64) -> np.ndarray:
+        """Stored latents (N, h, w, c) -> uint8 images (N, H, W, C), in chunks."""
+        import torch
+
+        stored = np.asarray(stored, np.float32)
+        if stored.ndim != 4 or stored.shape[-1] != self.latent_channels:
+            raise UserError(f"the VAE {self.name} decodes latents (N, h, w, {self.latent_channels}), got "
+                            f"{stored.shape}")
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(stored), chunk):
+                z = torch.from_numpy(np.array(stored[i:i + chunk].transpose(0, 3, 1, 2), order="C")).to(self.device)
+                z = z / self.scaling_factor + self.shift_factor
+                p = self.model.decode(z.to(getattr(torch, self.dtype))).sample.float()
+                img = torch.clamp(torch.round((p + 1.0) * 127.5), 0, 255).to(torch.uint8)
+                out.append(img.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out)
+
+
+def _build(name: str):
+    from diffusers import AutoencoderKL
+
+    key = name.strip()
+    if key.endswith("-random") and key[: -len("-random")] in PRESETS:
+        import torch
+
+        torch.manual_seed(0)
+        return AutoencoderKL.from_config(PRESETS[key[: -len("-random")]]["config"])
+    path = Path(key).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"VAE directory {path} has no config.json: give a directory written by "
+                            "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
+        try:
+            return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise UserError(f"cannot load the VAE in {path} ({str(e).splitlines()[0][:160]})") from None
+    if key.startswith((".", "/", "~")) or os.sep in key and key.count("/") != 1:
+        raise UserError(f"VAE directory {key} does not exist")
+    repo, sub = (PRESETS[key]["repo"], PRESETS[key]["subfolder"]) if key in PRESETS else (key, None)
+    try:
+        return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline())
+    except Exception as e:   # hub/network/cache errors come in many types; all mean "not available here"
+        how = ("HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if _offline()
+               else "no local directory of that name, and the hub could not provide it")
+        raise UserError(f"cannot load VAE {key!r} ({repo}{'/' + sub if sub else ''}): {how} "
+                        f"({type(e).__name__}). Pass a local save_pretrained directory, download it where there is "
+                        f"internet, or train one with `python train_autoencoder.py`") from None
+
+
+@functools.lru_cache(maxsize=4)
+def load_vae(name: str, device: str | None = "cpu", dtype: str = "float32") -> Vae:
+    """A `Vae` from a local directory, hub id, or preset name (`sd3`, `sdxl`, `sd`, or `<preset>-random`).
+
+    **Arguments:**
+    - `name`: as above; a local directory is read with `local_files_only=True`.
+    - `device`: torch device (`cpu`, `cuda`, `auto`); default CPU, so JAX keeps the accelerator.
+    - `dtype`: torch compute dtype (`float32`, `float16`, `bfloat16`); latents are always returned as float32.
+    """
+    import torch
+
+    if dtype not in _TORCH_DTYPES:
+        raise UserError(f"VAE dtype {dtype!r} unknown: use one of float32, float16, bfloat16")
+    dev = torch_device(device)
+    model = _build(str(name)).eval().to(dev, getattr(torch, _TORCH_DTYPES[dtype]))
+    name = str(Path(name).expanduser().resolve()) if Path(str(name)).expanduser().is_dir() else str(name)
+    return Vae(model, name, dev, _TORCH_DTYPES[dtype])
+
+
+def is_latent(meta: dict) -> bool:
+    """True for a data set of VAE latents (meta.json names its VAE under `encoder`)."""
+    enc = meta.get("encoder")
+    return isinstance(enc, dict) and "vae" in enc
+
+
+def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
+    """The VAE that made a latent data set (named in meta.json), checked against the recorded convention.
+
+    `device` defaults to `$DIT_VAE_DEVICE` or the CPU.
+    """
+    enc = meta.get("encoder") or {}
+    if not isinstance(enc, dict) or "vae" not in enc:
+        raise UserError(f"data set {meta.get('name')!r} is not a latent data set (meta.json has no encoder.vae)")
+    vae = load_vae(enc["vae"], device or os.environ.get("DIT_VAE_DEVICE", "cpu"))
+    for k in ("scaling_factor", "shift_factor", "latent_channels"):
+        if k in enc and not np.isclose(float(getattr(vae, k)), float(enc[k])):
+            raise UserError(f"the VAE at {enc['vae']} has {k} {getattr(vae, k)} but data set {meta.get('name')!r} was "
+                            f"encoded with {enc[k]}: the VAE changed since; re-prepare the data set")
+    return vae
+
+
+def decode_to_uint8(x_model, meta: dict, *, chunk: int = 64, device: str | None = None) -> np.ndarray:
+    """Model-space latents (N, h, w, c) of a latent data set -> uint8 images (N, H, W, C) via its VAE."""
+    from data.meta import to_stored
+
+    return vae_for_meta(meta, device).decode(to_stored(x_model, meta), chunk=chunk)

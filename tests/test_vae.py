@@ -1,0 +1,160 @@
+"""data/vae.py and data/encode.py with a real (tiny, randomly initialised) diffusers AutoencoderKL, fully offline:
+the latent convention, save_pretrained -> load, decoding for samples, resumable sharded encoding, prepare_data.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from training.errors import UserError
+
+
+def make_tiny_vae(path, in_channels=3, scaling_factor=1.5305, shift_factor=0.0609):
+    """A 2-block AutoencoderKL (8x8 -> 4x4x4), saved with save_pretrained; returns the directory."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    m = AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=4,
+                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                      block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
+                      scaling_factor=scaling_factor, shift_factor=shift_factor, mid_block_add_attention=False)
+    m.save_pretrained(str(path))
+    return str(path)
+
+
+def write_images(d: Path, names, size=(12, 10), seed=0):
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    rs = np.random.RandomState(seed)
+    for n in names:
+        Image.fromarray(rs.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(d / n)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_latent_convention_and_reload(vae_dir):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from data.vae import load_vae
+
+    vae = load_vae(vae_dir)
+    assert (vae.scaling_factor, vae.shift_factor, vae.latent_channels, vae.downsample) == (1.5305, 0.0609, 4, 2)
+    assert vae.latent_shape(8, 8) == (4, 4, 4) and vae.name == str(Path(vae_dir).resolve())
+    imgs = np.random.RandomState(1).randint(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    z = vae.encode(imgs, batch_size=2)                       # batching must not change the result
+    ref = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        x = torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()).float() / 127.5 - 1
+        mean = ref.encode(x).latent_dist.mean
+        want = ((mean - 0.0609) * 1.5305).permute(0, 2, 3, 1).numpy()
+        dec = ref.decode(mean).sample
+    assert z.shape == (5, 4, 4, 4)
+    np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5)
+    out = vae.decode(z, chunk=2)                              # inverse map: decode(stored / scale + shift)
+    want_img = np.clip(np.rint((dec.numpy().transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
+    assert out.dtype == np.uint8 and out.shape == imgs.shape
+    assert np.abs(out.astype(int) - want_img.astype(int)).max() <= 1
+
+
+def test_decode_to_uint8_inverts_the_loader_map(vae_dir):
+    from data.meta import to_model
+    from data.vae import decode_to_uint8, load_vae
+
+    vae = load_vae(vae_dir)
+    stored = vae.encode(np.random.RandomState(2).randint(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    meta = {"name": "t", "shift": [0.1, -0.2, 0.3, 0.0], "scale": [2.0, 0.5, 1.0, 3.0],
+            "encoder": dict(vae.info())}
+    np.testing.assert_array_equal(decode_to_uint8(to_model(stored, meta), meta), vae.decode(stored))
+    with pytest.raises(UserError, match="encoded with"):
+        decode_to_uint8(to_model(stored, meta), {**meta, "encoder": {**meta["encoder"], "scaling_factor": 0.18215}})
+
+
+def test_load_errors_are_user_errors(tmp_path):
+    from data.vae import PRESETS, load_vae
+
+    assert PRESETS["sd3"]["config"]["latent_channels"] == 16 and PRESETS["sd3"]["config"]["scaling_factor"] == 1.5305
+    assert PRESETS["sd3"]["config"]["shift_factor"] == 0.0609
+    assert PRESETS["sdxl"]["config"]["scaling_factor"] == 0.13025 and PRESETS["sd"]["config"]["scaling_factor"] == 0.18215
+    with pytest.raises(UserError, match="does not exist"):
+        load_vae(str(tmp_path / "absent"))
+    (tmp_path / "noconfig").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_vae(str(tmp_path / "noconfig"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):   # preset -> hub id, not cached, offline
+        load_vae("sd3")
+
+
+def _shards(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.array_record"))}
+
+
+def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
+    from data.encode import prepare_latents
+    from data.loader import load_split, make_iterator
+    from data.vae import load_vae
+
+    for c in ("a", "b"):
+        write_images(tmp_path / "src" / c, [f"{c}{i}.png" for i in range(5)], seed=ord(c))
+    vae = load_vae(vae_dir)
+    kw = dict(resolution=8, shard_size=3, batch_size=2, hflip=True, progress=False)
+    full = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "full", **kw)
+
+    calls = []
+
+    def interrupt(name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", on_shard=interrupt, **kw)
+    assert not (tmp_path / "part" / "meta.json").exists() and len(_shards(tmp_path / "part")) == 2
+    written = []
+    resumed = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", on_shard=written.append, **kw)
+    assert len(written) == 2 and not set(written) & set(calls)          # restarted at the first unfinished shard
+    assert _shards(tmp_path / "part") == _shards(tmp_path / "full")      # bitwise
+    assert len(_shards(tmp_path / "full")) == 4
+    assert {k: v for k, v in resumed.items() if k != "name"} == {k: v for k, v in full.items() if k != "name"}
+    assert full["shape"] == [4, 4, 4] and full["dtype"] == "float16" and full["splits"]["train"]["num_records"] == 20
+    assert full["encoder"]["scaling_factor"] == 1.5305 and full["encoder"]["vae"] == str(Path(vae_dir).resolve())
+    x, y = load_split(full, tmp_path / "full", "train")
+    np.testing.assert_allclose(full["channel_mean"], x.astype(np.float64).mean((0, 1, 2)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(full["channel_std"], x.astype(np.float64).std((0, 1, 2)), rtol=1e-6)
+    b = next(make_iterator(full, tmp_path / "full", "train", batch_size=4, seed=0))
+    assert b["x"].shape == (4, 4, 4, 4) and b["x"].dtype == np.float32
+    # A different setting (no flip) is a new plan: it starts over instead of reusing shards.
+    meta = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", **{**kw, "hflip": False})
+    assert meta["splits"]["train"]["num_records"] == 10
+
+
+def test_prepare_data_cli_offline(vae_dir, tmp_path):
+    write_images(tmp_path / "src" / "cat", ["1.png", "2.jpg"])
+    write_images(tmp_path / "src" / "dog", ["3.png"])
+    out = tmp_path / "lat"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    p = subprocess.run([sys.executable, "prepare_data.py", f"source={tmp_path / 'src'}", f"vae={vae_dir}",
+                        "resolution=8", f"out={out}", "progress=false"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "images/s" in p.stdout and f"data.name={out.name}" in p.stdout
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["class_names"] == ["cat", "dog"] and meta["splits"]["train"]["num_records"] == 3
+    p = subprocess.run([sys.executable, "prepare_data.py", f"source={tmp_path / 'src'}", f"vae={tmp_path / 'nope'}",
+                        "resolution=8", f"out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], p.stderr[-2000:]

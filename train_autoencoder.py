@@ -1,0 +1,138 @@
+"""Fit a small KL autoencoder (diffusers `AutoencoderKL`) on a built-in data set on the CPU, for latent-space training
+where no pretrained VAE can be downloaded.
+
+    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 7x7x4, a few minutes on CPU
+    python train_autoencoder.py steps=500 out=/tmp/ae      # quicker, blurrier
+    python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
+
+The objective is SD's VAE objective without the GAN and LPIPS terms (unavailable offline): pixel MSE plus a tiny
+KL weight (`kl_weight`). After training, `shift_factor` and `scaling_factor` are set from the mean and std of the
+posterior means over the train split (SD3's convention, data/vae.py), the model is saved with `save_pretrained`
+(config.json + safetensors) and the reconstruction PSNR on the test split is printed and stored in
+`<out>/train_report.json`.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from training import cli  # noqa: E402
+
+
+def psnr_uint8(a, b) -> float:
+    """PSNR in dB over a whole set of uint8 images (from the mean squared error over all pixels)."""
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def build_autoencoder(cfg, image_channels: int):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=image_channels, out_channels=image_channels,
+                         latent_channels=int(cfg.latent_channels), down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.block_out_channels),
+                         layers_per_block=int(cfg.layers_per_block), norm_num_groups=int(cfg.norm_num_groups),
+                         mid_block_add_attention=bool(cfg.mid_attention))
+
+
+def main(cfg):
+    import json
+    import math
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from data.builtin import load_builtin
+    from data.vae import Vae
+    from training.errors import UserError
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    d = load_builtin(cfg.data.name)
+    (x_train, _), (x_test, _) = d["train"], d["test"]
+    h, w, c = x_train.shape[1:]
+    down = 2 ** (len(cfg.block_out_channels) - 1)
+    if h % down or w % down:
+        raise UserError(f"{cfg.data.name} images are {h}x{w}, not divisible by the autoencoder's downsampling {down}: "
+                        "change block_out_channels (one entry per down block)")
+    if any(ch % int(cfg.norm_num_groups) for ch in cfg.block_out_channels):
+        raise UserError(f"every block_out_channels entry must be divisible by norm_num_groups={cfg.norm_num_groups}")
+    model = build_autoencoder(cfg, c)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"autoencoder: {n_params / 1e6:.2f}M parameters, {h}x{w}x{c} -> {h // down}x{w // down}x"
+          f"{cfg.latent_channels}, {len(x_train)} training images", flush=True)
+
+    steps, warm = int(cfg.steps), min(100, int(cfg.steps) // 10 + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=0.0)
+    t0, c0, budget_s = time.perf_counter(), time.process_time(), 60 * float(cfg.max_minutes)
+    # Cosine decay over whichever runs out first, the steps or the time budget (so a slow machine still ends
+    # with a decayed learning rate; the step count reached is reported).
+    progress = lambda s: min(1.0, max(s / steps, (time.perf_counter() - t0) / budget_s))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * progress(s))))
+    rs = np.random.RandomState(int(cfg.seed))
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
+    model.train()
+    order, pos, step, run_loss = rs.permutation(len(x_train)), 0, 0, []
+    while step < steps:
+        if pos + int(cfg.batch_size) > len(order):
+            order, pos = rs.permutation(len(x_train)), 0
+        x = to_t(x_train[order[pos:pos + int(cfg.batch_size)]])
+        pos += int(cfg.batch_size)
+        post = model.encode(x).latent_dist
+        rec = model.decode(post.sample(generator=gen)).sample
+        mse = torch.mean((rec - x) ** 2)
+        kl = post.kl().mean() / post.mean[0].numel()      # per latent element
+        loss = mse + float(cfg.kl_weight) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        run_loss.append(mse.item())
+        if step % int(cfg.log_every) == 0 or step == steps:
+            el = time.perf_counter() - t0
+            print(f"step {step}/{steps}  mse {np.mean(run_loss):.5f}  kl {kl.item():.2f}  "
+                  f"{step * int(cfg.batch_size) / el:.0f} img/s  {el / 60:.1f} min "
+                  f"(process CPU {(time.process_time() - c0) / 60:.1f} min)", flush=True)
+            run_loss = []
+        if time.perf_counter() - t0 > budget_s:
+            print(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached", flush=True)
+            break
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    model.eval()
+
+    # Latent calibration (SD3 convention): shift = mean, scale = 1/std of the posterior means over train.
+    vae = Vae(model, str(cfg.out))
+    sub = x_train[np.random.RandomState(1).permutation(len(x_train))[:5000]]
+    z = vae.encode(sub, batch_size=500)          # scaling 1, shift 0 at this point: raw posterior means
+    shift, scale = float(z.mean()), float(1.0 / z.std())
+    model.register_to_config(shift_factor=shift, scaling_factor=scale)
+    vae = Vae(model, str(cfg.out))
+    t1 = time.perf_counter()
+    rec = vae.decode(vae.encode(x_test, batch_size=500), chunk=500)
+    eval_s = time.perf_counter() - t1
+    psnr = psnr_uint8(rec, x_test)
+    out = Path(cfg.out)
+    model.save_pretrained(str(out))
+    report = {"data": cfg.data.name, "parameters": n_params, "steps": step, "train_seconds": train_s,
+              "train_cpu_seconds": train_cpu_s,
+              "test_psnr_db": psnr, "test_images": len(x_test), "encode_decode_seconds": eval_s,
+              "latent_shape": list(vae.latent_shape(h, w)), "scaling_factor": scale, "shift_factor": shift,
+              "torch_threads": torch.get_num_threads()}
+    (out / "train_report.json").write_text(json.dumps(report, indent=1))
+    print(f"saved {out} (save_pretrained): {step} steps in {train_s / 60:.1f} min "
+          f"(process CPU time {train_cpu_s / 60:.1f} min), test reconstruction PSNR "
+          f"{psnr:.2f} dB, scaling_factor {scale:.4f}, shift_factor {shift:.4f}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    cli.main("autoencoder", main)
