@@ -84,8 +84,10 @@ def test_corrupt_image_is_skipped_and_counted(vae, tmp_path):
     write_images(tmp_path / "s" / "a", ["1.png", "2.png", "3.png"])
     write_images(tmp_path / "s" / "b", ["4.png", "5.png"])
     (tmp_path / "s" / "a" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    with pytest.warns(UserWarning, match="2.png"):
+    with pytest.warns(UserWarning) as rec:
         meta = _prep(tmp_path / "s", vae, tmp_path / "o")
+    msgs = [str(w.message) for w in rec]
+    assert any("2.png" in m and "cannot decode" in m for m in msgs) and any("1 undecodable" in m for m in msgs)
     assert meta["splits"]["train"]["num_records"] == 4 and meta["splits"]["train"]["skipped"] == 1
 
 
