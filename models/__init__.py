@@ -13,11 +13,11 @@ import jax
 from models.dit import DiT
 
 SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "scan_blocks", "remat",
-             "attention_impl", "input_size", "in_channels", "num_classes")
+             "attention_impl", "input_size", "in_channels", "num_classes", "mixing")
 # Keys that change the function the weights compute; the others (scan, remat, attention kernel, name) do not,
 # so a checkpoint restores across them.
 ARCH_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
-             "num_classes")
+             "num_classes", "mixing", "text_dim", "max_tokens")
 
 
 def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
@@ -25,6 +25,12 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
     h, w, c = meta["shape"]
     spec = {k: model_cfg[k] for k in SPEC_KEYS if k in model_cfg}
     spec.update(input_size=[int(h), int(w)], in_channels=int(c), num_classes=int(meta["num_classes"]))
+    if spec.get("mixing") is not None:  # stage 2: the text features' width and length come from the prepared data
+        if not meta.get("text"):
+            from training.errors import UserError
+            raise UserError(f"data set {meta.get('name')!r} has no cached text features: prepare a captioned set "
+                            "(data=emoji, data=fashion_mnist_text, or a folder + JSONL) for stage 2")
+        spec.update(text_dim=int(meta["text"]["dim"]), max_tokens=int(meta["text"]["max_tokens"]))
     if spec["hidden_size"] % spec["num_heads"]:
         from training.errors import UserError
         raise UserError(f"model.hidden_size={spec['hidden_size']} is not divisible by model.num_heads={spec['num_heads']}")
@@ -37,6 +43,10 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
 def build_model(spec: dict[str, Any], *, key) -> DiT:
     kw = {k: v for k, v in spec.items() if k != "name"}
     kw["input_size"] = tuple(kw["input_size"])
+    if kw.get("mixing") is not None:  # stage 2: text-conditional (models/mmdit.py)
+        from models.mmdit import TextDiT
+        return TextDiT(**kw, key=key)
+    kw.pop("mixing", None)
     return DiT(**kw, key=key)
 
 

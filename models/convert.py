@@ -1,0 +1,68 @@
+"""Stage 1 -> stage 2: transplant a class-conditional DiT into a freshly built TextDiT (eqx.tree_at surgery).
+
+Copied as is: patch embedding, timestep MLP, every block's attention (QKV, output, QK-norm scales) and MLP, the
+final adaLN and output layer (the positional embedding is a fixed function, identical by construction).
+
+Folded: stage 1 conditions on c = t_emb(t) + y_emb[null] and each block i computes m_i = W_i silu(c) + b_i.
+  1. The null-class embedding goes into the timestep MLP's last bias, so the stage-2 c is the stage-1 null-class c
+     for every t (the final layer is then exact for every t too).
+  2. adaLN-single has ONE map (W, b) for all blocks plus a per-block table E_i. We take W = mean_i W_i,
+     b = mean_i b_i, and E_i = (W_i u* + b_i) - (W u* + b) with u* = silu(c(t*)) -- keeping the SiLU and with the sign
+     that gives block i exactly m_i at t = t* (the seed dropped the SiLU and had E_i = S_bar - S_i: the wrong sign).
+     At other t the modulation differs by (W_i - W)(u(t) - u*): one shared map cannot reproduce depth different ones.
+New text parts keep their initial values, which add nothing (see models/mmdit.py), so with the null caption the
+stage-2 model equals the stage-1 model for the null class at t = t* to fp32 rounding.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from models.dit import FREQ_DIM, DiT
+from models.layers import timestep_sinusoid
+from models.mmdit import TextDiT
+from training.errors import UserError
+
+
+def check_compatible(s1: DiT, s2: TextDiT) -> None:
+    pairs = {"patch embedding": (s1.patch_embed.weight.shape, s2.patch_embed.weight.shape),
+             "blocks": (s1.blocks.attn.qkv.weight.shape, s2.blocks.attn.qkv.weight.shape),
+             "MLP": (s1.blocks.mlp.fc1.weight.shape, s2.blocks.mlp.fc1.weight.shape),
+             "input size": (s1.input_size, s2.input_size), "patch size": (s1.patch_size, s2.patch_size)}
+    bad = [f"{k}: stage 1 {a} vs stage 2 {b}" for k, (a, b) in pairs.items() if a != b]
+    if bad:
+        raise UserError("train.init_from checkpoint does not match the stage-2 model (" + "; ".join(bad) +
+                        "): use the stage-1 run's model preset and a data set of the same image shape")
+
+
+def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
+    """Return `s2` with every stage-1 weight that has a counterpart copied in and adaLN folded into adaLN-single."""
+    check_compatible(s1, s2)
+    y_null = s1.y_embed[s1.null_class]
+    t_mlp2 = eqx.tree_at(lambda l: l.bias, s1.t_mlp2, s1.t_mlp2.bias + y_null)
+    c = t_mlp2(jax.nn.silu(s1.t_mlp1(timestep_sinusoid(jnp.float32(fold_t), FREQ_DIM))))  # = t_emb + y_null
+    u = jax.nn.silu(c)
+    w_i, b_i = s1.blocks.ada.weight, s1.blocks.ada.bias          # (depth, D, 6D), (depth, 6D)
+    w, b = w_i.mean(0), b_i.mean(0)
+    table = (jnp.einsum("d,ide->ie", u, w_i) + b_i) - (u @ w + b)  # E_i = S_i - S_bar
+    where = lambda m: (m.patch_embed, m.t_mlp1, m.t_mlp2, m.t_ada.weight, m.t_ada.bias, m.blocks.attn, m.blocks.mlp,
+                       m.blocks.table, m.final_ada, m.final)
+    return eqx.tree_at(where, s2, (s1.patch_embed, s1.t_mlp1, t_mlp2, w, b, s1.blocks.attn, s1.blocks.mlp, table,
+                                   s1.final_ada, s1.final))
+
+
+def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
+    """EMA weights of a stage-1 run (its spec rebuilt from the checkpoint's saved config)."""
+    from models import build_model
+    from training.checkpoint import Checkpointer, read_config
+
+    saved, step = read_config(ckpt_dir, step)
+    spec = saved.get("model_spec", {})
+    if spec.get("mixing") is not None or "num_classes" not in spec:
+        raise UserError(f"train.init_from={ckpt_dir} is not a stage-1 (class-conditional) run")
+    template = build_model(spec, key=jax.random.PRNGKey(0))
+    ck = Checkpointer(ckpt_dir, create=False)
+    try:
+        return ck.restore_ema(template, step), spec
+    finally:
+        ck.close()
