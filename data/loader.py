@@ -70,6 +70,8 @@ class _Decode:
     def __init__(self, meta: dict, paths: list[str], counts: list[int]):
         self.shape, self.dtype, self.k = tuple(meta["shape"]), ALLOWED_DTYPES[meta["dtype"]], int(meta["num_classes"])
         self.paths, self.counts = paths, counts
+        t = meta.get("text")  # stage 2: cached caption features (token states + padding mask) ride along
+        self.text_shape = (int(t["max_tokens"]), int(t["dim"])) if t else None
 
     def __call__(self, index: int, raw: bytes) -> dict:
         try:
@@ -80,15 +82,23 @@ class _Decode:
                                   f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
             if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.k:
                 raise RecordError(f"'label' should be a class id in [0, {self.k}), got {label!r}")
+            if self.text_shape is not None:
+                text, mask = rec.get("text"), rec.get("mask")
+                if not isinstance(text, np.ndarray) or text.shape != self.text_shape or \
+                        not isinstance(mask, np.ndarray) or mask.shape != self.text_shape[:1]:
+                    raise RecordError(f"'text' should be {self.text_shape} and 'mask' {self.text_shape[:1]}, got "
+                                      f"{getattr(text, 'shape', text)!r} and {getattr(mask, 'shape', mask)!r}")
         except RecordError as e:
             raise RecordError(f"bad record {index} ({_locate(index, self.paths, self.counts)}): {e}") from None
+        if self.text_shape is not None:
+            return {"x": x, "label": np.int32(label), "text": text, "mask": mask.astype(bool)}
         return {"x": x, "label": np.int32(label)}
 
 
 def _random_hflip(rec: dict, rng: np.random.Generator) -> dict:
     # The rng is seeded from (seed, element index), so the flip is part of the reproducible pipeline state.
     if rng.random() < 0.5:
-        return {"x": rec["x"][:, ::-1], "label": rec["label"]}
+        return {**rec, "x": rec["x"][:, ::-1]}
     return rec
 
 
@@ -99,7 +109,10 @@ class _ToModel:
         self.meta = {"shift": meta["shift"], "scale": meta["scale"]}
 
     def __call__(self, batch: dict) -> dict:
-        return {"x": to_model(batch["x"], self.meta), "label": batch["label"].astype(np.int32)}
+        out = {"x": to_model(batch["x"], self.meta), "label": batch["label"].astype(np.int32)}
+        if "text" in batch:  # stage 2: float32 token states (B, T, E) and bool mask (B, T)
+            out.update(text=batch["text"].astype(np.float32), mask=batch["mask"].astype(bool))
+        return out
 
 
 def _records(meta: dict, data_dir, split: str) -> grain.MapDataset:
@@ -111,7 +124,8 @@ def _records(meta: dict, data_dir, split: str) -> grain.MapDataset:
 def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   hflip: bool = False, workers: int = 0, process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None):
-    """Checkpointable grain iterator yielding {"x": float32 (B,H,W,C), "label": int32 (B,)}; repeats forever by
+    """Checkpointable grain iterator yielding {"x": float32 (B,H,W,C), "label": int32 (B,)} (captioned sets also
+    "text": float32 (B,T,E), "mask": bool (B,T)); repeats forever by
     default, reshuffled each epoch. Process p of P reads its own disjoint 1/P of the records."""
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} must lie in [0, {process_count})")
@@ -165,3 +179,22 @@ def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray
             x[i], y[i] = rec["x"], rec["label"]
             i += 1
     return x, y
+
+
+def load_text(meta: dict, data_dir, split: str) -> dict:
+    """Cached caption features of a captioned split in stored order: {"text" float32 (N,T,E), "mask" bool (N,T),
+    "caption" [N str]} (for sample grids and the stage-2 metric)."""
+    if not meta.get("text"):
+        raise UserError(f"data set {meta['name']!r} has no captions (prepare a captioned set for stage 2)")
+    paths, _ = _shard_paths(meta, data_dir, split)
+    text, mask, caption = [], [], []
+    for path in paths:
+        reader = ArrayRecordReader(path)
+        try:
+            raws = reader.read_all()
+        finally:
+            reader.close()
+        for raw in raws:
+            rec = decode_record(raw)
+            text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])
+    return {"text": np.stack(text).astype(np.float32), "mask": np.stack(mask).astype(bool), "caption": caption}

@@ -42,7 +42,9 @@ def _check_splits(splits: dict, class_names: list) -> tuple:
     return shapes.pop()
 
 
-def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_shards: int) -> list[str]:
+def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_shards: int,
+                  text: dict | None = None) -> list[str]:
+    """text (stage 2): {"text": (N, T, E), "mask": (N, T), "caption": [N str]}, stored with each record."""
     n_shards = max(1, min(n_shards, len(x)))
     names = []
     # Contiguous chunks in record order, so reading the shards in order gives back the split in order.
@@ -52,7 +54,11 @@ def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_sha
         w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
         try:
             for j in idx:
-                w.write(encode_record({"x": x[j]}, label=int(y[j])))
+                if text is None:
+                    w.write(encode_record({"x": x[j]}, label=int(y[j])))
+                else:
+                    w.write(encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
+                                          label=int(y[j]), caption=str(text["caption"][j])))
         finally:
             w.close()
         os.rename(tmp, out_dir / name)
@@ -61,10 +67,12 @@ def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_sha
 
 
 def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: str, encoder=None,
-                   num_shards: dict | int | None = None) -> dict:
+                   num_shards: dict | int | None = None, text: dict | None = None, text_meta: dict | None = None) -> dict:
     """Write `splits` {split: (x (N,H,W,C), y (N,))} into `out_dir` as shards + meta.json; returns the meta.
 
     num_shards: per split (dict) or for all splits (int); default one shard per RECORDS_PER_SHARD records.
+    text (stage 2): {split: {"text", "mask", "caption"}} cached caption features; text_meta goes to meta["text"]
+    ({"encoder", "dim", "max_tokens", ...}).
     """
     out_dir = Path(out_dir)
     shape, dtype = _check_splits(splits, class_names)
@@ -76,7 +84,8 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
     for split, (x, y) in splits.items():
         n = num_shards.get(split) if isinstance(num_shards, dict) else num_shards
         n = n or math.ceil(len(x) / RECORDS_PER_SHARD)
-        meta_splits[split] = {"files": _write_shards(out_dir, split, x, np.asarray(y), n), "num_records": len(x)}
+        files = _write_shards(out_dir, split, x, np.asarray(y), n, None if text is None else text[split])
+        meta_splits[split] = {"files": files, "num_records": len(x)}
     mean, std = channel_stats(splits["train"][0])
     c = shape[-1]
     if dtype == "uint8":   # pixels: a fixed map to [-1, 1], independent of the data
@@ -87,6 +96,8 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
             "shape": list(shape), "dtype": dtype, "num_classes": len(class_names), "class_names": list(class_names),
             "splits": meta_splits, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
             "shift": shift, "scale": scale}
+    if text is not None:
+        meta["text"] = dict(text_meta or {})
     write_meta(out_dir, meta)
     return meta
 

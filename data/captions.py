@@ -1,0 +1,137 @@
+"""Captioned data sets for stage 2, prepared once with their text features cached in the records.
+
+Kinds (`data.kind`):
+  emoji          Noto Color Emoji glyphs + CLDR names (data/emoji.py), at data.size (32 or 64)
+  fashion_mnist  Fashion-MNIST with captions from the class names through a few templates
+  folder         bring your own: data.folder of images + data.captions_file JSONL lines {"file": ..., "caption": ...}
+Text features (data.text_encoder: minilm | t5gemma) are computed here, once: token states up to data.max_tokens
+(stored float16) + mask + the caption string in every record, and meta["text"] = {encoder, dim, max_tokens}.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data.meta import META_FILE, load_meta
+from training.errors import UserError
+
+FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
+                     "{}, centred on a black background")
+FASHION_NAMES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle boot")
+
+
+def fashion_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
+    """One caption per image: a template chosen by a seeded RNG, filled with the class name."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(FASHION_TEMPLATES), len(labels))
+    return [FASHION_TEMPLATES[p].format(FASHION_NAMES[int(y)]) for p, y in zip(picks, labels)]
+
+
+def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]]:
+    """Bring-your-own: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) (centre-cropped square, resized)."""
+    from PIL import Image
+
+    folder, captions_file = Path(folder), Path(captions_file)
+    if not captions_file.is_file():
+        raise UserError(f"captions file {captions_file} not found: give data.captions_file=<JSONL of "
+                        '{"file": ..., "caption": ...}>')
+    images, caps = [], []
+    for n, line in enumerate(captions_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file, cap = row["file"], row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{captions_file} line {n} is not a JSON object with 'file' and 'caption'") from None
+        if not isinstance(cap, str) or not cap.strip():
+            raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
+        try:
+            im = Image.open(folder / file).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
+        s = min(im.size)
+        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+        images.append(np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)))
+        caps.append(cap)
+    if not images:
+        raise UserError(f"{captions_file} lists no images")
+    return np.stack(images), caps
+
+
+def _load(dc) -> dict:
+    """{"train": (x, y, captions), maybe "test": ..., "class_names", "source"}."""
+    kind = str(dc.kind)
+    if kind == "emoji":
+        from data.emoji import load_emoji
+
+        d = load_emoji(int(dc.size), limit=dc.get("limit"))
+        y = np.arange(len(d["x"]), dtype=np.int64)   # every emoji is its own class (index into class_names)
+        return {"train": (d["x"], y, d["captions"]), "class_names": d["captions"], "source": d["source"]}
+    if kind == "fashion_mnist":
+        from data.builtin import load_builtin
+
+        d = load_builtin("fashion_mnist")
+        out = {"class_names": d["class_names"], "source": d["source"] + " + template captions"}
+        for i, split in enumerate(("train", "test")):
+            x, y = d[split]
+            if dc.get("limit"):
+                x, y = x[:int(dc.limit)], y[:int(dc.limit)]
+            out[split] = (x, y, fashion_captions(y, seed=i))
+        return out
+    if kind == "folder":
+        x, caps = read_folder(dc.folder, dc.captions_file, int(dc.size))
+        return {"train": (x, np.zeros(len(x), np.int64), caps), "class_names": ["image"],
+                "source": f"folder {dc.folder} with captions {dc.captions_file}"}
+    raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder")
+
+
+def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
+    """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use."""
+    from data.prepare import prepare_arrays
+    from data.text import get_encoder
+
+    out_dir = Path(dc.root) / dc.name
+    if (out_dir / META_FILE).exists():
+        meta = load_meta(out_dir)
+        if not meta.get("text"):
+            raise UserError(f"{out_dir} holds a data set without captions: pick another data.name for stage 2")
+        return meta, out_dir
+    print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
+    d = _load(dc)
+    enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
+    splits, text = {}, {}
+    for split in ("train", "test"):
+        if split in d:
+            x, y, caps = d[split]
+            states, mask = enc.encode(caps, int(dc.max_tokens))
+            splits[split] = (x, y)
+            text[split] = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
+    text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
+                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16"}
+    prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
+    return load_meta(out_dir), out_dir
+
+
+def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:
+    """sample.py: prompts (one string or a list; None = 8 training captions) -> (prompt index per image, model
+    conditions, prompts). Prompts go through the encoder that prepared the data (meta["text"]); num_samples images
+    are split evenly over the prompts (at least one each)."""
+    from data.loader import load_text
+    from data.text import get_encoder
+    from training.generate import text_conds
+
+    t = meta["text"]
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+        if not prompts or not all(p.strip() for p in prompts):
+            raise UserError("prompt must be a non-empty string or list of strings")
+        text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
+    else:
+        c = load_text(meta, data_dir, "train")
+        pick = np.linspace(0, len(c["caption"]) - 1, min(8, len(c["caption"]))).astype(int)
+        prompts, text, mask = [c["caption"][i] for i in pick], c["text"][pick], c["mask"][pick]
+    idx = np.repeat(np.arange(len(prompts)), max(1, int(num_samples) // len(prompts)))
+    return idx, text_conds(text[idx], mask[idx]), prompts

