@@ -8,6 +8,7 @@ Items are restored into shape/dtype skeletons built from the same config, never 
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import equinox as eqx
@@ -35,6 +36,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         if create:
             self.check_writable()
+            self.check_contents()
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -50,6 +52,45 @@ class Checkpointer:
             raise UserError(f"checkpoint directory {self.directory} is not writable ({err.strerror}): "
                             f"choose another with train.ckpt_dir=...") from err
 
+    def check_contents(self):
+        """Refuse a directory that holds something other than our checkpoints (a typo'd path, someone's files, a
+        half-copied step): training would write into it and Orbax might mistake or clean up what is there."""
+        foreign = []
+        for p in sorted(self.directory.iterdir()):
+            n = p.name
+            if n.isdigit() and p.is_dir() and (p / "_CHECKPOINT_METADATA").is_file():
+                continue                                    # a complete checkpoint
+            if p.is_dir() and n.split(".")[0].isdigit() and ".orbax-checkpoint-tmp" in n:
+                continue                                    # a save cut short (kill -9): Orbax cleans it up
+            if n.startswith(".") or n in ("samples", "wandb") or (n.startswith("eval-step") and n.endswith(".json")):
+                continue                                    # ours: sample grids, evaluations, W&B, probes
+            foreign.append(n + ("/" if p.is_dir() else ""))
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise UserError(f"checkpoint directory {self.directory} holds something that is not a checkpoint of this "
+                            f"project ({shown}): move it away, or choose another train.ckpt_dir")
+
+    def check_space(self, nbytes: int):
+        """Fail before training when the disk cannot hold even one checkpoint of `nbytes` (uncompressed arrays)."""
+        free = shutil.disk_usage(self.directory).free
+        if free < nbytes:
+            raise UserError(f"checkpoint directory {self.directory} has {free / 2**20:.1f} MiB free but one checkpoint "
+                            f"needs about {nbytes / 2**20:.1f} MiB: free disk space, or choose another train.ckpt_dir")
+
+    def _storage_error(self, err: Exception) -> UserError | None:
+        """A failed write (disk full, permissions) as a one-line UserError; None for anything else (a bug)."""
+        text = str(err)
+        reasons = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+        reason = next((r for r in reasons if r in text), None)
+        if reason is None and not isinstance(err, OSError):
+            return None
+        reason = reason or getattr(err, "strerror", None) or type(err).__name__
+        complete = sorted(int(p.name) for p in self.directory.iterdir()
+                          if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
+        last = f"the last complete checkpoint is step {complete[-1]}" if complete else "no checkpoint was completed"
+        return UserError(f"writing a checkpoint to {self.directory} failed ({reason}); {last}, intact: free disk "
+                         f"space (or fix the directory), then resume with train.is_restore=true")
+
     def latest_step(self):
         return self.manager.latest_step()
 
@@ -64,7 +105,13 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:  # also waits for the previous asynchronous save, so a failed write surfaces here or in close()
+            return self.manager.save(step, args=args, force=force)
+        except Exception as err:
+            user = self._storage_error(err)
+            if user is None:
+                raise
+            raise user from None
 
     def restore(self, template: TrainState, data_iter, step: int | None = None) -> TrainState:
         """Restore into `template` (a freshly initialised state of the same config) and the given iterator."""
@@ -93,8 +140,14 @@ class Checkpointer:
 
     def close(self):
         """Wait for pending asynchronous saves, then release the manager (always call before exit)."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as err:
+            user = self._storage_error(err)
+            if user is None:
+                raise
+            raise user from None
 
 
 def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:

@@ -87,6 +87,7 @@ def run(cfg, task: Task) -> dict:
     # ---- data and checkpoints (resume) ----
     it = task.make_iterator(global_batch // jax.process_count(), jax.process_index(), jax.process_count())
     ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts)
+    ckpt.check_space(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))  # disk full: fail now
     latest = ckpt.latest_step()
     run_id = None
     if tc.is_restore:
@@ -128,11 +129,17 @@ def run(cfg, task: Task) -> dict:
         print(f"compiling the train step (first step; usually {'10-60 s' if jax.default_backend() == 'cpu' else '1-3 min'})...",
               flush=True)
     step = start
+    # Non-finite steps: the per-step `skipped` flags are checked every min(log_every, max_bad_steps) steps and before
+    # every save (one host sync each), so a streak of exactly max_bad_steps always stops the run.
+    streak, unchecked = _host(state.bad_steps), []
+    check_every = max(1, min(int(tc.log_every), int(tc.max_bad_steps)))
+    debug_nan = {int(s) for s in (tc.get("debug_nan_steps") or ())}
     try:
         while step < total and stop.signal is None:
-            batch = sharding.global_batch(next(it), mesh)
+            batch = sharding.global_batch(_next_batch(it, step, tc, debug_nan), mesh)
             state, metrics = step_fn(state, batch)
             pending.append(metrics)
+            unchecked.append(metrics["skipped"])
             step += 1
             if not compiled:
                 jax.block_until_ready(metrics["loss"])
@@ -145,9 +152,9 @@ def run(cfg, task: Task) -> dict:
                 if is_main:
                     tracker.log(step, scalars, console=not tc.progress)
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", img_s=f"{scalars['perf/img_per_s']:.0f}")
-                if int(state.bad_steps) >= int(tc.max_bad_steps):
-                    raise UserError(f"{int(state.bad_steps)} non-finite steps in a row at step {step}: stopping; "
-                                    f"last good checkpoint: {tc.ckpt_dir}/{ckpt.latest_step()} (lower train.lr?)")
+            if step % check_every == 0 or step % tc.ckpt_every == 0 or step == total:  # before any save
+                streak = _check_bad_steps(unchecked, streak, step, tc, ckpt)
+                unchecked = []
             if is_main and tc.sample_every and step % tc.sample_every == 0:
                 sample_grid(step)
             if step % tc.ckpt_every == 0:
@@ -175,6 +182,40 @@ def run(cfg, task: Task) -> dict:
             tracker.summary(result)
         tracker.finish()
     return result
+
+
+def _host(x) -> int:
+    """A replicated integer scalar on this process (also when the array spans several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return int(np.asarray(x))
+
+
+def _next_batch(it, step: int, tc, debug_nan: set):
+    try:
+        batch = next(it)
+    except UserError as err:  # a bad record met mid-run, raised inside the Grain iterator
+        raise UserError(f"{err} (at step {step + 1}; the checkpoints in {tc.ckpt_dir} are intact: fix or re-prepare the "
+                        f"data set, then resume with train.is_restore=true)") from None
+    if step + 1 in debug_nan:  # train.debug_nan_steps (tests): a non-finite batch, as corrupt data would give
+        batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+    return batch
+
+
+def _check_bad_steps(flags: list, streak: int, step: int, tc, ckpt) -> int:
+    """Carry the run of consecutive skipped (non-finite) steps over `flags` (steps step-len+1 .. step); stop the run
+    when it reaches train.max_bad_steps. Skipped steps leave params, optimizer state and EMA unchanged."""
+    limit, first = int(tc.max_bad_steps), step - len(flags) + 1
+    for i, f in enumerate(flags):
+        streak = streak + 1 if _host(f) else 0
+        if streak >= limit:
+            ckpt.manager.wait_until_finished()
+            last = ckpt.latest_step()
+            good = f"{Path(tc.ckpt_dir) / str(last)}" if last is not None else "none written yet"
+            raise UserError(f"{limit} non-finite steps in a row (steps {first + i - limit + 1}-{first + i}, updates "
+                            f"skipped): stopping; last good checkpoint: {good}; lower train.lr or check the data, then "
+                            f"resume with train.is_restore=true")
+    return streak
 
 
 def evaluate(model, task: Task, cfg, n: int, step: int) -> dict:
