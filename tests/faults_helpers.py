@@ -1,0 +1,149 @@
+"""Helpers for the fault tests: run the real training script in a subprocess, watch its stdout, signal it at a
+chosen moment, and compare the final checkpoints of two runs bitwise."""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from conftest import ROOT
+
+
+class Script:
+    """`python train_stage1.py <overrides>` with its stdout read line by line on a thread (so waits can time out)."""
+
+    def __init__(self, args, env_extra=None, script="train_stage1.py"):
+        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
+        self.p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.lines, self._q = [], queue.Queue()
+        self._err = []
+        threading.Thread(target=self._pump, args=(self.p.stdout, self._q), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.p.stderr, None), daemon=True).start()
+
+    def _pump(self, stream, q):
+        for line in stream:
+            if q is None:
+                self._err.append(line)
+            else:
+                q.put(line)
+        if q is not None:
+            q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 300.0) -> str:
+        """Block until a stdout line matches `pattern`; returns it (fails if the process ends first)."""
+        rx, deadline = re.compile(pattern), time.monotonic() + timeout
+        while True:
+            try:
+                line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:  # dump every thread's stack (PYTHONFAULTHANDLER) to show where it is stuck
+                self.p.send_signal(signal.SIGABRT)
+                self.p.wait(30)
+                time.sleep(0.5)
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()}")
+            if line is None:
+                self._q.put(None)
+                raise AssertionError(f"process ended before {pattern!r}:\n{self.output()}")
+            self.lines.append(line)
+            if rx.search(line):
+                return line
+
+    def signal(self, sig, delay: float = 0.0):
+        if delay:
+            time.sleep(delay)
+        self.p.send_signal(sig)
+
+    def finish(self, timeout: float = 600.0) -> int:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.send_signal(signal.SIGABRT)
+            self.p.wait(30)
+            time.sleep(0.5)
+            raise AssertionError(f"still running after {timeout} s:\n{self.output()}")
+        while True:  # drain what is left of stdout
+            try:
+                line = self._q.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        time.sleep(0.05)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._err)
+
+    def output(self) -> str:
+        return "".join(self.lines)[-3000:] + "\n--- stderr ---\n" + self.stderr[-3000:]
+
+
+def run_script(args, env_extra=None, timeout=600.0, script="train_stage1.py"):
+    s = Script(args, env_extra, script)
+    rc = s.finish(timeout)
+    return rc, s
+
+
+def complete_steps(ckpt_dir) -> list[int]:
+    """Step directories Orbax has finished (renamed from their temporary name)."""
+    d = Path(ckpt_dir)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def partial_saves(ckpt_dir) -> list[str]:
+    d = Path(ckpt_dir)
+    return sorted(p.name for p in d.iterdir() if "orbax-checkpoint-tmp" in p.name) if d.is_dir() else []
+
+
+def restore_final(ckpt_dir, root, step=None):
+    """The complete train state and the next batch of a run's latest (or given) checkpoint, restored into a fresh
+    template built from the config saved with it."""
+    from data.loader import make_iterator
+    from data.meta import load_meta
+    from models import build_model
+    from omegaconf import OmegaConf
+    from training.checkpoint import Checkpointer, read_config
+    from training.optim import make_optimizer
+    from training.state import init_state, split_keys
+
+    saved, step = read_config(ckpt_dir, step)
+    tc = OmegaConf.create(saved["train"])
+    model_key, train_key = split_keys(int(tc.seed))
+    opt, _ = make_optimizer(tc, OmegaConf.create(saved["optim"]))
+    template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
+    data = saved["data"]
+    meta = load_meta(f"{root}/{data['name']}")
+    it = make_iterator(meta, f"{root}/{data['name']}", "train", batch_size=int(tc.batch_size) * int(tc.grad_accum),
+                       seed=int(tc.seed), hflip=bool(data["hflip"]))
+    ck = Checkpointer(ckpt_dir, create=False)
+    try:
+        state = ck.restore(template, it, step)
+    finally:
+        ck.close()
+    return state, next(it)
+
+
+def assert_same_state(a, b):
+    """Bitwise equality of two restored (state, next batch) pairs."""
+    (sa, ba), (sb, bb) = a, b
+    assert int(sa.step) == int(sb.step)
+    for name in ("params", "ema", "opt_state", "key", "bad_steps", "skipped"):
+        la, lb = jax.tree.leaves(getattr(sa, name)), jax.tree.leaves(getattr(sb, name))
+        assert len(la) == len(lb) > 0, name
+        for x, y in zip(la, lb):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    for k in ba:
+        np.testing.assert_array_equal(ba[k], bb[k], err_msg=f"next batch {k}")
+
+
+SIGKILL, SIGTERM, SIGINT = signal.SIGKILL, signal.SIGTERM, signal.SIGINT

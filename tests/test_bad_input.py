@@ -1,0 +1,188 @@
+"""Bad input table: each case ends in one line on stderr ("error: ..."), exit code 2, no traceback, and deletes
+nothing. Runs train_stage1's entry point in-process (the subprocess path is covered by test_end_to_end)."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+import train_stage1
+from conftest import tiny_overrides
+from data.records import decode_record, encode_record
+from faults_helpers import complete_steps, partial_saves
+from training import cli
+
+
+def snapshot(*dirs) -> dict:
+    """Every file under the given directories with its size (to prove nothing was deleted or truncated)."""
+    out = {}
+    for d in dirs:
+        for p in sorted(Path(d).rglob("*")):
+            if p.is_file():
+                out[str(p)] = p.stat().st_size
+    return out
+
+
+def run_cli(monkeypatch, capsys, args) -> str:
+    """train_stage1.py <args> in-process; returns the single stderr line after asserting exit code 2."""
+    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main("config", train_stage1.main)
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def ok_cli(monkeypatch, args):
+    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
+    cli.main("config", train_stage1.main)
+
+
+@pytest.fixture
+def data_copy(digits_root, tmp_path):
+    """A private copy of the prepared digits set that a test may damage: (root, digits dir, meta, train shard)."""
+    root = tmp_path / "data"
+    shutil.copytree(Path(digits_root) / "digits", root / "digits", ignore=shutil.ignore_patterns("classifier"))
+    d = root / "digits"
+    meta = json.loads((d / "meta.json").read_text())
+    return root, d, meta, d / meta["splits"]["train"]["files"][0]
+
+
+def rewrite_record(shard: Path, index: int, make) -> None:
+    """Replace record `index` of an ArrayRecord shard with make(decoded original) (same record count)."""
+    r = ArrayRecordReader(str(shard))
+    raws = r.read_all()
+    r.close()
+    raws[index] = make(decode_record(raws[index]))
+    w = ArrayRecordWriter(str(shard), "group_size:1")
+    for raw in raws:
+        w.write(raw)
+    w.close()
+
+
+def test_missing_and_empty_data_directory(monkeypatch, capsys, tmp_path):
+    ck = str(tmp_path / "ck")
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(tmp_path / "absent"), ck, **{"data.name": "mine"}))
+    assert "no prepared data set" in line and "prepare_data.py" in line
+    (tmp_path / "empty" / "mine").mkdir(parents=True)
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(tmp_path / "empty"), ck, **{"data.name": "mine"}))
+    assert "no prepared data set" in line
+    assert (tmp_path / "empty" / "mine").is_dir()
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "is missing"),
+    ("truncated", "not a readable ArrayRecord"),
+    ("newer_meta", "format_version 2"),
+    ("garbage_meta", "cannot read"),
+])
+def test_damaged_data_set_fails_before_training(monkeypatch, capsys, data_copy, tmp_path, damage, needle):
+    root, d, meta, shard = data_copy
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "newer_meta":
+        (d / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    elif damage == "garbage_meta":
+        (d / "meta.json").write_bytes(b"\x00\xff not json")
+    before = snapshot(d)
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(tmp_path / "ck")))
+    assert needle in line, line
+    assert snapshot(d) == before
+    assert not complete_steps(tmp_path / "ck")
+
+
+BAD_RECORDS = {
+    "label_out_of_range": (lambda r: encode_record({"x": r["x"]}, label=42), "'label' should be a class id in [0, 10)"),
+    "negative_label": (lambda r: encode_record({"x": r["x"]}, label=-1), "got -1"),
+    "wrong_shape": (lambda r: encode_record({"x": np.zeros((4, 4, 1), np.uint8)}, label=1), "(4, 4, 1)"),
+    "wrong_dtype": (lambda r: encode_record({"x": r["x"].astype(np.float32)}, label=1), "float32"),
+    "newer_record": (lambda r: b"\x81\xa1v\x07", "record format version 7"),
+    "not_a_record": (lambda r: b"\x93\x01\x02\x03", "not a data record"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_mid_run_is_one_line_and_keeps_checkpoints(monkeypatch, capsys, data_copy, tmp_path, case):
+    """A bad record is met inside the Grain iterator during training: one line naming the shard and record, the
+    checkpoints written before it stay complete (the manager is closed cleanly), and nothing is deleted."""
+    make, needle = BAD_RECORDS[case]
+    root, d, meta, shard = data_copy
+    n = meta["splits"]["train"]["num_records"]
+    rewrite_record(shard, n - 1, make)
+    ck = tmp_path / "ck"
+    before = snapshot(d)
+    # One epoch is n // 32 = 42 batches: the bad record is met within the first 42 steps, after some checkpoints.
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(ck), steps=60, **{"train.ckpt_every": 2}))
+    assert needle in line and f"record {n - 1}" in line and shard.name in line, line
+    assert "re-prepare the data set" in line and "train.is_restore=true" in line, line
+    assert snapshot(d) == before
+    assert not partial_saves(ck)
+
+
+def test_corrupted_shard_bytes(monkeypatch, capsys, data_copy, tmp_path):
+    """Bytes overwritten inside the record chunks (the index at the end still reads): one line, not a crash."""
+    root, d, meta, shard = data_copy
+    b = bytearray(shard.read_bytes())
+    mid = len(b) // 3
+    b[mid: mid + 4096] = bytes(range(256)) * 16
+    shard.write_bytes(bytes(b))
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(tmp_path / "ck"), steps=60))
+    assert shard.name in line or "record" in line, line
+
+
+def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
+    ck = str(tmp_path / "ck")
+    for extra, needle in ((["optim.nope=1"], "nope"), (["data=nope"], "nope"), (["train=nope"], "nope"),
+                          (["train.steps=[1"], "bad configuration")):
+        line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
+        assert needle in line, line
+    assert not Path(ck).exists()
+
+
+def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
+    ck = tmp_path / "ck"
+    ok_cli(monkeypatch, tiny_overrides(digits_root, str(ck), steps=2, **{"train.ckpt_every": 2}))
+    assert complete_steps(ck) == [2]
+    before = snapshot(ck)
+    # A different model: the keys that differ are named.
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
+        "train.is_restore": True, "model.depth": 3, "model.hidden_size": 48}))
+    assert "different model" in line and "depth" in line and "hidden_size" in line, line
+    # A fresh start into a directory of an existing run refuses to overwrite it.
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4))
+    assert "already holds checkpoints" in line and "is_restore" in line
+    assert snapshot(ck) == before
+    # A step directory that is not a checkpoint (someone's files): named, nothing deleted.
+    junk = tmp_path / "junk"
+    (junk / "7").mkdir(parents=True)
+    (junk / "7" / "notes.txt").write_text("not a checkpoint")
+    before = snapshot(junk)
+    for restore in (True, False):
+        line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(junk), steps=4,
+                                                           **{"train.is_restore": restore}))
+        assert "not a checkpoint" in line and "7" in line, line
+        assert snapshot(junk) == before
+    # is_restore with an empty directory.
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(tmp_path / "new"), steps=4,
+                                                       **{"train.is_restore": True}))
+    assert "holds no checkpoint" in line
+
+
+def test_checkpoint_dir_under_a_file(monkeypatch, capsys, digits_root, tmp_path):
+    """An unwritable checkpoint directory is refused before training starts (root ignores chmod, so the directory
+    is made impossible instead: its parent is a regular file)."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(f / "ck")))
+    assert "not writable" in line and "train.ckpt_dir" in line
+    assert f.read_text() == "x"

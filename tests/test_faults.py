@@ -1,0 +1,180 @@
+"""Fault matrix: the real train_stage1.py in a subprocess, killed (-9), preempted (SIGTERM), interrupted (SIGINT),
+fed NaNs, and pointed at a full or unwritable disk. Resumed runs must end bitwise equal to an uninterrupted one."""
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from faults_helpers import (SIGINT, SIGKILL, SIGTERM, Script, assert_same_state, complete_steps, partial_saves,
+                            restore_final, run_script)
+
+T = 30  # steps of every run in the kill chain
+COMMON = {"data.hflip": True, "train.lr": 3e-3, "train.log_every": 1, "train.ckpt_every": 2}
+
+# One process after another on the same checkpoint directory; each is stopped at its moment, the next resumes.
+# (stdout line to wait for, extra delay in s, signal). "[step k]" is printed just before the (asynchronous)
+# checkpoint of an even step k starts, so kills shortly after an even step land while that save is being written.
+CHAIN = [
+    (r"^model ", 0.0, SIGKILL),              # start-up: nothing saved yet
+    (r"^compiling", 0.3, SIGKILL),           # while compiling / loading the compiled step
+    (r"^compiled", 0.0, SIGKILL),            # first step done, no checkpoint yet
+    (r"^\[step 2\]", 0.02, SIGKILL),         # during the first save
+    (r"^\[step 5\]", 0.0, SIGKILL),          # between saves
+    (r"^\[step 8\]", 0.05, SIGKILL),         # mid-save
+    (r"^resumed from", 0.0, SIGKILL),        # right after a restore, before the first resumed step
+    (r"^\[step 12\]", 0.1, SIGKILL),         # mid-save, later
+    (r"^\[step 15\]", 0.15, SIGKILL),        # during the step after a save (save may still be in flight)
+    (r"^\[step 18\]", 0.0, SIGKILL),         # at the start of a save
+    (r"^\[step 21\]", 0.0, SIGTERM),         # preemption: finish the step, save, exit 0
+    (r"^\[step 25\]", 0.0, SIGINT),          # Ctrl-C: same
+    (rf"^\[step {T}\]", 0.0, SIGKILL),       # during the final save / the wait for it before exit
+]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without library log noise (Orbax's "WARNING:absl:Waiting for previous save ..." on a busy machine)."""
+    return [l for l in stderr.strip().splitlines() if l.strip() and not l.startswith(("WARNING:absl:", "INFO:absl:"))]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_root, tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("ref") / "run")
+    rc, s = run_script(tiny_overrides(digits_root, ckpt, steps=T, **COMMON))
+    assert rc == 0, s.output()
+    return restore_final(ckpt, digits_root)
+
+
+def test_kill_matrix_resumes_bitwise(digits_root, tmp_path, reference):
+    ckpt = str(tmp_path / "run")
+    report, last_resumed, t0 = [], -1, time.monotonic()
+    for pattern, delay, sig in CHAIN:
+        restore = bool(complete_steps(ckpt))
+        s = Script(tiny_overrides(digits_root, ckpt, steps=T, **COMMON, **{"train.is_restore": restore}))
+        if restore:
+            line = s.wait_for(r"^resumed from")
+            resumed = int(re.search(r"at step (\d+)", line).group(1))
+            # The latest *complete* checkpoint, never a partial one, and never behind an earlier resume.
+            assert resumed == max(complete_steps(ckpt)) and resumed >= last_resumed, (resumed, complete_steps(ckpt))
+            last_resumed = resumed
+        if pattern == r"^resumed from" and restore:
+            pass  # already there
+        else:
+            s.wait_for(pattern)
+        s.signal(sig, delay)
+        rc = s.finish()
+        tmp = partial_saves(ckpt)
+        report.append((pattern, delay, sig.name, rc, complete_steps(ckpt), tmp))
+        print(report[-1], round(time.monotonic() - t0, 1), flush=True)
+        if sig == SIGKILL:
+            assert rc == -9, s.output()
+        else:  # preemption / Ctrl-C: clean exit with a checkpoint at the step it stopped
+            assert rc == 0, s.output()
+            stopped = int(re.search(rf"stopped by {sig.name} at step (\d+)", "".join(s.lines)).group(1))
+            assert max(complete_steps(ckpt)) == stopped and not tmp, (stopped, complete_steps(ckpt), tmp)
+    rc, s = run_script(tiny_overrides(digits_root, ckpt, steps=T, **COMMON, **{"train.is_restore": True}))
+    assert rc == 0, s.output()
+    print("\n".join(map(str, report)))
+    # At least one kill landed in the middle of an asynchronous save (a temporary step directory was left).
+    assert any(r[5] for r in report), report
+    assert_same_state(restore_final(ckpt, digits_root), reference)
+
+
+def test_nan_batch_skips_the_update(digits_root):
+    """The jitted step with a NaN batch: params, optimizer state and EMA stay bit-identical; counters count it."""
+    import jax
+    import numpy as np
+
+    from data.loader import make_iterator
+    from data.meta import load_meta
+    from models import build_model, model_spec
+    from training.cli import compose
+    from training.optim import make_optimizer
+    from training.state import init_state, split_keys
+    from training.step import make_train_step
+
+    cfg = compose("config", tiny_overrides(digits_root, "unused"))
+    meta = load_meta(f"{digits_root}/digits")
+    spec = model_spec(cfg.model, meta)
+    model_key, train_key = split_keys(0)
+    opt, sched = make_optimizer(cfg.train, cfg.optim)
+    state = init_state(build_model(spec, key=model_key), opt, train_key)
+    step = make_train_step(cfg.train, opt, sched, spec["num_classes"])
+    batch = next(make_iterator(meta, f"{digits_root}/digits", "train", batch_size=32, seed=0))
+    state, m = step(state, batch)  # one good step, so the optimizer state is not all zeros
+    assert int(m["skipped"]) == 0
+    copy = lambda s: jax.tree.map(lambda a: np.array(a) if isinstance(a, jax.Array) else a, s)
+    before = copy(state)
+    for i, bad in enumerate(({**batch, "x": np.full_like(batch["x"], np.nan)},
+                             {**batch, "x": np.full_like(batch["x"], np.inf)}), start=1):
+        state, m = step(state, bad)
+        assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+        assert int(state.bad_steps) == i and int(state.skipped) == i and int(state.step) == int(before.step) + i
+        for name in ("params", "opt_state", "ema"):
+            for x, y in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(state, name))):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    state, m = step(state, batch)  # a good step resets the streak (not the total)
+    assert int(m["skipped"]) == 0 and int(state.bad_steps) == 0 and int(state.skipped) == 2
+
+
+def test_nan_streak_stops_the_run(digits_root, tmp_path):
+    """A streak shorter than max_bad_steps is survived; one of exactly max_bad_steps stops the run with one line
+    naming the last good checkpoint (exit 2); the checkpoints are complete and hold finite weights."""
+    import numpy as np
+
+    ckpt = tmp_path / "run"
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=40, **{
+        "train.max_bad_steps": 3, "train.log_every": 5, "train.ckpt_every": 4,
+        "train.debug_nan_steps": "[3,4,9,10,11,12]"}))
+    lines = error_lines(s.stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in s.stderr, s.output()
+    # Steps 3-4 (a streak of 2) are survived; 9, 10, 11 reach 3 and stop the run at its next check (step 12 at the
+    # latest: checks run every min(log_every, max_bad_steps) = 3 steps and before each save).
+    assert "3 non-finite steps in a row (steps 9-11" in lines[0], lines[0]
+    assert f"last good checkpoint: {ckpt / '8'}" in lines[0] and "is_restore" in lines[0], lines[0]
+    assert complete_steps(ckpt) == [4, 8] and not partial_saves(ckpt)
+    state, _ = restore_final(str(ckpt), digits_root)
+    assert int(state.skipped) == 2 and int(state.bad_steps) == 0
+    import jax
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+
+
+def _mount_tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if p.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {p.stderr.decode().strip()[:100]}")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.6 MiB tmpfs: room for one checkpoint of the tiny model (~1.1 MB), not two."""
+    mnt = tmp_path / "disk"
+    _mount_tmpfs(mnt, "1600k")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_at_save_time(digits_root, small_disk):
+    ckpt = small_disk / "run"
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=12, **{"train.ckpt_every": 2}))
+    last = s.stderr.strip().splitlines()[-1] if s.stderr.strip() else ""
+    assert rc == 2, s.output()
+    assert last.startswith("error: writing a checkpoint") and "No space left on device" in last, s.output()
+    done = complete_steps(ckpt)
+    assert done and f"last complete checkpoint is step {done[-1]}" in last, (done, last)
+    state, _ = restore_final(str(ckpt), digits_root)  # the previous checkpoint is intact and restores
+    assert int(state.step) == done[-1]
+
+
+def test_disk_full_before_training(digits_root, small_disk):
+    (small_disk / "filler").write_bytes(b"\0" * (1400 * 1024))  # leaves less than one checkpoint free
+    rc, s = run_script(tiny_overrides(digits_root, str(small_disk / "run"), steps=4))
+    lines = error_lines(s.stderr)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in s.stderr, s.output()
+    assert ("MiB free but one checkpoint needs" in lines[0] or "No space left" in lines[0]), lines[0]
+    assert "compiling" not in "".join(s.lines)
