@@ -180,3 +180,25 @@ def test_generate_decodes_latent_samples(vae_dir):
     train = OmegaConf.create({"prediction": "v", "t_eps": 0.05, "precision": "float32"})
     imgs = generate(model, spec, meta, np.array([0, 1, 2], np.int32), jax.random.PRNGKey(1), sampler, train)
     assert imgs.dtype == np.uint8 and imgs.shape == (3, 8, 8, 3)
+
+
+def test_train_autoencoder_saves_a_loadable_calibrated_vae(tmp_path):
+    """train_autoencoder.py (a few steps on digits): save_pretrained output loads offline with its calibration."""
+    import json as _json
+
+    import train_autoencoder
+    from data.vae import load_vae
+    from training.cli import compose
+
+    out = tmp_path / "ae"
+    cfg = compose("autoencoder", ["data=digits", "steps=3", "batch_size=16", "block_out_channels=[16,32]",
+                                  f"out={out}", "log_every=1"])
+    report = train_autoencoder.main(cfg)
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert _json.loads((out / "train_report.json").read_text())["test_psnr_db"] == report["test_psnr_db"]
+    assert report["steps"] == 3 and report["latent_shape"] == [4, 4, 4] and 0 < report["test_psnr_db"] < 60
+    vae = load_vae(str(out))
+    assert vae.scaling_factor == pytest.approx(report["scaling_factor"])
+    assert vae.shift_factor == pytest.approx(report["shift_factor"])
+    x = load_vae.__wrapped__(str(out)).encode(np.zeros((2, 8, 8, 1), np.uint8))
+    assert x.shape == (2, 4, 4, 4)
