@@ -41,23 +41,30 @@ def main(cfg):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
     k = spec["num_classes"]
-    labels = np.asarray(cfg.labels, np.int32) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= k:
+    prompts = None
+    if int(saved.get("stage", 1)) == 2:  # text-conditional: prompt= one string or a list (default: training captions)
+        from data.captions import prompt_conds
+        labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)
+    else:
+        labels = np.asarray(cfg.labels, np.int32) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
+        conds = labels
+    if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ema = Checkpointer(cfg.ckpt_dir, create=False).restore_ema(template, step)
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
           f"cfg {sampler.cfg_scale})", flush=True)
-    images = generate(ema, spec, meta, labels, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train)
+    images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train)
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, images=images, labels=labels, arr_0=images, arr_1=labels)
+    np.savez(out, images=images, labels=labels, arr_0=images, arr_1=labels,
+             **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
     save_png(make_grid(images[:256], nrow=min(nrow, 16)), out.with_suffix(".png"), upscale=2)
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
-    if cfg.evaluate:
+    if cfg.evaluate and prompts is None:
         res = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split)).evaluate(images, labels)
         res = {k2: (float(v) if isinstance(v, (float, np.floating)) else v) for k2, v in res.items()}
         print("evaluation: " + json.dumps(res), flush=True)

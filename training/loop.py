@@ -38,6 +38,9 @@ class Task:
     null_cond: int                  # the null condition (class id) used for CFG
     conditioning: Callable = class_conditioning
     evaluator: Callable | None = None  # () -> object with .evaluate(images, labels) -> dict, or None
+    init_model: Callable | None = None  # fresh model -> model (stage 2: transplant stage-1 weights, train.init_from)
+    grid_conds: Callable | None = None  # () -> conditions for the sample grid (default: 8 per class)
+    final_eval: Callable | None = None  # (ema model, step) -> dict: end-of-run check when there is no `evaluator`
 
 
 class StopFlag:
@@ -77,6 +80,8 @@ def run(cfg, task: Task) -> dict:
     # ---- model, optimizer, state ----
     model_key, train_key = split_keys(tc.seed)
     model = build_model(task.spec, key=model_key)
+    if task.init_model is not None:
+        model = task.init_model(model)
     flops = forward_flops(task.spec)
     if is_main:
         print(f"model {task.spec.get('name')}: {param_count(model) / 1e6:.2f}M parameters, "
@@ -115,7 +120,7 @@ def run(cfg, task: Task) -> dict:
         ckpt.save(state, it, config, force=force)
 
     def sample_grid(step):
-        labels = grid_labels(task.spec["num_classes"], per_class=8)
+        labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
         imgs = generate(state.ema, task.spec, task.meta, labels, sample_key, cfg.sampler, tc)
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +183,9 @@ def run(cfg, task: Task) -> dict:
         sample_grid(step)
         if cfg.eval.at_end and task.evaluator is not None:
             result.update(evaluate(state.ema, task, cfg, int(cfg.eval.num_samples), step))
+        elif cfg.eval.at_end and task.final_eval is not None:
+            result.update(task.final_eval(state.ema, step))
+        if cfg.eval.at_end and (task.evaluator or task.final_eval):
             tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
             tracker.summary(result)
         tracker.finish()

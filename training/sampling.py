@@ -22,19 +22,31 @@ SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5,
 ADAPTIVE = ("tsit5", "dopri5")
 
 
+def null_fn(cond_null) -> Callable:
+    """Conditions (a tuple of per-example arrays) -> the null conditions. An int is a null class id (stage 1);
+    a callable is used as is (stage 2: keep the caption arrays, set the per-example `drop` flag)."""
+    if callable(cond_null):
+        return cond_null
+    return lambda cond: tuple(jnp.full_like(c, cond_null) for c in cond)
+
+
 def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", t_eps: float = 0.05,
                   dtype=jnp.float32) -> Callable:
-    """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1."""
-    m = jax.vmap(cast_floats(model, dtype), in_axes=(0, None, 0))
+    """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1.
+
+    cond: per-example model arguments after (x, t): an array of labels, or a tuple of arrays (stage 2:
+    caption states, mask, drop)."""
+    mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
     def raw(x, t, cond):
-        out = m(x.astype(dtype), t, cond).astype(jnp.float32)
+        out = jax.vmap(lambda xi, *ci: mdl(xi, t, *ci))(x.astype(dtype), *cond).astype(jnp.float32)
         return flow.to_velocity(out, x, t, prediction, t_eps)
 
     def v(t, x, cond):
+        cond = cond if isinstance(cond, tuple) else (cond,)
         if cfg_scale == 1.0:
             return raw(x, t, cond)
-        both = raw(jnp.concatenate([x, x]), t, jnp.concatenate([cond, jnp.full_like(cond, cond_null)]))
+        both = raw(jnp.concatenate([x, x]), t, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))
         v_c, v_u = jnp.split(both, 2)
         return flow.guided_velocity(v_c, v_u, cfg_scale)
 
@@ -54,27 +66,30 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
     return sol.ys[-1]
 
 
-def sample(model, labels: np.ndarray, key, *, null_cond: int, shape, sampler_cfg, prediction="v", t_eps=0.05,
+def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
            precision="float32") -> np.ndarray:
-    """Generate one image per label (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk."""
-    chunk = int(min(sampler_cfg.chunk, max(len(labels), 1)))
+    """Generate one image per condition (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk.
+
+    labels: class ids (N,), or a tuple of per-example arrays with leading axis N (stage 2, see make_velocity)."""
+    conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
+    n = len(conds[0])
+    chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
 
     @eqx.filter_jit
     def run(model, key, y):
         v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
                           dtype=DTYPES[precision])
-        x0 = jax.random.normal(key, (y.shape[0],) + tuple(shape), jnp.float32)
+        x0 = jax.random.normal(key, (y[0].shape[0],) + tuple(shape), jnp.float32)
         return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
                      rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y)
 
     out = []
-    labels = np.asarray(labels, np.int32)
-    for i, start in enumerate(range(0, len(labels), chunk)):
-        y = labels[start:start + chunk]
-        pad = chunk - len(y)
-        y = np.concatenate([y, np.full((pad,), y[-1] if len(y) else 0, np.int32)])  # same shape: no recompile
-        out.append(np.asarray(run(model, jax.random.fold_in(key, i), jnp.asarray(y)))[:chunk - pad])
+    for i, start in enumerate(range(0, n, chunk)):
+        y = tuple(c[start:start + chunk] for c in conds)
+        pad = chunk - len(y[0])
+        y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
+        out.append(np.asarray(run(model, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
 
 

@@ -26,6 +26,11 @@ def class_conditioning(key, batch, p: float, null_class: int):
     return (flow.drop_labels(key, batch["label"], p, null_class),)
 
 
+def text_conditioning(key, batch, p: float, null_cond=None):
+    """Stage 2: (caption states, mask, drop); the model swaps in its learned null caption where drop is true."""
+    return batch["text"], batch["mask"], jax.random.bernoulli(key, p, batch["mask"].shape[:1])
+
+
 def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
                     conditioning: Callable = class_conditioning):
     """Build `train_step(state, batch) -> (state, metrics)`; batch leading axis = batch_size * grad_accum."""

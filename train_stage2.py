@@ -1,0 +1,62 @@
+"""Stage 2: train a text-conditional flow-matching DiT on cached caption features.
+
+    python train_stage2.py                                            # emoji 32x32, small_text, cross-attention
+    python train_stage2.py model.mixing=joint train.ckpt_dir=checkpoints/stage2_joint
+    python train_stage2.py data=fashion_mnist_text train.init_from=checkpoints/stage1   # start from a stage-1 run
+    python train_stage2.py train.is_restore=true                      # resume from the latest checkpoint
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from training import cli  # noqa: E402
+
+
+def main(cfg):
+    import numpy as np
+
+    from data.captions import ensure_prepared_text
+    from data.loader import load_split, load_text, make_iterator
+    from models import model_spec
+    from training.errors import UserError
+    from training.generate import text_conds
+    from training.loop import Task, run
+    from training.step import text_conditioning
+
+    if cfg.model.get("mixing") is None:
+        raise UserError("stage 2 needs a text model preset (model=small_text or model.mixing=cross|joint)")
+    meta, data_dir = ensure_prepared_text(cfg.data)
+    spec = model_spec(cfg.model, meta)
+    captions = load_text(meta, data_dir, "train")
+
+    def iterator(batch_size, process_index, process_count):
+        return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
+                             hflip=bool(cfg.data.hflip), workers=int(cfg.data.workers),
+                             process_index=process_index, process_count=process_count)
+
+    def init_model(model):
+        if not cfg.train.init_from or cfg.train.is_restore:
+            return model
+        from models.convert import load_stage1, stage1_to_stage2
+
+        s1, _ = load_stage1(cfg.train.init_from)
+        print(f"initialised from stage 1 {cfg.train.init_from} (adaLN folded at t={cfg.train.init_fold_t})", flush=True)
+        return stage1_to_stage2(s1, model, float(cfg.train.init_fold_t))
+
+    def grid_conds():  # 8 training captions spread over the set, 8 samples each (one caption per row)
+        idx = np.repeat(np.linspace(0, len(captions["caption"]) - 1, 8).astype(int), 8)
+        return text_conds(captions["text"][idx], captions["mask"][idx])
+
+    def final_eval(ema, step):
+        from training.text_eval import caption_topk
+
+        return caption_topk(ema, spec, meta, captions, load_split(meta, data_dir, "train")[0], cfg, step)
+
+    return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator, null_cond=None,
+                         conditioning=text_conditioning, init_model=init_model, grid_conds=grid_conds,
+                         final_eval=final_eval))
+
+
+if __name__ == "__main__":
+    cli.main("stage2", main)

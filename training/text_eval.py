@@ -1,0 +1,69 @@
+"""Stage-2 check: do samples for training captions look like the captioned image?
+
+For n captions spread over the training set: one EMA sample each (CFG, the run's sampler), then the nearest real
+training images in pooled-pixel space (data/emoji.py `features`: the rationale is there); a hit when the captioned
+image is among the k nearest. Written to <ckpt_dir>/eval-step<step>.json with a PNG grid (sample above real).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from data.emoji import topk_hits
+from training.generate import generate, text_conds
+from training.tracking import make_grid, save_png
+
+
+def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray, cfg, step: int, k: int = 5) -> dict:
+    n = min(int(cfg.eval.num_samples), len(real))
+    idx = np.linspace(0, len(real) - 1, n).astype(int)
+    t0 = time.perf_counter()
+    imgs = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
+                    jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train)
+    hits = topk_hits(imgs, real, idx, k=k)
+    res = {f"top{k}_hit_rate": float(hits.mean()), "top1_hit_rate": float(topk_hits(imgs, real, idx, k=1).mean()),
+           "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
+           "sample_seconds": time.perf_counter() - t0}
+    out = Path(cfg.train.ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"eval-step{step:07d}.json").write_text(json.dumps(res, indent=1))
+    m = min(n, 32)   # rows of 8: generated, then the captioned real image
+    pairs = np.concatenate([np.stack([imgs[i:i + 8], real[idx[i:i + 8]]]).reshape(-1, *imgs.shape[1:])
+                            for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs
+    save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}.png", upscale=2)
+    print("evaluation: " + json.dumps(res), flush=True)
+    return res
+
+
+def main(argv: list[str]) -> dict:
+    """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
+    Keys: step, num_samples, cfg_scale, steps (sampler)."""
+    from omegaconf import OmegaConf
+
+    from data.loader import load_split, load_text
+    from data.meta import load_meta
+    from models import build_model
+    from training.checkpoint import Checkpointer, read_config
+
+    ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
+    saved, step = read_config(ckpt_dir, kv.get("step"))
+    cfg = OmegaConf.create(saved)
+    cfg.eval.num_samples = int(kv.get("num_samples", cfg.eval.num_samples))
+    cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))
+    cfg.sampler.steps = int(kv.get("steps", cfg.sampler.steps))
+    ck = Checkpointer(ckpt_dir, create=False)
+    ema = ck.restore_ema(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
+    ck.close()
+    data_dir = Path(cfg.data.root) / cfg.data.name
+    meta = load_meta(data_dir)
+    return caption_topk(ema, saved["model_spec"], meta, load_text(meta, data_dir, "train"),
+                        load_split(meta, data_dir, "train")[0], cfg, step)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
