@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from training.errors import UserError
+from training.sharding import host_value
 from training.state import TrainState
 
 ITEMS = ("params", "opt_state", "ema", "train", "data", "config")
 
 
 def _abstract(tree):
+    # ShapeDtypeStructs that carry each template array's sharding: a checkpoint written on one mesh is restored
+    # straight onto the template's mesh (another mesh shape, device count or process count).
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -95,7 +98,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, state: TrainState, data_iter, config: dict, *, force: bool = False) -> bool:
-        step = int(state.step)
+        step = int(host_value(state.step))  # works when the step counter spans several processes
         train = {"step": state.step, "key": state.key, "bad_steps": state.bad_steps, "skipped": state.skipped}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(_arrays(state.params)),
@@ -123,7 +126,7 @@ class Checkpointer:
             opt_state=ocp.args.StandardRestore(_abstract(_arrays(template.opt_state))),
             ema=ocp.args.StandardRestore(_abstract(_arrays(template.ema))),
             train=ocp.args.StandardRestore(_abstract(train_t)),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
+            **self._data_restore(step, data_iter),
         ))
         combine = lambda arrays, like: eqx.combine(arrays, eqx.filter(like, eqx.is_array, inverse=True))
         t = r["train"]
@@ -131,6 +134,16 @@ class Checkpointer:
                           opt_state=combine(r["opt_state"], template.opt_state),
                           ema=combine(r["ema"], template.ema), key=jnp.asarray(t["key"]),
                           bad_steps=jnp.asarray(t["bad_steps"]), skipped=jnp.asarray(t["skipped"]))
+
+    def _data_restore(self, step: int, data_iter) -> dict:
+        """Grain keeps one iterator state per process; with another process count the data order cannot resume."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if (self.directory / str(step) / "data" / name).is_file():
+            return {"data": grain.checkpoint.CheckpointRestore(data_iter)}
+        if jax.process_index() == 0:
+            print(f"note: checkpoint step {step} was written by a different number of processes: model, optimizer "
+                  f"and counters are restored, the data iterator starts a fresh pass", flush=True)
+        return {}
 
     def restore_ema(self, template_model, step: int | None = None):
         step = self.latest_step() if step is None else step

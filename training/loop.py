@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from models import ARCH_KEYS, build_model, forward_flops, param_count
-from training import sharding
+from training import distributed, sharding
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
 from training.generate import generate, grid_labels
@@ -69,13 +69,19 @@ def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
 
 def run(cfg, task: Task) -> dict:
     tc = cfg.train
+    distributed.initialize(cfg.get("distributed"))  # before anything touches devices
     is_main = jax.process_index() == 0
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model_spec"] = task.spec
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = int(tc.batch_size) * int(tc.grad_accum)
     if global_batch % mesh.size or global_batch % jax.process_count():
-        raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices")
+        raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
+                        f"and the {jax.process_count()} processes")
+    if is_main:
+        print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {jax.process_count()} process(es); "
+              f"effective batch {global_batch} = batch_size {int(tc.batch_size)} x grad_accum {int(tc.grad_accum)}",
+              flush=True)
 
     # ---- model, optimizer, state ----
     model_key, train_key = split_keys(tc.seed)
@@ -110,9 +116,9 @@ def run(cfg, task: Task) -> dict:
     tracker = Tracker(cfg.wandb, config, run_id=run_id) if is_main else None
     config["run"] = {"wandb_id": tracker.run_id if tracker else None}
 
-    step_fn = make_train_step(tc, optimizer, schedule, task.null_cond, task.conditioning)
+    step_fn = make_train_step(tc, optimizer, schedule, task.null_cond, task.conditioning, mesh=mesh)
     stop = StopFlag()
-    start, total = int(state.step), int(tc.steps)
+    start, total = int(sharding.host_value(state.step)), int(tc.steps)
     sample_key = jax.random.PRNGKey(int(tc.seed) + 1)
     samples_dir = Path(tc.ckpt_dir) / "samples"
 
@@ -120,12 +126,16 @@ def run(cfg, task: Task) -> dict:
         ckpt.save(state, it, config, force=force)
 
     def sample_grid(step):
+        ema = sharding.host_local(state.ema, mesh)  # every process calls this (a gather when there are several)
+        if not is_main:
+            return ema
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
-        imgs = generate(state.ema, task.spec, task.meta, labels, sample_key, cfg.sampler, tc)
+        imgs = generate(ema, task.spec, task.meta, labels, sample_key, cfg.sampler, tc)
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
         tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, one class per row, step {step}")
+        return ema
 
     # ---- the loop ----
     bar = _progress(start, total, enabled=is_main and tc.progress)
@@ -160,7 +170,7 @@ def run(cfg, task: Task) -> dict:
             if step % check_every == 0 or step % tc.ckpt_every == 0 or step == total:  # before any save
                 streak = _check_bad_steps(unchecked, streak, step, tc, ckpt)
                 unchecked = []
-            if is_main and tc.sample_every and step % tc.sample_every == 0:
+            if tc.sample_every and step % tc.sample_every == 0:
                 sample_grid(step)
             if step % tc.ckpt_every == 0:
                 save()
@@ -179,12 +189,12 @@ def run(cfg, task: Task) -> dict:
         return {"step": step, "stopped": stop.signal}
 
     result = {"step": step}
+    ema = sample_grid(step)
     if is_main:
-        sample_grid(step)
         if cfg.eval.at_end and task.evaluator is not None:
-            result.update(evaluate(state.ema, task, cfg, int(cfg.eval.num_samples), step))
+            result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step))
         elif cfg.eval.at_end and task.final_eval is not None:
-            result.update(task.final_eval(state.ema, step))
+            result.update(task.final_eval(ema, step))
         if cfg.eval.at_end and (task.evaluator or task.final_eval):
             tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
             tracker.summary(result)
@@ -244,7 +254,7 @@ def evaluate(model, task: Task, cfg, n: int, step: int) -> dict:
 
 
 def _summarise(pending: list, step: int, t_last: float, n_last: int, global_batch: int) -> dict:
-    stacked = jax.device_get(pending)  # the one host sync per log interval
+    stacked = jax.tree.map(sharding.host_value, pending)  # the one host sync per log interval
     mean = lambda k: float(np.mean([m[k] for m in stacked]))
     dt = time.perf_counter() - t_last
     steps = max(step - n_last, 1)

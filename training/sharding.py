@@ -19,7 +19,8 @@ MIN_SHARD_SIZE = 2 ** 14  # smaller arrays are replicated: sharding them costs m
 
 def make_mesh(mesh_cfg) -> Mesh:
     devices = np.array(jax.devices())
-    data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
+    get = (lambda k: mesh_cfg[k]) if isinstance(mesh_cfg, dict) else (lambda k: getattr(mesh_cfg, k))
+    data, fsdp = int(get("data")), int(get("fsdp"))
     if data == -1 and fsdp == -1:
         raise UserError("mesh.data and mesh.fsdp cannot both be -1")
     if data == -1:
@@ -62,3 +63,54 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
     """Assemble the global batch from this process's rows (multi-host safe)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def constrain(tree, mesh: Mesh | None):
+    """Inside jit: pin every array leaf to its rule sharding (params, optimizer state, EMA stay sharded over fsdp)."""
+    if mesh is None:
+        return tree
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    arrays = jax.tree.map(jax.lax.with_sharding_constraint, arrays, state_shardings(arrays, mesh))
+    return eqx.combine(arrays, static)
+
+
+def constrain_batch(tree, mesh: Mesh | None, axis: int = 0):
+    """Inside jit: split `axis` of every array over all devices (the batch axis)."""
+    if mesh is None:
+        return tree
+    spec = lambda a: NamedSharding(mesh, P(*([None] * axis + [("data", "fsdp")])))
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec(a)), tree)
+
+
+def host_value(x):
+    """A replicated (e.g. scalar) array as numpy, from this process's own copy: works when the array spans processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def host_local(tree, mesh: Mesh):
+    """Every array leaf as a whole host (numpy) array on every process; unchanged in a single-process run.
+
+    A collective when there are several processes: all of them must call it (e.g. before process 0 samples). The
+    gather runs as one program on the run's own mesh, whose gloo communicator the train step has already formed
+    (multihost_utils.process_allgather would form a new one per call and compile one program per leaf)."""
+    if jax.process_count() == 1:
+        return tree
+    barrier("host_local")  # line the processes up first: gloo gives a collective 30 s to start on all of them
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    replicated = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(arrays)
+    return eqx.combine(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), replicated), static)
+
+
+_BARRIERS = {}
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+    """Wait until every process gets here (the coordination service's barrier, no device collective)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _dist  # the client jax.distributed.initialize started
+
+    _BARRIERS[name] = _BARRIERS.get(name, 0) + 1
+    _dist.global_state.client.wait_at_barrier(f"{name}-{_BARRIERS[name]}", timeout_in_ms=timeout_s * 1000)

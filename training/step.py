@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from training import flow
+from training import flow, sharding
 from training.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,8 +32,11 @@ def text_conditioning(key, batch, p: float, null_cond=None):
 
 
 def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
-                    conditioning: Callable = class_conditioning):
-    """Build `train_step(state, batch) -> (state, metrics)`; batch leading axis = batch_size * grad_accum."""
+                    conditioning: Callable = class_conditioning, mesh=None):
+    """Build `train_step(state, batch) -> (state, metrics)`; batch leading axis = batch_size * grad_accum.
+
+    With a `mesh` (training.sharding), the new state keeps the rule shardings (params, optimizer state and EMA over
+    fsdp) and the micro-batches stay split over all devices; without one, XLA places everything as it likes."""
     compute_dtype = DTYPES[train_cfg.precision]
     accum = int(train_cfg.grad_accum)
     pred, t_eps = str(train_cfg.prediction), float(train_cfg.t_eps)
@@ -60,8 +63,10 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         if accum == 1:
             loss, grads = grad_fn(state.params, x_t, t, v, cond)
         else:
-            split = lambda a: a.reshape((accum, n // accum) + a.shape[1:])
-            micro = jax.tree.map(split, (x_t, t, v, cond))
+            # Strided split (micro-batch j = rows j, j + K, ...): each device's contiguous block of the sharded
+            # batch contributes equally to every micro-batch, so splitting moves no data between devices.
+            split = lambda a: jnp.swapaxes(a.reshape((n // accum, accum) + a.shape[1:]), 0, 1)
+            micro = sharding.constrain_batch(jax.tree.map(split, (x_t, t, v, cond)), mesh, axis=1)
             zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.params, eqx.is_inexact_array))
 
             def body(carry, mb):
@@ -70,6 +75,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
 
             loss, grads = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)[0]
             loss, grads = jax.tree.map(lambda a: a / accum, (loss, grads))
+        grads = sharding.constrain(grads, mesh)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         params_f = eqx.filter(state.params, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, state.opt_state, params_f)
@@ -87,6 +93,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
             params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
             ema=keep(ema, state.ema), key=state.key,
             bad_steps=jnp.where(good, 0, state.bad_steps + 1), skipped=state.skipped + (~good).astype(jnp.int32))
+        new_state = sharding.constrain(new_state, mesh)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": (~good).astype(jnp.int32)}
         return new_state, metrics
 

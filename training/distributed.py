@@ -1,0 +1,99 @@
+"""Multi-process (multi-host) start-up: `jax.distributed.initialize` from the config or the environment.
+
+JAX does the work (coordinator, device discovery, collectives); this module only decides whether and how to call it,
+and must run before anything touches devices (`jax.devices()`, `jax.process_index()`, the first array).
+
+Where the parameters come from, first match wins, per parameter:
+  1. the config: distributed.coordinator_address / num_processes / process_id / local_device_ids
+  2. the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS
+  3. Slurm (inside `srun`): JAX's own Slurm detection (first node of the step, SLURM_NTASKS, SLURM_PROCID, and one
+     GPU per task, SLURM_LOCALID, unless local_device_ids says otherwise; port from JAX_COORDINATOR_PORT or the job id)
+`distributed.enabled: auto` initialises when more than one process is asked for (config, JAX_NUM_PROCESSES or
+SLURM_NTASKS > 1) and otherwise stays single-process; `true` always initialises; `false` never does.
+"""
+
+import os
+
+from training.errors import UserError
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _int(value, what: str):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be an integer, got {value!r}") from None
+
+
+def in_slurm_step() -> bool:
+    return all(v in os.environ for v in SLURM_VARS)
+
+
+def resolve(cfg, environ=None) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None for a single-process run."""
+    env = os.environ if environ is None else environ
+    enabled = str(_get(cfg, "enabled", "auto")).lower()
+    if enabled not in ("auto", "true", "false"):
+        raise UserError(f"distributed.enabled must be auto, true or false, got {enabled!r}")
+    if enabled == "false":
+        return None
+    address = _get(cfg, "coordinator_address") or env.get("JAX_COORDINATOR_ADDRESS")
+    num = _get(cfg, "num_processes", env.get("JAX_NUM_PROCESSES"))
+    pid = _get(cfg, "process_id", env.get("JAX_PROCESS_ID"))
+    num = None if num is None else _int(num, "distributed.num_processes (or JAX_NUM_PROCESSES)")
+    pid = None if pid is None else _int(pid, "distributed.process_id (or JAX_PROCESS_ID)")
+    slurm = in_slurm_step() and all(v is None for v in (address, num, pid))
+    slurm_tasks = _int(env["SLURM_NTASKS"], "SLURM_NTASKS") if slurm else 1
+    if enabled == "auto" and (num or 1) <= 1 and slurm_tasks <= 1:
+        return None
+    if not slurm:
+        missing = [k for k, v in (("coordinator_address", address), ("num_processes", num), ("process_id", pid))
+                   if v is None]
+        if missing:
+            raise UserError(f"multi-process run without {', '.join('distributed.' + m for m in missing)}: set them "
+                            f"(e.g. distributed.coordinator_address=host0:1234 distributed.num_processes=2 "
+                            f"distributed.process_id=0) or the JAX_* environment variables, or launch with srun")
+        if not 0 <= pid < num:
+            raise UserError(f"distributed.process_id={pid} must be in [0, {num}) for num_processes={num}")
+    kwargs = {"coordinator_address": address, "num_processes": num, "process_id": pid,
+              "initialization_timeout": _int(_get(cfg, "timeout_s", 300), "distributed.timeout_s")}
+    ids = _get(cfg, "local_device_ids")
+    if ids is not None:
+        # "all": every device this process can see (one process per node); else a list/comma string of local ids
+        kwargs["local_device_ids"] = [] if str(ids) == "all" else (
+            [_int(i, "distributed.local_device_ids") for i in str(ids).split(",")] if isinstance(ids, (str, int))
+            else [_int(i, "distributed.local_device_ids") for i in ids])
+    return kwargs
+
+
+def initialize(cfg=None) -> bool:
+    """Start jax.distributed if the config/environment asks for several processes; True when it did (or had)."""
+    import jax
+
+    kwargs = resolve(cfg)
+    if kwargs is None:
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    # CPU devices need a collectives backend to talk across processes (gloo; ignored by GPU computations)
+    jax.config.update("jax_cpu_collectives_implementation", str(_get(cfg, "cpu_collectives", "gloo")))
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"jax.distributed.initialize failed ({err}): check the distributed.* settings") from err
+    return True
+
+
+def shutdown() -> None:
+    import jax
+
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
