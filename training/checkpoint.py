@@ -35,11 +35,12 @@ def _arrays(tree):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, *, create: bool = True):
+    def __init__(self, directory: str, keep: int = 3, *, create: bool = True, need_bytes: int = 0):
         self.directory = Path(directory).absolute()
         if create:
             self.check_writable()
             self.check_contents()
+            self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -172,7 +173,9 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
     if not steps:
         raise UserError(f"{path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a run")
     step = steps[-1] if step is None else int(step)
-    files = list((path / str(step) / "config").glob("*"))
+    # Orbax's JsonSave writes config/metadata next to commit_success.txt; directory listing order differs between
+    # file systems (tmpfs lists commit_success.txt first), so name the file instead of taking the first one.
+    files = [path / str(step) / "config" / "metadata"]
     try:
         return json.loads(next(f for f in files if f.is_file()).read_text()), step
     except (StopIteration, json.JSONDecodeError, OSError) as err:

@@ -97,8 +97,9 @@ def run(cfg, task: Task) -> dict:
 
     # ---- data and checkpoints (resume) ----
     it = task.make_iterator(global_batch // jax.process_count(), jax.process_index(), jax.process_count())
-    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts)
-    ckpt.check_space(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))  # disk full: fail now
+    # Disk full or unwritable: fail now, not at the first save (room for one checkpoint of the state's arrays).
+    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts,
+                        need_bytes=sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))
     latest = ckpt.latest_step()
     run_id = None
     if tc.is_restore:
