@@ -117,6 +117,7 @@ def main(cfg):
     model.eval()
 
     # Latent calibration (SD3 convention): shift = mean, scale = 1/std of the posterior means over train.
+    model.register_to_config(shift_factor=0.0, scaling_factor=1.0)   # diffusers' default scaling is SD's 0.18215
     vae = Vae(model, str(cfg.out))
     sub = x_train[np.random.RandomState(1).permutation(len(x_train))[:5000]]
     z = vae.encode(sub, batch_size=500)          # scaling 1, shift 0 at this point: raw posterior means

@@ -188,7 +188,9 @@ def load_vae(name: str, device: str | None = "cpu", dtype: str = "float32") -> V
     if dtype not in _TORCH_DTYPES:
         raise UserError(f"VAE dtype {dtype!r} unknown: use one of float32, float16, bfloat16")
     dev = torch_device(device)
-    model = _build(str(name)).eval().to(dev, getattr(torch, _TORCH_DTYPES[dtype]))
+    model = _build(str(name)).eval().to(dev)
+    if _TORCH_DTYPES[dtype] != "float32":
+        model = model.to(getattr(torch, _TORCH_DTYPES[dtype]))
     name = str(Path(name).expanduser().resolve()) if Path(str(name)).expanduser().is_dir() else str(name)
     return Vae(model, name, dev, _TORCH_DTYPES[dtype])
 
