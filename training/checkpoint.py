@@ -42,8 +42,20 @@ class Checkpointer:
             self.check_contents()
             self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=False)
+        if create and jax.process_index() == 0:
+            self.remove_partial_saves()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def remove_partial_saves(self):
+        """Delete what a killed save left behind (`<step>.orbax-checkpoint-tmp*`), now and synchronously.
+
+        Orbax can do this itself (cleanup_tmp_directories=True), but in a background thread that close() does not
+        join: a run refused right after start-up then printed that thread's traceback at interpreter exit.
+        """
+        import shutil
+        for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def check_writable(self):
         """Fail before training starts, not at the first save hours later."""

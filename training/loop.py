@@ -100,20 +100,24 @@ def run(cfg, task: Task) -> dict:
     # Disk full or unwritable: fail now, not at the first save (room for one checkpoint of the state's arrays).
     ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts,
                         need_bytes=sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))
-    latest = ckpt.latest_step()
-    run_id = None
-    if tc.is_restore:
-        if latest is None:
-            raise UserError(f"train.is_restore=true but {tc.ckpt_dir} holds no checkpoint: "
-                            f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
-        saved, _ = read_config(tc.ckpt_dir, latest)
-        check_same_model(saved, task.spec, tc.ckpt_dir)
-        state = sharding.place(ckpt.restore(state, it, latest), mesh)
-        run_id = saved.get("run", {}).get("wandb_id")
-        print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
-    elif latest is not None:
-        raise UserError(f"{tc.ckpt_dir} already holds checkpoints (latest step {latest}): resume with "
-                        f"train.is_restore=true, or choose a new train.ckpt_dir")
+    try:  # a refusal here must still shut Orbax's background threads down, or they print at exit
+        latest = ckpt.latest_step()
+        run_id = None
+        if tc.is_restore:
+            if latest is None:
+                raise UserError(f"train.is_restore=true but {tc.ckpt_dir} holds no checkpoint: "
+                                f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
+            saved, _ = read_config(tc.ckpt_dir, latest)
+            check_same_model(saved, task.spec, tc.ckpt_dir)
+            state = sharding.place(ckpt.restore(state, it, latest), mesh)
+            run_id = saved.get("run", {}).get("wandb_id")
+            print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
+        elif latest is not None:
+            raise UserError(f"{tc.ckpt_dir} already holds checkpoints (latest step {latest}): resume with "
+                            f"train.is_restore=true, or choose a new train.ckpt_dir")
+    except BaseException:
+        ckpt.close()
+        raise
     tracker = Tracker(cfg.wandb, config, run_id=run_id) if is_main else None
     config["run"] = {"wandb_id": tracker.run_id if tracker else None}
 
