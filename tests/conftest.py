@@ -41,3 +41,26 @@ def tiny_overrides(root: str, ckpt_dir: str, steps: int = 8, **extra) -> list[st
          "sampler.steps": 4, "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
+
+
+def restore_final(ckpt_dir: str, config_name: str, data_dir: str, hflip: bool = False):
+    """The latest checkpoint of a run restored into a fresh state of its saved config, plus the next data batch."""
+    from data.loader import make_iterator
+    from data.meta import load_meta
+    from models import build_model
+    from training.checkpoint import Checkpointer, read_config
+    from training.cli import compose
+    from training.optim import make_optimizer
+    from training.state import init_state, split_keys
+
+    saved, step = read_config(ckpt_dir)
+    cfg = compose(config_name, [])
+    cfg.train.lr, cfg.train.steps = saved["train"]["lr"], saved["train"]["steps"]
+    model_key, train_key = split_keys(0)
+    opt, _ = make_optimizer(cfg.train, cfg.optim)
+    template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
+    it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=32, seed=0, hflip=hflip)
+    ck = Checkpointer(ckpt_dir, create=False)
+    state = ck.restore(template, it, step)
+    ck.close()
+    return state, next(it)

@@ -4,31 +4,13 @@ import jax
 import numpy as np
 
 import train_stage1
-from conftest import tiny_overrides
-from data.loader import make_iterator
-from data.meta import load_meta
+from conftest import restore_final, tiny_overrides
 from models import build_model
-from training.checkpoint import Checkpointer, read_config
+from training.checkpoint import read_config
 from training.cli import compose
-from training.optim import make_optimizer
-from training.state import init_state, split_keys
+from training.state import split_keys
 
 N = 4
-
-
-def restore_final(ckpt_dir, root):
-    saved, step = read_config(ckpt_dir)
-    cfg = compose("config", [])
-    cfg.train.lr, cfg.train.steps = saved["train"]["lr"], saved["train"]["steps"]
-    model_key, train_key = split_keys(0)
-    opt, _ = make_optimizer(cfg.train, cfg.optim)
-    template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
-    meta = load_meta(f"{root}/digits")
-    it = make_iterator(meta, f"{root}/digits", "train", batch_size=32, seed=0, hflip=True)
-    ck = Checkpointer(ckpt_dir, create=False)
-    state = ck.restore(template, it, step)
-    ck.close()
-    return state, next(it)
 
 
 def test_resume_is_bitwise_exact(digits_root, tmp_path):
@@ -42,7 +24,8 @@ def test_resume_is_bitwise_exact(digits_root, tmp_path):
     assert read_config(split)[1] == N
     train_stage1.main(compose("config", tiny_overrides(digits_root, split, steps=2 * N, **common,
                                                        **{"train.is_restore": True})))
-    (a, batch_a), (b, batch_b) = restore_final(straight, digits_root), restore_final(split, digits_root)
+    data_dir = f"{digits_root}/digits"
+    (a, batch_a), (b, batch_b) = (restore_final(d, "config", data_dir, hflip=True) for d in (straight, split))
     assert int(a.step) == int(b.step) == 2 * N
     for name in ("params", "ema", "opt_state", "key", "skipped"):
         la, lb = jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))

@@ -9,8 +9,9 @@ import train_stage2
 from data.loader import load_text, make_iterator
 from data.meta import load_meta
 from models import build_model
+from conftest import restore_final
 from stage2_helpers import prepare_digits_text, stage2_overrides
-from training.checkpoint import Checkpointer, read_config
+from training.checkpoint import read_config
 from training.cli import compose
 from training.generate import text_conds, text_null
 from training.optim import make_optimizer
@@ -35,21 +36,6 @@ def root(tmp_path_factory):
     return prepare_digits_text(str(tmp_path_factory.mktemp("text")))
 
 
-def restore_final(ckpt_dir, root):
-    saved, step = read_config(ckpt_dir)
-    cfg = compose("stage2", [])
-    cfg.train.lr, cfg.train.steps = saved["train"]["lr"], saved["train"]["steps"]
-    model_key, train_key = split_keys(0)
-    opt, _ = make_optimizer(cfg.train, cfg.optim)
-    template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
-    meta = load_meta(f"{root}/digits_text")
-    it = make_iterator(meta, f"{root}/digits_text", "train", batch_size=32, seed=0)
-    ck = Checkpointer(ckpt_dir, create=False)
-    state = ck.restore(template, it, step)
-    ck.close()
-    return state, next(it)
-
-
 @pytest.mark.parametrize("mixing", ["joint"])  # the resume machinery is the same for both; joint has more parts
 def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
@@ -60,7 +46,8 @@ def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing):
     assert r1["step"] == N and "stopped" in r1
     train_stage2.main(compose("stage2", stage2_overrides(root, split, steps=2 * N, **common,
                                                          **{"train.is_restore": True})))
-    (a, batch_a), (b, batch_b) = restore_final(straight, root), restore_final(split, root)
+    data_dir = f"{root}/digits_text"
+    (a, batch_a), (b, batch_b) = (restore_final(d, "stage2", data_dir) for d in (straight, split))
     assert int(a.step) == int(b.step) == 2 * N
     assert set(batch_a) >= {"x", "text", "mask"} and batch_a["text"].shape == (32, 8, 384)
     for name in ("params", "ema", "opt_state", "key"):
