@@ -83,6 +83,25 @@ def test_kill_matrix_resumes_bitwise(digits_root, tmp_path, reference):
     assert_same_state(restore_final(ckpt, digits_root), reference)
 
 
+def test_old_checkpoints_leave_through_an_atomic_rename(digits_root, tmp_path):
+    """keep-last-N deletes old steps by renaming them into TRASH first: a kill -9 in the middle of deleting one
+    (the kill matrix once caught a half-deleted `4/` that the next run refused as foreign) can then only leave
+    debris inside TRASH, which the next start removes before resuming."""
+    from training.checkpoint import TRASH
+    ckpt = tmp_path / "run"
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=6, **{"train.ckpt_every": 2, "train.keep_ckpts": 1}))
+    assert rc == 0, s.output()
+    assert complete_steps(ckpt) == [6]
+    assert (ckpt / TRASH).is_dir() and not any((ckpt / TRASH).iterdir())   # renamed there by Orbax, emptied by us
+    debris = ckpt / TRASH / "4" / "opt_state"   # what an rmtree killed halfway leaves: part of one item
+    debris.mkdir(parents=True)
+    (debris / "manifest.ocdbt").write_bytes(b"x")
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=8, **{"train.ckpt_every": 2, "train.keep_ckpts": 1,
+                                                                           "train.is_restore": True}))
+    assert rc == 0 and any(l.startswith("resumed from") for l in s.lines), s.output()
+    assert complete_steps(ckpt) == [8] and not any((ckpt / TRASH).iterdir())
+
+
 def test_nan_batch_skips_the_update(digits_root):
     """The jitted step with a NaN batch: params, optimizer state and EMA stay bit-identical; counters count it."""
     import jax

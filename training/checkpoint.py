@@ -22,6 +22,10 @@ from training.sharding import host_value
 from training.state import TrainState
 
 ITEMS = ("params", "opt_state", "ema", "train", "data", "config")
+# Old checkpoints (beyond keep-last-N) are first *renamed* here by Orbax, then emptied by us. Deleting a step in place
+# is not atomic: a kill -9 during Orbax's rmtree left a half-deleted `<step>/` that looked like foreign data to the
+# next run (found by the kill matrix in tests/test_faults.py). A rename either happened or did not.
+TRASH = ".deleted"
 
 
 def _abstract(tree):
@@ -42,20 +46,29 @@ class Checkpointer:
             self.check_contents()
             self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
         options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=False)
+                                               cleanup_tmp_directories=False, todelete_subdir=TRASH)
         if create and jax.process_index() == 0:
             self.remove_partial_saves()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def remove_partial_saves(self):
-        """Delete what a killed save left behind (`<step>.orbax-checkpoint-tmp*`), now and synchronously.
+        """Delete what a killed save left behind (`<step>.orbax-checkpoint-tmp*`) and old steps waiting in TRASH,
+        now and synchronously.
 
-        Orbax can do this itself (cleanup_tmp_directories=True), but in a background thread that close() does not
-        join: a run refused right after start-up then printed that thread's traceback at interpreter exit.
+        Orbax can clean temporaries itself (cleanup_tmp_directories=True), but in a background thread that close()
+        does not join: a run refused right after start-up then printed that thread's traceback at interpreter exit.
         """
-        import shutil
         for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
             shutil.rmtree(p, ignore_errors=True)
+        self.empty_trash()
+
+    def empty_trash(self):
+        """Remove the old steps Orbax renamed into TRASH. Only the children: Orbax may be renaming into the folder
+        at this moment (its deletions run after an asynchronous save), and a kill here leaves them for next time."""
+        if jax.process_index() != 0 or not (self.directory / TRASH).is_dir():
+            return
+        for p in (self.directory / TRASH).iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def check_writable(self):
         """Fail before training starts, not at the first save hours later."""
@@ -121,6 +134,7 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config),
         )
+        self.empty_trash()   # steps the previous save's retention moved there
         try:  # also waits for the previous asynchronous save, so a failed write surfaces here or in close()
             return self.manager.save(step, args=args, force=force)
         except Exception as err:
@@ -169,6 +183,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
             self.manager.close()
+            self.empty_trash()
         except Exception as err:
             user = self._storage_error(err)
             if user is None:
