@@ -66,5 +66,13 @@ def forward_flops(spec: dict[str, Any]) -> dict[str, float]:
     mlp = 2 * 2 * spec.get("mlp_ratio", 4.0) * d * d
     per_layer = n * (8 * d * d + mlp + 4 * n * d) + 12 * d * d
     total = depth * per_layer + 2 * 2 * n * pc * d + 4 * d * d
-    return {"tokens": n, "forward_flops": float(total), "formula": "per layer: N*(24 d^2 + 4 N d) + 12 d^2 (adaLN); "
-            "+ 4 N p^2 C d (patch in/out); train = 3 x forward"}
+    formula = "per layer: N*(24 d^2 + 4 N d) + 12 d^2 (adaLN); + 4 N p^2 C d (patch in/out); train = 3 x forward"
+    if spec.get("mixing") is not None:   # stage 2: L caption tokens, projected text_dim -> d -> d once
+        L = spec["max_tokens"]
+        total += 2 * L * spec["text_dim"] * d + 2 * L * d * d
+        if spec["mixing"] == "cross":    # q and out on image tokens, k/v on caption tokens, N x L scores
+            total += depth * (4 * n * d * d + 4 * L * d * d + 4 * n * L * d)
+        else:                            # joint: caption tokens get their own qkv/proj/MLP; attention over N + L
+            total += depth * (L * (8 * d * d + mlp) + 4 * ((n + L) ** 2 - n * n) * d)
+        formula += "; text: cross + L (4 N d^2 + 4 L d^2 + 4 N L d), joint + L (24 d^2) + 4 ((N+L)^2 - N^2) d per layer"
+    return {"tokens": n, "forward_flops": float(total), "formula": formula}
