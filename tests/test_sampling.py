@@ -45,6 +45,23 @@ def test_guidance_scale_one_ignores_the_null_condition():
     np.testing.assert_allclose(b - a, np.broadcast_to(labels[:, None, None, None], a.shape), atol=2e-2)
 
 
+def test_guidance_interval_limits_guidance_to_its_times():
+    """Guidance only for lo <= t <= hi. With the null class at mean 0, guidance adds a drift in the direction of y
+    at every guided time, so a middle interval ends strictly between no guidance (x0 + y) and full (x0 + 2y)."""
+    key, labels = jax.random.PRNGKey(2), np.array([1, 3], np.int32)
+    run = lambda **kw: sample(GaussianShift(), labels, key, null_cond=0, shape=(2, 2, 1),
+                              sampler_cfg=sampler_cfg(steps=10, **kw))
+    none, full = run(cfg_scale=1.0), run(cfg_scale=2.0)
+    np.testing.assert_array_equal(run(cfg_scale=2.0, cfg_interval=[0.0, 1.0]), full)
+    np.testing.assert_array_equal(run(cfg_scale=2.0, cfg_interval=[0.95, 1.0]), none)   # Euler evaluates t <= 0.9
+    mid = run(cfg_scale=2.0, cfg_interval=[0.3, 0.7])
+    assert np.all(mid > none + 1e-3) and np.all(mid < full - 1e-3)
+    import pytest
+    from training.errors import UserError
+    with pytest.raises(UserError, match="cfg_interval"):
+        run(cfg_scale=2.0, cfg_interval=[0.7, 0.3])
+
+
 def test_sampler_is_deterministic_and_chunked():
     cfg = compose("config", ["model=tiny"])
     spec = model_spec(cfg.model, {"shape": [8, 8, 1], "num_classes": 10})
