@@ -43,24 +43,45 @@ def tiny_overrides(root: str, ckpt_dir: str, steps: int = 8, **extra) -> list[st
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def restore_final(ckpt_dir: str, config_name: str, data_dir: str, hflip: bool = False):
-    """The latest checkpoint of a run restored into a fresh state of its saved config, plus the next data batch."""
+def restore_final(ckpt_dir, root, step=None):
+    """The complete train state and the next batch of a run's latest (or given) checkpoint, restored into a fresh
+    template built from the config saved with it (seed, batch, optimizer, data set and flip all read from there)."""
+    from omegaconf import OmegaConf
+
     from data.loader import make_iterator
     from data.meta import load_meta
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
-    from training.cli import compose
     from training.optim import make_optimizer
     from training.state import init_state, split_keys
 
-    saved, step = read_config(ckpt_dir)
-    cfg = compose(config_name, [])
-    cfg.train.lr, cfg.train.steps = saved["train"]["lr"], saved["train"]["steps"]
-    model_key, train_key = split_keys(0)
-    opt, _ = make_optimizer(cfg.train, cfg.optim)
+    saved, step = read_config(ckpt_dir, step)
+    tc = OmegaConf.create(saved["train"])
+    model_key, train_key = split_keys(int(tc.seed))
+    opt, _ = make_optimizer(tc, OmegaConf.create(saved["optim"]))
     template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
-    it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=32, seed=0, hflip=hflip)
+    data_dir = f"{root}/{saved['data']['name']}"
+    it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=int(tc.batch_size) * int(tc.grad_accum),
+                       seed=int(tc.seed), hflip=bool(saved["data"].get("hflip", False)))
     ck = Checkpointer(ckpt_dir, create=False)
-    state = ck.restore(template, it, step)
-    ck.close()
+    try:
+        state = ck.restore(template, it, step)
+    finally:
+        ck.close()
     return state, next(it)
+
+
+def assert_same_state(a, b):
+    """Bitwise equality of two restored (state, next batch) pairs."""
+    import jax
+    import numpy as np
+
+    (sa, ba), (sb, bb) = a, b
+    assert int(sa.step) == int(sb.step)
+    for name in ("params", "ema", "opt_state", "key", "bad_steps", "skipped"):
+        la, lb = jax.tree.leaves(getattr(sa, name)), jax.tree.leaves(getattr(sb, name))
+        assert len(la) == len(lb) > 0, name
+        for x, y in zip(la, lb):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    for k in ba:
+        np.testing.assert_array_equal(ba[k], bb[k], err_msg=f"next batch {k}")

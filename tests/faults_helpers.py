@@ -1,5 +1,5 @@
 """Helpers for the fault tests: run the real training script in a subprocess, watch its stdout, signal it at a
-chosen moment, and compare the final checkpoints of two runs bitwise."""
+chosen moment (comparing checkpoints: conftest.restore_final / assert_same_state)."""
 
 import os
 import queue
@@ -10,9 +10,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import jax
-import numpy as np
 
 from conftest import ROOT
 
@@ -103,47 +100,6 @@ def complete_steps(ckpt_dir) -> list[int]:
 def partial_saves(ckpt_dir) -> list[str]:
     d = Path(ckpt_dir)
     return sorted(p.name for p in d.iterdir() if "orbax-checkpoint-tmp" in p.name) if d.is_dir() else []
-
-
-def restore_final(ckpt_dir, root, step=None):
-    """The complete train state and the next batch of a run's latest (or given) checkpoint, restored into a fresh
-    template built from the config saved with it."""
-    from data.loader import make_iterator
-    from data.meta import load_meta
-    from models import build_model
-    from omegaconf import OmegaConf
-    from training.checkpoint import Checkpointer, read_config
-    from training.optim import make_optimizer
-    from training.state import init_state, split_keys
-
-    saved, step = read_config(ckpt_dir, step)
-    tc = OmegaConf.create(saved["train"])
-    model_key, train_key = split_keys(int(tc.seed))
-    opt, _ = make_optimizer(tc, OmegaConf.create(saved["optim"]))
-    template = init_state(build_model(saved["model_spec"], key=model_key), opt, train_key)
-    data = saved["data"]
-    meta = load_meta(f"{root}/{data['name']}")
-    it = make_iterator(meta, f"{root}/{data['name']}", "train", batch_size=int(tc.batch_size) * int(tc.grad_accum),
-                       seed=int(tc.seed), hflip=bool(data["hflip"]))
-    ck = Checkpointer(ckpt_dir, create=False)
-    try:
-        state = ck.restore(template, it, step)
-    finally:
-        ck.close()
-    return state, next(it)
-
-
-def assert_same_state(a, b):
-    """Bitwise equality of two restored (state, next batch) pairs."""
-    (sa, ba), (sb, bb) = a, b
-    assert int(sa.step) == int(sb.step)
-    for name in ("params", "ema", "opt_state", "key", "bad_steps", "skipped"):
-        la, lb = jax.tree.leaves(getattr(sa, name)), jax.tree.leaves(getattr(sb, name))
-        assert len(la) == len(lb) > 0, name
-        for x, y in zip(la, lb):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
-    for k in ba:
-        np.testing.assert_array_equal(ba[k], bb[k], err_msg=f"next batch {k}")
 
 
 SIGKILL, SIGTERM, SIGINT = signal.SIGKILL, signal.SIGTERM, signal.SIGINT

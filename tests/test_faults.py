@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
-from faults_helpers import (SIGINT, SIGKILL, SIGTERM, Script, assert_same_state, complete_steps, partial_saves,
-                            restore_final, run_script)
+from conftest import assert_same_state, restore_final, tiny_overrides
+from faults_helpers import SIGINT, SIGKILL, SIGTERM, Script, complete_steps, partial_saves, run_script
 
 T = 30  # steps of every run in the kill chain
 COMMON = {"data.hflip": True, "train.lr": 3e-3, "train.log_every": 1, "train.ckpt_every": 2}

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import build_model, forward_flops, model_spec, param_count
+from models import build_model, forward_flops, model_spec
 from models.layers import patchify, sincos_pos_embed_2d, unpatchify
 from training.cli import compose
 from training.errors import UserError
