@@ -143,7 +143,8 @@ def test_corrupted_shard_bytes(monkeypatch, capsys, data_copy, tmp_path):
 def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     ck = str(tmp_path / "ck")
     for extra, needle in ((["optim.nope=1"], "nope"), (["data=nope"], "nope"), (["train=nope"], "nope"),
-                          (["train.steps=[1"], "bad configuration")):
+                          (["train.steps=[1"], "bad configuration"),
+                          (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()

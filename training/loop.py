@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from models import ARCH_KEYS, build_model, forward_flops, param_count
 from training import distributed, sharding
+from training.sampling import check_sampler
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
 from training.generate import generate, grid_labels
@@ -78,6 +79,7 @@ def run(cfg, task: Task) -> dict:
     if global_batch % mesh.size or global_batch % jax.process_count():
         raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
                         f"and the {jax.process_count()} processes")
+    check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
     if is_main:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {jax.process_count()} process(es); "
               f"effective batch {global_batch} = batch_size {int(tc.batch_size)} x grad_accum {int(tc.grad_accum)}",

@@ -73,6 +73,18 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
     return sol.ys[-1]
 
 
+def check_sampler(sampler_cfg):
+    """One line for a bad sampler config; training calls this at start, not at its first sample grid.
+    Returns the guidance interval as (lo, hi), or None (guidance at every t)."""
+    if sampler_cfg.solver not in SOLVERS:
+        raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
+    interval = sampler_cfg.get("cfg_interval", None)   # absent in configs saved before it existed
+    interval = None if interval is None else tuple(float(b) for b in interval)
+    if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
+        raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
+    return interval
+
+
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
            precision="float32") -> np.ndarray:
     """Generate one image per condition (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk.
@@ -82,10 +94,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
-    interval = sampler_cfg.get("cfg_interval", None)   # absent in configs saved before it existed
-    interval = None if interval is None else tuple(float(b) for b in interval)
-    if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
-        raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
+    interval = check_sampler(sampler_cfg)
 
     @eqx.filter_jit
     def run(model, key, y):
