@@ -1,0 +1,66 @@
+"""How the project's FD (training/evaluate.py) reacts to known image changes, and where a set of samples loses.
+Prints JSON. Used for the issue-3 analysis in development_log.md.
+
+    python bench/fd_sensitivity.py [data_dir=prepared/fashion_mnist] [samples.npz ...]
+
+For real test set A (1000 images) against: real set B (the floor), B blurred (sigma 0.5 / 0.8 px), B + N(0, 8^2)
+noise, B x 1.1, B with gamma 0.8; then for each npz from sample.py: the FD split into its mean and covariance
+terms, FD per class, and per-class pixel mean / spread across images next to the real ones.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage as nd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.loader import load_split  # noqa: E402
+from data.meta import load_meta  # noqa: E402
+from training.evaluate import _apply, frechet_distance, get_evaluator  # noqa: E402
+
+
+def parts(f1, f2) -> dict:
+    mean = float(np.sum((f1.mean(0) - f2.mean(0)) ** 2))
+    fd = frechet_distance(f1, f2)
+    return {"fd": round(fd, 2), "mean_term": round(mean, 2), "cov_term": round(fd - mean, 2)}
+
+
+def main(argv):
+    kv = dict(a.split("=", 1) for a in argv if "=" in a)
+    files = [a for a in argv if "=" not in a]
+    d = kv.get("data_dir", "prepared/fashion_mnist")
+    meta = load_meta(d)
+    ev = get_evaluator(meta, d, lambda s: load_split(meta, d, s))
+    xt, yt, rs = ev.x_test, ev.y_test, np.random.RandomState(0)
+    perm = rs.permutation(len(yt))
+    a_idx, b_idx = perm[:1000], perm[1000:2000]
+    fa, xb = ev.f_test[a_idx], xt[b_idx].astype(np.float32)
+    u8 = lambda x: np.clip(x, 0, 255).round().astype(np.uint8)
+    changes = {"real B (floor)": xt[b_idx], "blur 0.5 px": u8(nd.gaussian_filter(xb, (0, .5, .5, 0))),
+               "blur 0.8 px": u8(nd.gaussian_filter(xb, (0, .8, .8, 0))), "noise sd 8": u8(xb + rs.normal(0, 8, xb.shape)),
+               "brightness x1.1": u8(xb * 1.1), "gamma 0.8": u8(255 * (xb / 255) ** 0.8)}
+    out = {"real_vs": {}}
+    for name, x in changes.items():
+        f, logits = _apply(ev.classifier, x)
+        out["real_vs"][name] = {**parts(f, fa), "acc": float((logits.argmax(-1) == yt[b_idx]).mean())}
+    k = int(meta["num_classes"])
+    for path in files:
+        z = np.load(path)
+        im, lb = z["images"], z["labels"]
+        fg, _ = _apply(ev.classifier, im)
+        real = np.concatenate([rs.permutation(np.where(yt == c)[0])[:np.sum(lb == c)] for c in range(k)])
+        out[path] = {**parts(fg, ev.f_test[real]),
+                     "fd_per_class": [round(frechet_distance(fg[lb == c], ev.f_test[yt == c][:np.sum(lb == c)]), 1)
+                                      for c in range(k)],
+                     "pixel_mean_gen": [round(float(im[lb == c].mean()), 1) for c in range(k)],
+                     "pixel_mean_real": [round(float(xt[yt == c].mean()), 1) for c in range(k)],
+                     "spread_gen": [round(float(im[lb == c].mean((1, 2, 3)).std()), 1) for c in range(k)],
+                     "spread_real": [round(float(xt[yt == c].mean((1, 2, 3)).std()), 1) for c in range(k)]}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
