@@ -6,7 +6,6 @@ and so that no `outputs/` directory or working-directory change happens behind t
 Hydra's own command-line flags (`--cfg job`, `--help`, `-m` ...) still work: those go to `hydra.main`.
 """
 
-import os
 import sys
 from pathlib import Path
 
