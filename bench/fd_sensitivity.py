@@ -4,7 +4,8 @@ Prints JSON. Used for the issue-3 analysis in development_log.md.
     python bench/fd_sensitivity.py [data_dir=prepared/fashion_mnist] [samples.npz ...]
 
 For real test set A (1000 images) against: real set B (the floor), B blurred (sigma 0.5 / 0.8 px), B + N(0, 8^2)
-noise, B x 1.1, B with gamma 0.8; then for each npz from sample.py: the FD split into its mean and covariance
+noise, B x 1.1, B with gamma 0.8, B with a random half mirrored
+(what training with hflip teaches); then for each npz from sample.py: the FD split into its mean and covariance
 terms, FD per class, and per-class pixel mean / spread across images next to the real ones.
 """
 
@@ -42,6 +43,10 @@ def main(argv):
     changes = {"real B (floor)": xt[b_idx], "blur 0.5 px": u8(nd.gaussian_filter(xb, (0, .5, .5, 0))),
                "blur 0.8 px": u8(nd.gaussian_filter(xb, (0, .8, .8, 0))), "noise sd 8": u8(xb + rs.normal(0, 8, xb.shape)),
                "brightness x1.1": u8(xb * 1.1), "gamma 0.8": u8(255 * (xb / 255) ** 0.8)}
+    # What a random horizontal flip at training time teaches the model to produce: half of the images mirrored
+    # (own RandomState, so the draws above and below stay those of the logged runs).
+    mirror = np.random.RandomState(1).rand(len(b_idx)) < 0.5
+    changes["half mirrored"] = np.where(mirror[:, None, None, None], xt[b_idx][:, :, ::-1], xt[b_idx])
     out = {"real_vs": {}}
     for name, x in changes.items():
         f, logits = _apply(ev.classifier, x)
