@@ -34,6 +34,17 @@ def test_time_samplers():
     assert float(jnp.median(shifted)) < 0.4
 
 
+def test_uniform_fraction_covers_times_near_the_data():
+    key, n = jax.random.PRNGKey(0), 50000
+    shifted = flow.sample_t(key, n, "logit_normal", -0.8, 0.8)
+    # 0.0 is the plain logit-normal, draw for draw (runs saved before the key existed resume unchanged)
+    np.testing.assert_array_equal(flow.sample_t(key, n, "logit_normal", -0.8, 0.8, uniform_frac=0.0), shifted)
+    mixed = flow.sample_t(key, n, "logit_normal", -0.8, 0.8, uniform_frac=0.2)
+    assert float(jnp.mean(shifted > 0.9)) < 1e-3            # the noise-heavy law leaves t -> 1 untrained
+    assert abs(float(jnp.mean(mixed > 0.9)) - 0.2 * 0.1) < 0.004   # a fifth of the draws uniform: 2% above 0.9
+    assert 0 <= float(mixed.min()) and float(mixed.max()) <= 1
+
+
 def test_label_dropout_rate():
     y = jnp.zeros(50000, jnp.int32)
     dropped = flow.drop_labels(jax.random.PRNGKey(0), y, 0.1, 10)
