@@ -1,7 +1,7 @@
 """Fit a small KL autoencoder (diffusers `AutoencoderKL`) on a built-in data set on the CPU, for latent-space training
 where no pretrained VAE can be downloaded.
 
-    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 7x7x4, a few minutes on CPU
+    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 7x7x4, ~12 minutes on one CPU core
     python train_autoencoder.py steps=500 out=/tmp/ae      # quicker, blurrier (Ctrl-C / SIGTERM: stop early, still save)
     python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 
@@ -36,6 +36,28 @@ def build_autoencoder(cfg, image_channels: int):
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(cfg.block_out_channels),
                          layers_per_block=int(cfg.layers_per_block), norm_num_groups=int(cfg.norm_num_groups),
                          mid_block_add_attention=bool(cfg.mid_attention))
+
+
+def score_reconstructions(cfg, vae, x_train, y_train, n: int = 1000) -> dict:
+    """The ceiling a latent model can reach by the stage-1 metric (training/evaluate.py): n train images (the
+    classifier's real sets are drawn from test, so none is compared with itself) scored as they are and after
+    encode + decode. The gap between the two is what the autoencoder alone costs."""
+    import numpy as np
+
+    from data.loader import load_split
+    from data.prepare import ensure_prepared
+    from training.evaluate import get_evaluator
+
+    meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
+    ev = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split))
+    idx = np.sort(np.random.RandomState(2).permutation(len(x_train))[:n])
+    keep = ("acc_ratio", "fd", "fd_floor", "fd_ratio")
+    as_is = ev.evaluate(x_train[idx], y_train[idx])
+    rec = ev.evaluate(vae.decode(vae.encode(x_train[idx], batch_size=500), chunk=500), y_train[idx])
+    print(f"classifier on {n} train images: as they are FD {as_is['fd_ratio']:.2f}x the floor, acc ratio "
+          f"{as_is['acc_ratio']:.3f}; reconstructed FD {rec['fd_ratio']:.2f}x, acc ratio {rec['acc_ratio']:.3f}",
+          flush=True)
+    return {"train_images": {k: as_is[k] for k in keep}, "reconstructed": {k: rec[k] for k in keep}, "n": n}
 
 
 def main(cfg):
@@ -135,6 +157,8 @@ def main(cfg):
               "test_psnr_db": psnr, "test_images": len(x_test), "encode_decode_seconds": eval_s,
               "latent_shape": list(vae.latent_shape(h, w)), "scaling_factor": scale, "shift_factor": shift,
               "torch_threads": torch.get_num_threads()}
+    if cfg.score:
+        report["classifier"] = score_reconstructions(cfg, vae, x_train, d["train"][1])
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     print(f"saved {out} (save_pretrained): {step} steps in {train_s / 60:.1f} min "
           f"(process CPU time {train_cpu_s / 60:.1f} min), test reconstruction PSNR "

@@ -192,11 +192,13 @@ def test_train_autoencoder_saves_a_loadable_calibrated_vae(tmp_path):
 
     out = tmp_path / "ae"
     cfg = compose("autoencoder", ["data=digits", "steps=3", "batch_size=16", "block_out_channels=[16,32]",
-                                  f"out={out}", "log_every=1"])
+                                  f"out={out}", "log_every=1", f"data.root={tmp_path / 'prepared'}"])
     report = train_autoencoder.main(cfg)
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert _json.loads((out / "train_report.json").read_text())["test_psnr_db"] == report["test_psnr_db"]
     assert report["steps"] == 3 and report["latent_shape"] == [4, 4, 4] and 0 < report["test_psnr_db"] < 60
+    scored = report["classifier"]    # the stage-1 metric on train images as they are and after a 3-step autoencoder
+    assert scored["train_images"]["fd_ratio"] < 3 < scored["reconstructed"]["fd_ratio"]
     vae = load_vae(str(out))
     assert vae.scaling_factor == pytest.approx(report["scaling_factor"])
     assert vae.shift_factor == pytest.approx(report["shift_factor"])
