@@ -28,6 +28,7 @@ accelerator JAX trains on unless asked.
 """
 
 import functools
+import importlib.util
 import os
 from pathlib import Path
 
@@ -52,6 +53,11 @@ PRESETS = {
 _TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
+
+
+# diffusers loads with low_cpu_mem_usage only through `accelerate`; without it, asking for it prints a multi-line
+# warning on every load (every sample grid of a latent run). Ask only when it can be honoured.
+_LOW_MEM = importlib.util.find_spec("accelerate") is not None
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -158,14 +164,15 @@ def _build(name: str):
             raise UserError(f"VAE directory {path} has no config.json: give a directory written by "
                             "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
         try:
-            return AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+            return AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=_LOW_MEM)
         except (OSError, ValueError, EnvironmentError) as e:
             raise UserError(f"cannot load the VAE in {path} ({str(e).splitlines()[0][:160]})") from None
     if key.startswith((".", "/", "~")) or os.sep in key and key.count("/") != 1:
         raise UserError(f"VAE directory {key} does not exist")
     repo, sub = (PRESETS[key]["repo"], PRESETS[key]["subfolder"]) if key in PRESETS else (key, None)
     try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline())
+        return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline(),
+                                             low_cpu_mem_usage=_LOW_MEM)
     except Exception as e:   # hub/network/cache errors come in many types; all mean "not available here"
         how = ("HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if _offline()
                else "no local directory of that name, and the hub could not provide it")
