@@ -3,7 +3,7 @@
     python bench/denoise_error.py ckpt_dir=checkpoints/stage1 [step=N] [n=500] [seed=1]
 
 For n real test images x (with their labels) and noise e: x_t = t x + (1 - t) e (training/flow.py), the EMA model's
-clean-image estimate x_hat (x-prediction directly; v-prediction via x_hat = x_t + (1 - t) v), and its RMSE in grey
+clean-image estimate x_hat (flow.to_clean, for x- or v-prediction), and its RMSE in grey
 levels (stored units) next to that of x_t / t, the estimate that needs no model. Near t = 1 the last sampling steps
 hand over the model's x_hat as the image, so a model worse than x_t / t there returns a blurred image. Also the mean
 error on background pixels (stored value 0). Prints JSON.
@@ -43,8 +43,7 @@ def main(argv):
 
     @jax.jit
     def x_hat(x_t, t):
-        out = jax.vmap(lambda xi, yi: ema(xi, t, yi))(x_t, y)
-        return out if pred == "x" else x_t + (1.0 - t) * out
+        return flow.to_clean(jax.vmap(lambda xi, yi: ema(xi, t, yi))(x_t, y), x_t, t, pred)
 
     rows = []
     for i, t in enumerate(TIMES):

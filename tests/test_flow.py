@@ -23,6 +23,9 @@ def test_x_prediction_converts_to_the_true_velocity():
     v = flow.to_velocity(x, x_t, t, "x", t_eps=0.05)  # a perfect x-predictor gives the exact velocity
     np.testing.assert_allclose(v, flow.velocity_target(x, eps), rtol=1e-4, atol=1e-5)
     assert np.isfinite(np.asarray(flow.to_velocity(x, x_t, jnp.ones(4), "x"))).all()  # t = 1 is clamped
+    # and back: the clean estimate from a perfect velocity (v-prediction) or taken as is (x-prediction) is x
+    np.testing.assert_allclose(flow.to_clean(flow.velocity_target(x, eps), x_t, t, "v"), x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(flow.to_clean(x, x_t, t, "x"), x)
 
 
 def test_time_samplers():

@@ -26,11 +26,12 @@ def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: fl
         return jax.random.uniform(key, (n,), jnp.float32)
     if kind != "logit_normal":
         raise ValueError(f"unknown time sampling {kind!r} (uniform | logit_normal)")
-    if uniform_frac <= 0.0:
-        return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+    logit_normal = lambda k: jax.nn.sigmoid(mean + std * jax.random.normal(k, (n,), jnp.float32))
+    if uniform_frac <= 0.0:   # the key used as is: the draws of runs saved before uniform_frac existed
+        return logit_normal(key)
     k_n, k_u, k_pick = jax.random.split(key, 3)
-    t = jax.nn.sigmoid(mean + std * jax.random.normal(k_n, (n,), jnp.float32))
-    return jnp.where(jax.random.bernoulli(k_pick, uniform_frac, (n,)), jax.random.uniform(k_u, (n,), jnp.float32), t)
+    return jnp.where(jax.random.bernoulli(k_pick, uniform_frac, (n,)), jax.random.uniform(k_u, (n,), jnp.float32),
+                     logit_normal(k_n))
 
 
 def interpolate(x, eps, t):
@@ -49,6 +50,16 @@ def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):
     if prediction == "x":
         t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
         return (out - x_t) / jnp.maximum(1.0 - t, t_eps)
+    raise ValueError(f"unknown prediction {prediction!r} (v | x)")
+
+
+def to_clean(out, x_t, t, prediction: str = "v"):
+    """The network's clean-image estimate x_hat, whatever it predicts (x_t = t x + (1 - t) e => x = x_t + (1 - t) v)."""
+    if prediction == "x":
+        return out
+    if prediction == "v":
+        t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
+        return x_t + (1.0 - t) * out
     raise ValueError(f"unknown prediction {prediction!r} (v | x)")
 
 
