@@ -53,11 +53,10 @@ PRESETS = {
 _TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                  "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
-
-
 # diffusers loads with low_cpu_mem_usage only through `accelerate`; without it, asking for it prints a multi-line
 # warning on every load (every sample grid of a latent run). Ask only when it can be honoured.
 _LOW_MEM = importlib.util.find_spec("accelerate") is not None
+
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -2,10 +2,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 
 from models import build_model, model_spec
 from training.cli import compose
+from training.errors import UserError
 from training.sampling import balanced_labels, sample
 
 
@@ -56,8 +58,6 @@ def test_guidance_interval_limits_guidance_to_its_times():
     np.testing.assert_array_equal(run(cfg_scale=2.0, cfg_interval=[0.95, 1.0]), none)   # Euler evaluates t <= 0.9
     mid = run(cfg_scale=2.0, cfg_interval=[0.3, 0.7])
     assert np.all(mid > none + 1e-3) and np.all(mid < full - 1e-3)
-    import pytest
-    from training.errors import UserError
     with pytest.raises(UserError, match="cfg_interval"):
         run(cfg_scale=2.0, cfg_interval=[0.7, 0.3])
 
