@@ -5,8 +5,9 @@ Prints JSON. Used for the issue-3 analysis in development_log.md.
 
 For real test set A (1000 images) against: real set B (the floor), B blurred (sigma 0.5 / 0.8 px), B + N(0, 8^2)
 noise, B x 1.1, B with gamma 0.8, B with a random half mirrored
-(what training with hflip teaches); then for each npz from sample.py: the FD split into its mean and covariance
-terms, FD per class, and per-class pixel mean / spread across images next to the real ones.
+(what training with hflip teaches); per class, the share of test images that face like the class mean rather than
+its mirror; then for each npz from sample.py: the FD split into its mean and covariance terms, FD per class,
+per-class pixel mean / spread across images, and background haze / sharpness (pixel_stats), next to the real ones.
 """
 
 import json
@@ -29,6 +30,14 @@ def parts(f1, f2) -> dict:
     return {"fd": round(fd, 2), "mean_term": round(mean, 2), "cov_term": round(fd - mean, 2)}
 
 
+def pixel_stats(x) -> dict:
+    """Background and sharpness: share of pixels exactly 0 and at grey 1-7 (haze), mean |4-neighbour Laplacian|."""
+    a = x[..., 0].astype(np.float32)
+    lap = 4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]
+    return {"zero": round(float(np.mean(x == 0)), 3), "grey_1_7": round(float(np.mean((x >= 1) & (x <= 7))), 3),
+            "mean_abs_laplacian": round(float(np.abs(lap).mean()), 1)}
+
+
 def main(argv):
     kv = dict(a.split("=", 1) for a in argv if "=" in a)
     files = [a for a in argv if "=" not in a]
@@ -47,11 +56,17 @@ def main(argv):
     # (own RandomState, so the draws above and below stay those of the logged runs).
     mirror = np.random.RandomState(1).rand(len(b_idx)) < 0.5
     changes["half mirrored"] = np.where(mirror[:, None, None, None], xt[b_idx][:, :, ::-1], xt[b_idx])
-    out = {"real_vs": {}}
+    k = int(meta["num_classes"])
+    # Does a class have a handedness? Share of its test images closer to the class mean than to the mirrored mean.
+    facing = {}
+    for c in range(k):
+        xc = xt[yt == c].astype(np.float32)
+        mu = xc.mean(0)
+        facing[c] = round(float(np.mean((xc * mu).sum((1, 2, 3)) > (xc * mu[:, ::-1]).sum((1, 2, 3)))), 3)
+    out = {"closer_to_class_mean_than_to_its_mirror": facing, "real_vs": {}}
     for name, x in changes.items():
         f, logits = _apply(ev.classifier, x)
         out["real_vs"][name] = {**parts(f, fa), "acc": float((logits.argmax(-1) == yt[b_idx]).mean())}
-    k = int(meta["num_classes"])
     for path in files:
         z = np.load(path)
         im, lb = z["images"], z["labels"]
@@ -63,7 +78,8 @@ def main(argv):
                      "pixel_mean_gen": [round(float(im[lb == c].mean()), 1) for c in range(k)],
                      "pixel_mean_real": [round(float(xt[yt == c].mean()), 1) for c in range(k)],
                      "spread_gen": [round(float(im[lb == c].mean((1, 2, 3)).std()), 1) for c in range(k)],
-                     "spread_real": [round(float(xt[yt == c].mean((1, 2, 3)).std()), 1) for c in range(k)]}
+                     "spread_real": [round(float(xt[yt == c].mean((1, 2, 3)).std()), 1) for c in range(k)],
+                     "pixels": {"generated": pixel_stats(im), "real_test": pixel_stats(xt[real])}}
     print(json.dumps(out, indent=1))
 
 
