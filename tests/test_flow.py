@@ -48,6 +48,20 @@ def test_uniform_fraction_covers_times_near_the_data():
     assert 0 <= float(mixed.min()) and float(mixed.max()) <= 1
 
 
+def test_capped_loss_weight_bounds_the_clean_image_weight():
+    key = jax.random.PRNGKey(0)
+    x, eps, x_hat = (jax.random.normal(k, (4, 3)) for k in jax.random.split(key, 3))
+    t = jnp.array([0.2, 0.6, 0.9, 0.97])
+    x_t = flow.interpolate(x, eps, t)
+    err_v = jnp.square(flow.to_velocity(x_hat, x_t, t, "x", t_eps=0.01) - flow.velocity_target(x, eps))
+    w = flow.cap_loss_weight(t, 25.0, t_eps=0.01)
+    np.testing.assert_allclose(w[:2], 1.0)  # (1 - t)^2 >= 1/25: the plain v-loss, untouched
+    # in clean-image units the weight is 1/(1-t)^2 below the cap and exactly the cap above it (t = 0.9: 100 -> 25)
+    err_x = jnp.square(x_hat - x)
+    expected = jnp.minimum(1.0 / jnp.square(1.0 - t), 25.0)[:, None] * err_x
+    np.testing.assert_allclose(w[:, None] * err_v, expected, rtol=1e-4)
+
+
 def test_label_dropout_rate():
     y = jnp.zeros(50000, jnp.int32)
     dropped = flow.drop_labels(jax.random.PRNGKey(0), y, 0.1, 10)
@@ -59,3 +73,13 @@ def test_guidance_scale_one_is_conditional():
     vc, vu = jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0])
     np.testing.assert_allclose(flow.guided_velocity(vc, vu, 1.0), vc)
     np.testing.assert_allclose(flow.guided_velocity(vc, vu, 2.0), 2 * vc)
+
+
+def test_projected_guidance_drops_only_the_part_along_the_clean_estimate():
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    v_c, v_u, x_c = (jax.random.normal(k, (3, 4, 4, 1)) for k in (k1, k2, k3))
+    np.testing.assert_allclose(flow.projected_guided_velocity(v_c, v_u, x_c, 2.5, eta=1.0),
+                               flow.guided_velocity(v_c, v_u, 2.5), rtol=1e-5, atol=1e-5)   # eta = 1: plain
+    update = flow.projected_guided_velocity(v_c, v_u, x_c, 2.5, eta=0.0) - v_c
+    np.testing.assert_allclose(jnp.sum(update * x_c, axis=(1, 2, 3)), 0.0, atol=1e-4)  # orthogonal, per example
+    assert float(jnp.abs(update).max()) > 0.1

@@ -63,6 +63,16 @@ def to_clean(out, x_t, t, prediction: str = "v"):
     raise ValueError(f"unknown prediction {prediction!r} (v | x)")
 
 
+def cap_loss_weight(t, w_max: float, t_eps: float = 0.05):
+    """Per-sample factor on the v-loss so that no time weighs more than w_max in clean-image units.
+
+    The v-loss is the clean-image error weighted by 1 / (1 - t)^2 (v_hat - v = (x_hat - x) / (1 - t)): 400x at
+    t = 0.95. Times near the data are easy yet would dominate the gradient once they are drawn at all
+    (time_uniform_frac); capping the weight at w_max leaves every t with (1 - t)^2 >= 1 / w_max untouched."""
+    one_minus_t = jnp.maximum(1.0 - t, t_eps)
+    return jnp.minimum(1.0, w_max * jnp.square(one_minus_t))
+
+
 def drop_labels(key, y, p: float, null_class: int):
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
     return jnp.where(jax.random.bernoulli(key, p, y.shape), null_class, y)
@@ -71,3 +81,26 @@ def drop_labels(key, y, p: float, null_class: int):
 def guided_velocity(v_cond, v_uncond, scale: float):
     """Classifier-free guidance (Ho & Salimans 2022): extrapolate from the unconditional towards the conditional."""
     return v_uncond + scale * (v_cond - v_uncond)
+
+
+def autoguided_velocity(v_cond, v_weak, v_uncond, auto_scale: float, cfg_scale: float):
+    """Autoguidance (Karras et al. 2024) with optional plain guidance on top.
+
+    v_weak: the same condition through a weaker model (here: an earlier EMA of the same run). Extrapolating away
+    from it corrects what the better model has only partly learnt without the loss of diversity that guiding away
+    from the unconditional branch brings. auto_scale = 1 is plain guidance; both = 1 is the conditional model."""
+    return v_cond + (auto_scale - 1.0) * (v_cond - v_weak) + (cfg_scale - 1.0) * (v_cond - v_uncond)
+
+
+def projected_guided_velocity(v_cond, v_uncond, x_cond, scale: float, eta: float = 0.0):
+    """Adaptive projected guidance (APG, Sadat et al. 2024) without its momentum and norm threshold.
+
+    The guidance update is split, per example, into its part parallel to the conditional clean-image estimate
+    x_cond and the rest; the parallel part (which only scales the image: over-bright, low-diversity samples at high
+    scales) is kept with weight eta. eta = 1 is plain guidance. Because v and x_hat differ by x_t and a factor
+    1 / (1 - t) shared by both branches, projecting the velocity difference equals projecting the x_hat difference."""
+    diff = v_cond - v_uncond
+    axes = tuple(range(1, diff.ndim))
+    unit = x_cond / jnp.sqrt(jnp.sum(jnp.square(x_cond), axis=axes, keepdims=True) + 1e-12)
+    parallel = jnp.sum(diff * unit, axis=axes, keepdims=True) * unit
+    return v_cond + (scale - 1.0) * (diff - (1.0 - eta) * parallel)

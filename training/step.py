@@ -40,13 +40,17 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
     compute_dtype = DTYPES[train_cfg.precision]
     accum = int(train_cfg.grad_accum)
     pred, t_eps = str(train_cfg.prediction), float(train_cfg.t_eps)
+    w_max = train_cfg.get("loss_weight_max", None)
     ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
 
     def micro_loss(model, x_t, t, v, cond):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
         out = jax.vmap(m)(x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
         v_hat = flow.to_velocity(out, x_t, t, pred, t_eps)
-        return jnp.mean(jnp.square(v_hat - v))
+        if w_max is None:
+            return jnp.mean(jnp.square(v_hat - v))
+        w = flow.cap_loss_weight(t, float(w_max), t_eps)
+        return jnp.mean(w.reshape(w.shape + (1,) * (v.ndim - 1)) * jnp.square(v_hat - v))
 
     grad_fn = eqx.filter_value_and_grad(micro_loss)
 
