@@ -27,7 +27,7 @@ def main(cfg):
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
     from training.evaluate import get_evaluator
-    from training.generate import generate
+    from training.generate import generate, load_weak
     from training.sampling import balanced_labels
     from training.tracking import make_grid, save_png
 
@@ -37,7 +37,7 @@ def main(cfg):
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
     meta = load_meta(data_dir)
     sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "solver", "steps", "rtol", "atol", "chunk"):
+    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_scale", "solver", "steps", "rtol", "atol", "chunk"):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
     k = spec["num_classes"]
@@ -54,8 +54,10 @@ def main(cfg):
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ema = Checkpointer(cfg.ckpt_dir, create=False).restore_ema(template, step)
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"cfg {sampler.cfg_scale})", flush=True)
-    images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train)
+          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from step {sampler.guide_step}"
+          if sampler.get("guidance") == "auto" else "") + ")", flush=True)
+    weak = load_weak(cfg.ckpt_dir, sampler, template)
+    images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

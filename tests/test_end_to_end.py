@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT, tiny_overrides
+from training.errors import UserError
+from training.generate import load_weak
 
 
 def run_script(*args, env_extra=None, check=True):
@@ -22,13 +26,15 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     ckpt = tmp_path / "run"
     # A non-default preset (B-8 shape family, shrunk) and patch 2: sample.py must rebuild it from the checkpoint.
     over = tiny_overrides(digits_root, str(ckpt), steps=6, **{"model.hidden_size": 48, "model.num_heads": 3,
-                                                               "train.sample_every": 6})
+                                                               "train.sample_every": 6, "train.ckpt_every": 3})
     p = run_script("train_stage1.py", *over)
     assert "parameters" in p.stdout and "GFLOPs" in p.stdout and "compiling" in p.stdout
     assert (ckpt / "6").is_dir() and list((ckpt / "samples").glob("*.png"))
     out = tmp_path / "s" / "samples.npz"
+    # autoguidance with the step-3 EMA as the weak model (and plain guidance on top)
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
-                   "solver=heun", "steps=3", "evaluate=true")
+                   "solver=heun", "steps=3", "evaluate=true", "guidance=auto", "guide_step=3")
+    assert "autoguidance 2.0 from step 3" in p.stdout
     z = np.load(out, allow_pickle=False)
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_0"], z["images"])
@@ -37,6 +43,8 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert out.with_suffix(".png").is_file()
     res = json.loads(out.with_suffix(".eval.json").read_text())
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
+    with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[3, 6\]"):
+        load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None)
 
 
 def test_user_errors_are_one_line(digits_root, tmp_path):

@@ -12,10 +12,11 @@ from training.sampling import balanced_labels, sample
 
 
 class GaussianShift(eqx.Module):
-    """Exact rectified-flow velocity when the data for class y is N(y, 1): the ODE maps noise x0 to x0 + y."""
+    """Exact rectified-flow velocity when the data for class y is N(k y, 1): the ODE maps noise x0 to x0 + k y."""
+    k: float = 1.0
 
     def __call__(self, x, t, y):
-        mu = y.astype(jnp.float32)
+        mu = self.k * y.astype(jnp.float32)
         return mu + (2 * t - 1) / (t ** 2 + (1 - t) ** 2) * (x - t * mu)
 
 
@@ -60,6 +61,22 @@ def test_guidance_interval_limits_guidance_to_its_times():
     assert np.all(mid > none + 1e-3) and np.all(mid < full - 1e-3)
     with pytest.raises(UserError, match="cfg_interval"):
         run(cfg_scale=2.0, cfg_interval=[0.7, 0.3])
+
+
+def test_autoguidance_extrapolates_away_from_the_weak_model():
+    """The velocity is affine in the class mean, so guiding a model of N(y, 1) away from a weak one of N(y / 2, 1)
+    with scale 2 is the exact flow of N(1.5 y, 1): endpoints x0 + 1.5 y. Plain guidance adds on top."""
+    key, labels = jax.random.PRNGKey(3), np.array([1, 2], np.int32)
+    run = lambda weak, **kw: sample(GaussianShift(), labels, key, null_cond=0, shape=(2, 2, 1), weak=weak,
+                                    sampler_cfg=sampler_cfg(steps=10, **kw))
+    plain = run(None)
+    y = np.broadcast_to(labels[:, None, None, None], plain.shape)
+    auto = run(GaussianShift(k=0.5), guidance="auto", guide_scale=2.0)
+    np.testing.assert_allclose(auto - plain, 0.5 * y, atol=2e-2)
+    both = run(GaussianShift(k=0.5), guidance="auto", guide_scale=2.0, cfg_scale=2.0)   # null class mean 0: + y
+    np.testing.assert_allclose(both - plain, 1.5 * y, atol=3e-2)
+    # a weak model equal to the model: no autoguidance at all
+    np.testing.assert_allclose(run(GaussianShift(), guidance="auto", guide_scale=3.0), plain, atol=1e-6)
 
 
 def test_sampler_is_deterministic_and_chunked():

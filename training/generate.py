@@ -3,21 +3,59 @@
 import numpy as np
 
 from data.meta import to_uint8
+from training.errors import UserError
 from data.vae import decode_to_uint8, is_latent
 from training.sampling import balanced_labels, sample
 
 
-def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg, train_cfg) -> np.ndarray:
+def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg, train_cfg, weak=None) -> np.ndarray:
     """Images as uint8 (N, H, W, C) for the given labels; latent data sets are decoded by the VAE named in their
-    meta.json (data/vae.py: torch, in chunks, on the CPU unless $DIT_VAE_DEVICE names another device)."""
+    meta.json (data/vae.py: torch, in chunks, on the CPU unless $DIT_VAE_DEVICE names another device).
+    weak: the weaker model for autoguidance (sampler.guidance = auto; see load_weak)."""
     h, w = spec["input_size"]
     null = text_null if spec.get("mixing") else spec["num_classes"]  # stage 2: labels = text_conds(...)
     x = sample(model, labels, key, null_cond=null, shape=(h, w, spec["in_channels"]),
                sampler_cfg=sampler_cfg, prediction=train_cfg.prediction, t_eps=float(train_cfg.t_eps),
-               precision=train_cfg.precision)
+               precision=train_cfg.precision, weak=weak)
     if is_latent(meta):
         return decode_to_uint8(np.asarray(x), meta, chunk=int(sampler_cfg.get("chunk", 64) or 64))
     return to_uint8(x, meta)
+
+
+def kept_steps(train_cfg) -> list[int]:
+    """The checkpoint steps left at the end of a run: every train.ckpt_every steps and the last, keep-last-N."""
+    every, total = int(train_cfg.ckpt_every), int(train_cfg.steps)
+    saves = sorted(set(range(every, total + 1, every)) | {total})
+    return saves[-int(train_cfg.keep_ckpts):]
+
+
+def check_guide_step(sampler_cfg, train_cfg) -> None:
+    """Autoguidance reads its weak model from a checkpoint of the run: fail at start if it will not be kept."""
+    if sampler_cfg.get("guidance", "cfg") != "auto":
+        return
+    step, kept = sampler_cfg.get("guide_step", None), kept_steps(train_cfg)
+    if step is None or int(step) not in kept[:-1]:
+        raise UserError(f"sampler.guidance=auto guides with the EMA of an earlier checkpoint, sampler.guide_step="
+                        f"{step}: with these train.steps / ckpt_every / keep_ckpts the run keeps steps {kept}; set "
+                        f"sampler.guide_step to one before the last, or sampler.guidance=cfg")
+
+
+def load_weak(ckpt_dir, sampler_cfg, template):
+    """The weak model of autoguidance: the EMA weights saved at sampler.guide_step (None for other guidance)."""
+    if sampler_cfg.get("guidance", "cfg") != "auto":
+        return None
+    from training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(ckpt_dir, create=False)
+    try:
+        steps = sorted(ckpt.manager.all_steps())
+        step = sampler_cfg.get("guide_step", None)
+        if step is None or int(step) not in steps:
+            raise UserError(f"sampler.guidance=auto needs the checkpoint at guide_step={step} in {ckpt_dir}, which "
+                            f"holds steps {steps}: pass guide_step=<one of them> (an early one), or guidance=cfg")
+        return ckpt.restore_ema(template, int(step))
+    finally:
+        ckpt.close()
 
 
 def grid_labels(num_classes: int, per_class: int = 8) -> np.ndarray:

@@ -22,7 +22,7 @@ from training import distributed, sharding
 from training.sampling import check_sampler
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
-from training.generate import generate, grid_labels
+from training.generate import check_guide_step, generate, grid_labels, load_weak
 from training.optim import make_optimizer
 from training.state import init_state, split_keys
 from training.step import class_conditioning, make_train_step
@@ -80,6 +80,7 @@ def run(cfg, task: Task) -> dict:
         raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
                         f"and the {jax.process_count()} processes")
     check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
+    check_guide_step(cfg.sampler, tc)
     if is_main:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {jax.process_count()} process(es); "
               f"effective batch {global_batch} = batch_size {int(tc.batch_size)} x grad_accum {int(tc.grad_accum)}",
@@ -132,12 +133,16 @@ def run(cfg, task: Task) -> dict:
     def save(force=False):
         ckpt.save(state, it, config, force=force)
 
+    grid_sampler = cfg.sampler   # autoguidance needs an earlier checkpoint: grids during training use plain guidance
+    if cfg.sampler.get("guidance", "cfg") == "auto":
+        grid_sampler = OmegaConf.merge(cfg.sampler, {"guidance": "cfg"})
+
     def sample_grid(step):
         ema = sharding.host_local(state.ema, mesh)  # every process calls this (a gather when there are several)
         if not is_main:
             return ema
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
-        imgs = generate(ema, task.spec, task.meta, labels, sample_key, cfg.sampler, tc)
+        imgs = generate(ema, task.spec, task.meta, labels, sample_key, grid_sampler, tc)
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
@@ -250,8 +255,9 @@ def evaluate(model, task: Task, cfg, n: int, step: int) -> dict:
     evaluator = task.evaluator()
     labels = balanced_labels(n, task.spec["num_classes"])
     t0 = time.perf_counter()
+    weak = load_weak(cfg.train.ckpt_dir, cfg.sampler, model)
     images = generate(model, task.spec, task.meta, labels, jax.random.PRNGKey(int(cfg.train.seed) + 2),
-                      cfg.sampler, cfg.train)
+                      cfg.sampler, cfg.train, weak=weak)
     res = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in evaluator.evaluate(images, labels).items()}
     res["sample_seconds"] = time.perf_counter() - t0
     Path(cfg.train.ckpt_dir).mkdir(parents=True, exist_ok=True)

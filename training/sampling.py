@@ -21,6 +21,7 @@ from training.step import DTYPES, cast_floats
 
 SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 ADAPTIVE = ("tsit5", "dopri5")
+GUIDANCE = ("cfg", "apg", "auto")
 
 
 def null_fn(cond_null) -> Callable:
@@ -32,29 +33,51 @@ def null_fn(cond_null) -> Callable:
 
 
 def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", t_eps: float = 0.05,
-                  dtype=jnp.float32, cfg_interval=None) -> Callable:
+                  dtype=jnp.float32, cfg_interval=None, guidance: str = "cfg", apg_eta: float = 0.0,
+                  weak=None, guide_scale: float = 1.0) -> Callable:
     """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1.
 
     cond: per-example model arguments after (x, t): an array of labels, or a tuple of arrays (stage 2:
     caption states, mask, drop).
     cfg_interval: (lo, hi) or None. Guidance only while lo <= t <= hi (t = 0 noise, 1 data), plain conditional
     velocity elsewhere (guidance interval, Kynkaanniemi et al. 2024): strong guidance at high noise collapses
-    diversity, at low noise it only sharpens. None = guidance at every t."""
+    diversity, at low noise it only sharpens. None = guidance at every t.
+    guidance: "cfg" (plain) or "apg" (flow.projected_guided_velocity: the update's part along the conditional clean
+    estimate kept with weight apg_eta) or "auto" (flow.autoguided_velocity: `weak`, a weaker model of the same
+    architecture, guided away from with guide_scale, plus plain guidance with cfg_scale)."""
     mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
-    def raw(x, t, cond):
-        out = jax.vmap(lambda xi, *ci: mdl(xi, t, *ci))(x.astype(dtype), *cond).astype(jnp.float32)
-        return flow.to_velocity(out, x, t, prediction, t_eps)
+    weak_mdl = None if weak is None else cast_floats(weak, dtype)
+    if guidance == "auto" and weak is None:
+        raise ValueError("guidance='auto' needs the weak model")
+
+    def raw(x, t, cond, m=None):
+        m = mdl if m is None else m
+        out = jax.vmap(lambda xi, *ci: m(xi, t, *ci))(x.astype(dtype), *cond).astype(jnp.float32)
+        return flow.to_velocity(out, x, t, prediction, t_eps), out
 
     def v(t, x, cond):
         cond = cond if isinstance(cond, tuple) else (cond,)
+        if guidance == "auto":
+            v_w = raw(x, t, cond, weak_mdl)[0]
+            if cfg_scale == 1.0:
+                v_c = raw(x, t, cond)[0]
+                return flow.autoguided_velocity(v_c, v_w, v_c, guide_scale, 1.0)
+            both = raw(jnp.concatenate([x, x]), t,
+                       jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))[0]
+            v_c, v_u = jnp.split(both, 2)
+            return flow.autoguided_velocity(v_c, v_w, v_u, guide_scale, cfg_scale)
         if cfg_scale == 1.0:
-            return raw(x, t, cond)
-        both = raw(jnp.concatenate([x, x]), t, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))
+            return raw(x, t, cond)[0]
+        both, out = raw(jnp.concatenate([x, x]), t,
+                        jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))
         v_c, v_u = jnp.split(both, 2)
         scale = cfg_scale
         if cfg_interval is not None:
             scale = jnp.where((t >= cfg_interval[0]) & (t <= cfg_interval[1]), cfg_scale, 1.0)
+        if guidance == "apg":
+            x_c = flow.to_clean(jnp.split(out, 2)[0], x, t, prediction)
+            return flow.projected_guided_velocity(v_c, v_u, x_c, scale, apg_eta)
         return flow.guided_velocity(v_c, v_u, scale)
 
     return v
@@ -82,14 +105,17 @@ def check_sampler(sampler_cfg):
     interval = None if interval is None else tuple(float(b) for b in interval)
     if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
         raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
+    if sampler_cfg.get("guidance", "cfg") not in GUIDANCE:
+        raise UserError(f"unknown sampler.guidance={sampler_cfg.guidance!r}: one of {', '.join(GUIDANCE)}")
     return interval
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
-           precision="float32") -> np.ndarray:
+           precision="float32", weak=None) -> np.ndarray:
     """Generate one image per condition (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk.
 
-    labels: class ids (N,), or a tuple of per-example arrays with leading axis N (stage 2, see make_velocity)."""
+    labels: class ids (N,), or a tuple of per-example arrays with leading axis N (stage 2, see make_velocity).
+    weak: the weaker model for sampler_cfg.guidance = "auto" (training.checkpoint: an earlier EMA of the run)."""
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
@@ -97,9 +123,12 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     interval = check_sampler(sampler_cfg)
 
     @eqx.filter_jit
-    def run(model, key, y):
+    def run(model, weak, key, y):
         v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
-                          dtype=DTYPES[precision], cfg_interval=interval)
+                          dtype=DTYPES[precision], cfg_interval=interval,
+                          guidance=str(sampler_cfg.get("guidance", "cfg")),
+                          apg_eta=float(sampler_cfg.get("apg_eta", 0.0)),
+                          weak=weak, guide_scale=float(sampler_cfg.get("guide_scale", 1.0)))
         x0 = jax.random.normal(key, (y[0].shape[0],) + tuple(shape), jnp.float32)
         return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
                      rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y)
@@ -109,7 +138,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
         y = tuple(c[start:start + chunk] for c in conds)
         pad = chunk - len(y[0])
         y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
-        out.append(np.asarray(run(model, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))[:chunk - pad])
+        out.append(np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
 
 
