@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from data.emoji import topk_hits
-from training.generate import generate, text_conds
+from training.generate import generate, load_weak, text_conds
 from training.tracking import make_grid, save_png
 
 
@@ -22,7 +22,8 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
     idx = np.linspace(0, len(real) - 1, n).astype(int)
     t0 = time.perf_counter()
     imgs = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
-                    jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train)
+                    jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
+                    weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model))
     hits = topk_hits(imgs, real, idx, k=k)
     res = {f"top{k}_hit_rate": float(hits.mean()), "top1_hit_rate": float(topk_hits(imgs, real, idx, k=1).mean()),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
@@ -51,6 +52,7 @@ def main(argv: list[str]) -> dict:
     ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
     saved, step = read_config(ckpt_dir, kv.get("step"))
     cfg = OmegaConf.create(saved)
+    cfg.train.ckpt_dir = ckpt_dir   # the run may have moved: read the weak model (autoguidance) and write results here
     cfg.eval.num_samples = int(kv.get("num_samples", cfg.eval.num_samples))
     cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))
     cfg.sampler.steps = int(kv.get("steps", cfg.sampler.steps))
