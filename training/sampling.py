@@ -2,7 +2,8 @@
 
 Integrates d x / d t = v(x, t, c) from t = 0 (noise) to t = 1 (data) -- the convention of training/flow.py.
 Solvers: euler and heun with `steps` fixed steps; tsit5 and dopri5 adaptive under a PID step-size controller
-(rtol/atol), starting from dt = 1/steps. Guidance evaluates the conditional and null-condition velocities in one
+(rtol/atol), starting from dt = 1/steps. With `noise` > 0 the euler solver integrates instead the stochastic
+differential equation with the same marginals (Euler-Maruyama, see `sde_terms`). Guidance evaluates the conditional and null-condition velocities in one
 batched call. Requests larger than `chunk` run chunk by chunk through one compiled function, so memory is bounded
 by the chunk, not by the number of samples (the JiT reproduction crashed sampling 50k images at once).
 """
@@ -13,6 +14,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax
 import numpy as np
 
 from training import flow
@@ -44,7 +46,8 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
     diversity, at low noise it only sharpens. None = guidance at every t.
     guidance: "cfg" (plain) or "apg" (flow.projected_guided_velocity: the update's part along the conditional clean
     estimate kept with weight apg_eta) or "auto" (flow.autoguided_velocity: `weak`, a weaker model of the same
-    architecture, guided away from with guide_scale, plus plain guidance with cfg_scale)."""
+    architecture, guided away from with guide_scale at every t, plus plain guidance with cfg_scale within
+    cfg_interval)."""
     mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
     weak_mdl = None if weak is None else cast_floats(weak, dtype)
@@ -56,36 +59,67 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
         out = jax.vmap(lambda xi, *ci: m(xi, t, *ci))(x.astype(dtype), *cond).astype(jnp.float32)
         return flow.to_velocity(out, x, t, prediction, t_eps), out
 
-    def v(t, x, cond):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        if guidance == "auto":
-            v_w = raw(x, t, cond, weak_mdl)[0]
-            if cfg_scale == 1.0:
-                v_c = raw(x, t, cond)[0]
-                return flow.autoguided_velocity(v_c, v_w, v_c, guide_scale, 1.0)
-            both = raw(jnp.concatenate([x, x]), t,
-                       jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))[0]
-            v_c, v_u = jnp.split(both, 2)
-            return flow.autoguided_velocity(v_c, v_w, v_u, guide_scale, cfg_scale)
-        if cfg_scale == 1.0:
-            return raw(x, t, cond)[0]
+    def cond_and_null(x, t, cond):
         both, out = raw(jnp.concatenate([x, x]), t,
                         jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, null(cond)))
         v_c, v_u = jnp.split(both, 2)
+        return v_c, v_u, jnp.split(out, 2)[0]
+
+    def v(t, x, cond):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        if cfg_scale == 1.0 and guidance != "auto":
+            return raw(x, t, cond)[0]
+        if cfg_scale == 1.0:   # autoguidance alone: no unconditional branch needed
+            v_c = v_u = raw(x, t, cond)[0]
+        else:
+            v_c, v_u, out_c = cond_and_null(x, t, cond)
         scale = cfg_scale
         if cfg_interval is not None:
             scale = jnp.where((t >= cfg_interval[0]) & (t <= cfg_interval[1]), cfg_scale, 1.0)
+        if guidance == "auto":
+            return flow.autoguided_velocity(v_c, raw(x, t, cond, weak_mdl)[0], v_u, guide_scale, scale)
         if guidance == "apg":
-            x_c = flow.to_clean(jnp.split(out, 2)[0], x, t, prediction)
-            return flow.projected_guided_velocity(v_c, v_u, x_c, scale, apg_eta)
+            return flow.projected_guided_velocity(v_c, v_u, flow.to_clean(out_c, x, t, prediction), scale, apg_eta)
         return flow.guided_velocity(v_c, v_u, scale)
 
     return v
 
 
-def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, atol: float = 1e-3, args=None):
+def sde_terms(v, noise: float, shape, key):
+    """Drift and diffusion of the reverse SDE whose marginals are those of the flow d x / d t = v (t: noise -> data).
+
+    Adding (g^2 / 2) * score to the drift and g dW as noise leaves every marginal p_t unchanged (Fokker-Planck). With
+    x_t = t x + (1 - t) e the score is -E[e | x_t] / (1 - t), and E[e | x_t] = x_t - t v. Choosing g^2 = 2 noise (1 - t)
+    makes both terms finite up to t = 1:  dx = [v - noise (x_t - t v)] dt + sqrt(2 noise (1 - t)) dW.
+    The injected noise re-randomises part of the sample at every step, so errors of an imperfect model do not simply
+    accumulate along one deterministic path (EDM's "churn", SiT's SDE sampler); noise = 0 is the ODE."""
+    def drift(t, x, args):
+        vel = v(t, x, args)
+        return vel - noise * (x - t * vel)
+
+    def diffusion(t, x, args):
+        return lineax.DiagonalLinearOperator(jnp.full(x.shape, jnp.sqrt(2.0 * noise * (1.0 - t)), x.dtype))
+
+    brownian = diffrax.UnsafeBrownianPath(shape=shape, key=key)   # fixed steps only: cheap, exact increments
+    return diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, brownian))
+
+
+def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, atol: float = 1e-3, args=None,
+          noise: float = 0.0, key=None):
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: one of {', '.join(SOLVERS)}")
+    if noise > 0.0:
+        if solver != "euler":
+            raise ValueError(f"sampler.noise > 0 integrates an SDE with Euler-Maruyama: solver must be euler, not {solver!r}")
+        # Euler-Maruyama up to the last step, then one noise-free Euler step: noise injected there would stay in the
+        # image (the final step of an x-predicting model hands over its clean estimate).
+        dt = 1.0 / steps
+        sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=0.0, t1=1.0 - dt, dt0=dt,
+                                  y0=x0, args=args, saveat=diffrax.SaveAt(t1=True),
+                                  stepsize_controller=diffrax.ConstantStepSize(), max_steps=steps + 1,
+                                  adjoint=diffrax.ForwardMode())   # no reverse-mode through sampling anyway
+        x = sol.ys[-1]
+        return x + dt * v(jnp.float32(1.0 - dt), x, args)
     if solver in ADAPTIVE:
         controller, max_steps = diffrax.PIDController(rtol=rtol, atol=atol), 16 * steps + 64
     else:
@@ -107,6 +141,10 @@ def check_sampler(sampler_cfg):
         raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
     if sampler_cfg.get("guidance", "cfg") not in GUIDANCE:
         raise UserError(f"unknown sampler.guidance={sampler_cfg.guidance!r}: one of {', '.join(GUIDANCE)}")
+    noise = float(sampler_cfg.get("noise", 0.0) or 0.0)   # absent in configs saved before it existed
+    if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
+        raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
+                        f"(Euler-Maruyama); got solver={sampler_cfg.solver!r}")
     return interval
 
 
@@ -121,6 +159,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
     interval = check_sampler(sampler_cfg)
+    noise = float(sampler_cfg.get("noise", 0.0) or 0.0)
 
     @eqx.filter_jit
     def run(model, weak, key, y):
@@ -129,9 +168,10 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                           guidance=str(sampler_cfg.get("guidance", "cfg")),
                           apg_eta=float(sampler_cfg.get("apg_eta", 0.0)),
                           weak=weak, guide_scale=float(sampler_cfg.get("guide_scale", 1.0)))
-        x0 = jax.random.normal(key, (y[0].shape[0],) + tuple(shape), jnp.float32)
+        k_x0, k_w = jax.random.split(key)
+        x0 = jax.random.normal(k_x0 if noise > 0.0 else key, (y[0].shape[0],) + tuple(shape), jnp.float32)
         return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
-                     rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y)
+                     rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y, noise=noise, key=k_w)
 
     out = []
     for i, start in enumerate(range(0, n, chunk)):
