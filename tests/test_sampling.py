@@ -79,6 +79,24 @@ def test_autoguidance_extrapolates_away_from_the_weak_model():
     np.testing.assert_allclose(run(GaussianShift(), guidance="auto", guide_scale=3.0), plain, atol=1e-6)
 
 
+def test_stochastic_sampling_keeps_the_data_distribution():
+    """With the exact velocity, the SDE (sampler.noise > 0) must end on the data law N(k y, 1) like the ODE, but on
+    other points than the ODE's deterministic map. A wrong sign or scale of the score term breaks the variance."""
+    labels = np.repeat(np.array([0, 2], np.int32), 2)
+    key = jax.random.PRNGKey(4)
+    run = lambda **kw: sample(GaussianShift(), labels, key, null_cond=99, shape=(32, 32, 1),
+                              sampler_cfg=sampler_cfg(steps=200, **kw))
+    ode = run()
+    for noise in (0.5, 2.0):
+        sde = run(noise=noise)
+        assert np.abs(sde - ode).mean() > 0.1 * noise   # the paths really are stochastic
+        for i, y in enumerate(labels):
+            assert abs(sde[i].mean() - y) < 0.1 and abs(sde[i].std() - 1.0) < 0.06, (noise, i, sde[i].mean(), sde[i].std())
+    np.testing.assert_array_equal(run(noise=1.0), run(noise=1.0))   # same seed, same noise path
+    with pytest.raises(UserError, match="noise"):
+        run(noise=1.0, solver="heun")
+
+
 def test_sampler_is_deterministic_and_chunked():
     cfg = compose("config", ["model=tiny"])
     spec = model_spec(cfg.model, {"shape": [8, 8, 1], "num_classes": 10})
