@@ -27,7 +27,7 @@ def main(cfg):
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
     from training.evaluate import get_evaluator
-    from training.generate import generate, load_weak
+    from training.generate import generate, guide_step, load_weak
     from training.sampling import balanced_labels
     from training.tracking import make_grid, save_png
 
@@ -54,9 +54,9 @@ def main(cfg):
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ema = Checkpointer(cfg.ckpt_dir, create=False).restore_ema(template, step)
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from step {sampler.guide_step}"
-          if sampler.get("guidance") == "auto" else "") + ")", flush=True)
-    weak = load_weak(cfg.ckpt_dir, sampler, template)
+          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from step "
+          f"{guide_step(sampler, run_cfg.train)}" if sampler.get("guidance") == "auto" else "") + ")", flush=True)
+    weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
     out = Path(cfg.out)

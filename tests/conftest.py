@@ -38,7 +38,8 @@ def tiny_overrides(root: str, ckpt_dir: str, steps: int = 8, **extra) -> list[st
     o = {"data": "digits", "model": "tiny", "data.root": root, "train.ckpt_dir": ckpt_dir, "train.steps": steps,
          "train.batch_size": 32, "train.log_every": 4, "train.ckpt_every": 4, "train.sample_every": 0,
          "train.progress": False, "wandb.mode": "disabled", "eval.at_end": False, "optim.warmup_steps": 2,
-         "sampler.steps": 4, "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2}
+         "sampler.steps": 4, "sampler.guidance": "cfg",   # no extra autoguidance checkpoint (tests count steps)
+         "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 

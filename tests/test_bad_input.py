@@ -146,7 +146,7 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           (["train.steps=[1"], "bad configuration"),
                           (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver"),
                           (["sampler.guidance=nope"], "guidance"),
-                          (["sampler.guidance=auto", "sampler.guide_step=7"], "guide_step")):
+                          (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()

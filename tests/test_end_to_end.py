@@ -25,16 +25,20 @@ def run_script(*args, env_extra=None, check=True):
 def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     ckpt = tmp_path / "run"
     # A non-default preset (B-8 shape family, shrunk) and patch 2: sample.py must rebuild it from the checkpoint.
+    # Autoguidance as in the shipped config: guide_step null = 40% of 6 steps = step 2, saved and kept although it
+    # is neither a multiple of ckpt_every nor among the keep_ckpts=1 latest.
     over = tiny_overrides(digits_root, str(ckpt), steps=6, **{"model.hidden_size": 48, "model.num_heads": 3,
-                                                               "train.sample_every": 6, "train.ckpt_every": 3})
+                                                               "train.sample_every": 6, "train.ckpt_every": 3,
+                                                               "train.keep_ckpts": 1, "sampler.guidance": "auto"})
     p = run_script("train_stage1.py", *over)
     assert "parameters" in p.stdout and "GFLOPs" in p.stdout and "compiling" in p.stdout
-    assert (ckpt / "6").is_dir() and list((ckpt / "samples").glob("*.png"))
+    assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [2, 6]
+    assert list((ckpt / "samples").glob("*.png"))
     out = tmp_path / "s" / "samples.npz"
-    # autoguidance with the step-3 EMA as the weak model (and plain guidance on top)
+    # autoguidance with the step-2 EMA as the weak model (and plain guidance on top)
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
-                   "solver=heun", "steps=3", "evaluate=true", "guidance=auto", "guide_step=3")
-    assert "autoguidance 2.0 from step 3" in p.stdout
+                   "solver=heun", "steps=3", "evaluate=true")
+    assert "autoguidance 2.0 from step 2" in p.stdout
     z = np.load(out, allow_pickle=False)
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_0"], z["images"])
@@ -43,8 +47,8 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert out.with_suffix(".png").is_file()
     res = json.loads(out.with_suffix(".eval.json").read_text())
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
-    with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[3, 6\]"):
-        load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None)
+    with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[2, 6\]"):
+        load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 6}))
 
 
 def test_user_errors_are_one_line(digits_root, tmp_path):

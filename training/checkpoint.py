@@ -16,6 +16,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 from training.errors import UserError
 from training.sharding import host_value
@@ -39,13 +40,17 @@ def _arrays(tree):
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, *, create: bool = True, need_bytes: int = 0):
+    def __init__(self, directory: str, keep: int = 3, *, create: bool = True, need_bytes: int = 0,
+                 preserve: tuple[int, ...] = ()):
+        """keep: the last `keep` steps stay; preserve: these steps stay too (autoguidance's weak model)."""
         self.directory = Path(directory).absolute()
         if create:
             self.check_writable()
             self.check_contents()
             self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=create, enable_async_checkpointing=True,
+        policy = {"max_to_keep": int(keep)} if not preserve else {"preservation_policy": cm.AnyPreservationPolicy(
+            [cm.LatestN(int(keep)), cm.CustomSteps([int(s) for s in preserve])])}
+        options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=True, **policy,
                                                cleanup_tmp_directories=False, todelete_subdir=TRASH)
         if create and jax.process_index() == 0:
             self.remove_partial_saves()

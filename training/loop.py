@@ -22,7 +22,7 @@ from training import distributed, sharding
 from training.sampling import check_sampler
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
-from training.generate import check_guide_step, generate, grid_labels, load_weak
+from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
 from training.optim import make_optimizer
 from training.state import init_state, split_keys
 from training.step import class_conditioning, make_train_step
@@ -101,7 +101,8 @@ def run(cfg, task: Task) -> dict:
     # ---- data and checkpoints (resume) ----
     it = task.make_iterator(global_batch // jax.process_count(), jax.process_index(), jax.process_count())
     # Disk full or unwritable: fail now, not at the first save (room for one checkpoint of the state's arrays).
-    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts,
+    weak_step = guide_step(cfg.sampler, tc)   # autoguidance: this step's checkpoint is saved and kept for sampling
+    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts, preserve=() if weak_step is None else (weak_step,),
                         need_bytes=sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))
     try:  # a refusal here must still shut Orbax's background threads down, or they print at exit
         latest = ckpt.latest_step()
@@ -137,12 +138,14 @@ def run(cfg, task: Task) -> dict:
     if cfg.sampler.get("guidance", "cfg") == "auto":
         grid_sampler = OmegaConf.merge(cfg.sampler, {"guidance": "cfg"})
 
-    def sample_grid(step):
+    def sample_grid(step, weak=None):
+        """weak: autoguidance's weak model (the final grid); None: plain guidance."""
         ema = sharding.host_local(state.ema, mesh)  # every process calls this (a gather when there are several)
         if not is_main:
             return ema
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
-        imgs = generate(ema, task.spec, task.meta, labels, sample_key, grid_sampler, tc)
+        imgs = generate(ema, task.spec, task.meta, labels, sample_key, grid_sampler if weak is None else cfg.sampler,
+                        tc, weak=weak)
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
@@ -184,7 +187,7 @@ def run(cfg, task: Task) -> dict:
                 unchecked = []
             if tc.sample_every and step % tc.sample_every == 0:
                 sample_grid(step)
-            if step % tc.ckpt_every == 0:
+            if step % tc.ckpt_every == 0 or step == weak_step:
                 save()
             bar.update(1)
             if tc.stop_at_step is not None and step >= int(tc.stop_at_step) and step < total:
@@ -201,10 +204,12 @@ def run(cfg, task: Task) -> dict:
         return {"step": step, "stopped": stop.signal}
 
     result = {"step": step}
-    ema = sample_grid(step)
+    template = sharding.host_local(state.ema, mesh)   # every process takes part in the gather
+    weak = load_weak(tc.ckpt_dir, cfg.sampler, template, tc) if is_main else None   # its checkpoint is complete now
+    ema = sample_grid(step, weak)
     if is_main:
         if cfg.eval.at_end and task.evaluator is not None:
-            result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step))
+            result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step, weak))
         elif cfg.eval.at_end and task.final_eval is not None:
             result.update(task.final_eval(ema, step))
         if cfg.eval.at_end and (task.evaluator or task.final_eval):
@@ -248,14 +253,14 @@ def _check_bad_steps(flags: list, streak: int, step: int, tc, ckpt) -> int:
     return streak
 
 
-def evaluate(model, task: Task, cfg, n: int, step: int) -> dict:
-    """Class-balanced EMA samples scored by the project's classifier; results saved beside the checkpoints."""
+def evaluate(model, task: Task, cfg, n: int, step: int, weak=None) -> dict:
+    """Class-balanced EMA samples scored by the project's classifier; results saved beside the checkpoints.
+    weak: autoguidance's weak model (when cfg.sampler.guidance is auto)."""
     from training.sampling import balanced_labels
 
     evaluator = task.evaluator()
     labels = balanced_labels(n, task.spec["num_classes"])
     t0 = time.perf_counter()
-    weak = load_weak(cfg.train.ckpt_dir, cfg.sampler, model)
     images = generate(model, task.spec, task.meta, labels, jax.random.PRNGKey(int(cfg.train.seed) + 2),
                       cfg.sampler, cfg.train, weak=weak)
     res = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in evaluator.evaluate(images, labels).items()}

@@ -23,7 +23,7 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
     t0 = time.perf_counter()
     imgs = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
                     jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
-                    weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model))
+                    weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train))
     hits = topk_hits(imgs, real, idx, k=k)
     res = {f"top{k}_hit_rate": float(hits.mean()), "top1_hit_rate": float(topk_hits(imgs, real, idx, k=1).mean()),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
