@@ -56,6 +56,13 @@ def parse(v: str):
     return v
 
 
+class Cfg(SimpleNamespace):
+    """Attribute access like the OmegaConf configs the train step is built from, including .get(key, default)."""
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
 def main(argv):
     args = dict(a.split("=", 1) for a in argv)
     model = read_yaml(ROOT / "configs/model" / f"{args.pop('model', 'XL-2')}.yaml")
@@ -74,7 +81,7 @@ def main(argv):
         train["grad_accum"] = int(args.pop("grad_accum"))
     if args:
         raise SystemExit(f"error: unknown arguments {sorted(args)}")
-    tc, oc = SimpleNamespace(**train), SimpleNamespace(**optim)
+    tc, oc = Cfg(**train), Cfg(**optim)
     spec = model_spec(model, {"shape": shape, "num_classes": classes})
     model_key, train_key = split_keys(0)
     m = build_model(spec, key=model_key)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from models import build_model, model_spec
 from training.cli import compose
 from training.errors import UserError
-from training.sampling import balanced_labels, sample
+from training.sampling import balanced_labels, sample, time_grid
 
 
 class GaussianShift(eqx.Module):
@@ -95,6 +95,22 @@ def test_stochastic_sampling_keeps_the_data_distribution():
     np.testing.assert_array_equal(run(noise=1.0), run(noise=1.0))   # same seed, same noise path
     with pytest.raises(UserError, match="noise"):
         run(noise=1.0, solver="heun")
+
+
+def test_shifted_step_grid_moves_steps_towards_the_noise_and_still_solves():
+    ts = time_grid(8, 3.0)
+    assert ts[0] == 0.0 and ts[-1] == 1.0 and np.all(np.diff(ts) > 0)
+    np.testing.assert_allclose(time_grid(8, 1.0), np.linspace(0, 1, 9), atol=1e-12)
+    assert ts[-2] < 7 / 8 and ts[1] < 1 / 8   # shorter first steps, an earlier start of the last one
+    labels, key = np.array([0, 1, 2, 3], np.int32), jax.random.PRNGKey(0)
+    x0 = jax.random.normal(jax.random.fold_in(key, 0), (4, 2, 2, 1))
+    want = np.asarray(x0) + labels[:, None, None, None]
+    run = lambda **kw: sample(GaussianShift(), labels, key, null_cond=99, shape=(2, 2, 1), sampler_cfg=sampler_cfg(**kw))
+    assert np.abs(run(solver="heun", steps=50, shift=3.0) - want).max() < 2e-3
+    uniform, shifted = run(steps=8), run(steps=8, shift=3.0)
+    assert np.abs(shifted - uniform).max() > 1e-3   # the grid is really used
+    with pytest.raises(UserError, match="shift"):
+        run(solver="tsit5", shift=3.0)
 
 
 def test_sampler_is_deterministic_and_chunked():

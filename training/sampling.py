@@ -104,27 +104,40 @@ def sde_terms(v, noise: float, shape, key):
     return diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, brownian))
 
 
+def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
+    """Fixed-step times 0 = t_0 < ... < t_steps = 1. shift > 1 warps the noise level 1 - t as SD3's resolution shift
+    does (sigma -> shift sigma / (1 + (shift - 1) sigma)): smaller steps at high noise, and the last step starts
+    further from the data, where a model trained on noise-heavy times has seen the fewest examples."""
+    sigma = 1.0 - np.linspace(0.0, 1.0, steps + 1)
+    return 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
 def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, atol: float = 1e-3, args=None,
-          noise: float = 0.0, key=None):
+          noise: float = 0.0, key=None, shift: float = 1.0):
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: one of {', '.join(SOLVERS)}")
+    ts = time_grid(steps, shift)
+    # shift 1: uniform steps through ConstantStepSize (what runs saved before `shift` existed used); else StepTo(ts).
+    fixed = (lambda t1: (diffrax.ConstantStepSize(), 1.0 / steps)) if shift == 1.0 else \
+        (lambda t1: (diffrax.StepTo(ts=jnp.asarray(ts[ts <= t1 + 1e-9], jnp.float32)), None))
     if noise > 0.0:
         if solver != "euler":
             raise ValueError(f"sampler.noise > 0 integrates an SDE with Euler-Maruyama: solver must be euler, not {solver!r}")
         # Euler-Maruyama up to the last step, then one noise-free Euler step: noise injected there would stay in the
         # image (the final step of an x-predicting model hands over its clean estimate).
-        dt = 1.0 / steps
-        sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=0.0, t1=1.0 - dt, dt0=dt,
+        t_last = float(ts[-2])
+        controller, dt0 = fixed(t_last)
+        sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=0.0, t1=t_last, dt0=dt0,
                                   y0=x0, args=args, saveat=diffrax.SaveAt(t1=True),
-                                  stepsize_controller=diffrax.ConstantStepSize(), max_steps=steps + 1,
+                                  stepsize_controller=controller, max_steps=steps + 1,
                                   adjoint=diffrax.ForwardMode())   # no reverse-mode through sampling anyway
         x = sol.ys[-1]
-        return x + dt * v(jnp.float32(1.0 - dt), x, args)
+        return x + (1.0 - t_last) * v(jnp.float32(t_last), x, args)
     if solver in ADAPTIVE:
-        controller, max_steps = diffrax.PIDController(rtol=rtol, atol=atol), 16 * steps + 64
+        (controller, dt0), max_steps = (diffrax.PIDController(rtol=rtol, atol=atol), 1.0 / steps), 16 * steps + 64
     else:
-        controller, max_steps = diffrax.ConstantStepSize(), steps + 1
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(v), SOLVERS[solver](), t0=0.0, t1=1.0, dt0=1.0 / steps, y0=x0,
+        (controller, dt0), max_steps = fixed(1.0), steps + 1
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(v), SOLVERS[solver](), t0=0.0, t1=1.0, dt0=dt0, y0=x0,
                               args=args, saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
                               max_steps=max_steps)
     return sol.ys[-1]
@@ -141,6 +154,10 @@ def check_sampler(sampler_cfg):
         raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
     if sampler_cfg.get("guidance", "cfg") not in GUIDANCE:
         raise UserError(f"unknown sampler.guidance={sampler_cfg.guidance!r}: one of {', '.join(GUIDANCE)}")
+    shift = float(sampler_cfg.get("shift", 1.0) or 1.0)   # absent in configs saved before it existed
+    if shift <= 0.0 or (shift != 1.0 and sampler_cfg.solver in ADAPTIVE):
+        raise UserError(f"sampler.shift={shift} must be > 0, and != 1 only with a fixed-step solver (euler, heun); "
+                        f"got solver={sampler_cfg.solver!r}")
     noise = float(sampler_cfg.get("noise", 0.0) or 0.0)   # absent in configs saved before it existed
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
         raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
@@ -171,7 +188,8 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
         k_x0, k_w = jax.random.split(key)
         x0 = jax.random.normal(k_x0 if noise > 0.0 else key, (y[0].shape[0],) + tuple(shape), jnp.float32)
         return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
-                     rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y, noise=noise, key=k_w)
+                     rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y, noise=noise, key=k_w,
+                     shift=float(sampler_cfg.get("shift", 1.0) or 1.0))
 
     out = []
     for i, start in enumerate(range(0, n, chunk)):
