@@ -25,7 +25,7 @@ def run_script(*args, env_extra=None, check=True):
 def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     ckpt = tmp_path / "run"
     # A non-default preset (B-8 shape family, shrunk) and patch 2: sample.py must rebuild it from the checkpoint.
-    # Autoguidance as in the shipped config: guide_step null = 40% of 6 steps = step 2, saved and kept although it
+    # Autoguidance as in the shipped config: guide_step null = 5/12 of 6 steps = step 2, saved and kept although it
     # is neither a multiple of ckpt_every nor among the keep_ckpts=1 latest.
     over = tiny_overrides(digits_root, str(ckpt), steps=6, **{"model.hidden_size": 48, "model.num_heads": 3,
                                                                "train.sample_every": 6, "train.ckpt_every": 3,
