@@ -37,7 +37,8 @@ def main(cfg):
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
     meta = load_meta(data_dir)
     sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_scale", "solver", "shift", "noise", "steps", "rtol", "atol", "chunk"):
+    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_scale", "solver", "shift", "noise",
+              "steps", "rtol", "atol", "chunk"):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
     k = spec["num_classes"]

@@ -29,7 +29,8 @@ GUIDE_FRACTION = 500 / 1200   # sampler.guide_step null: the weak model is the E
 
 def guide_step(sampler_cfg, train_cfg) -> int | None:
     """The step whose EMA is autoguidance's weak model: sampler.guide_step, or GUIDE_FRACTION of train.steps when it
-    is null (step 500 of the default 1200); None when the sampler does not autoguide. Training keeps that checkpoint whatever keep_ckpts says."""
+    is null (step 500 of the default 1200); None when the sampler does not autoguide. Training saves that step and
+    keeps it whatever keep_ckpts says."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
     step = sampler_cfg.get("guide_step", None)
@@ -40,8 +41,8 @@ def check_guide_step(sampler_cfg, train_cfg) -> None:
     """Autoguidance reads its weak model from an earlier checkpoint of the run: it must come before the last step."""
     step, total = guide_step(sampler_cfg, train_cfg), int(train_cfg.steps)
     if step is not None and not 0 < step < total:
-        raise UserError(f"sampler.guidance=auto guides away from the EMA saved at an earlier step, but sampler.guide_step"
-                        f"={step} is not between 0 and train.steps={total}: set sampler.guide_step=null (5/12 of the "
+        raise UserError(f"sampler.guidance=auto guides away from the EMA saved at an earlier step, but "
+                        f"sampler.guide_step={step} is not between 0 and train.steps={total}: set sampler.guide_step=null (5/12 of the "
                         f"run) or a step before the last, or sampler.guidance=cfg")
 
 

@@ -3,9 +3,10 @@
 Integrates d x / d t = v(x, t, c) from t = 0 (noise) to t = 1 (data) -- the convention of training/flow.py.
 Solvers: euler and heun with `steps` fixed steps; tsit5 and dopri5 adaptive under a PID step-size controller
 (rtol/atol), starting from dt = 1/steps. With `noise` > 0 the euler solver integrates instead the stochastic
-differential equation with the same marginals (Euler-Maruyama, see `sde_terms`). Guidance evaluates the conditional and null-condition velocities in one
-batched call. Requests larger than `chunk` run chunk by chunk through one compiled function, so memory is bounded
-by the chunk, not by the number of samples (the JiT reproduction crashed sampling 50k images at once).
+differential equation with the same marginals (Euler-Maruyama, see `sde_terms`); `shift` warps the fixed-step grid
+(`time_grid`). Guidance evaluates the conditional and null-condition velocities in one batched call. Requests larger
+than `chunk` run chunk by chunk through one compiled function, so memory is bounded by the chunk, not by the number
+of samples (the JiT reproduction crashed sampling 50k images at once).
 """
 
 from typing import Callable
@@ -122,7 +123,8 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
         (lambda t1: (diffrax.StepTo(ts=jnp.asarray(ts[ts <= t1 + 1e-9], jnp.float32)), None))
     if noise > 0.0:
         if solver != "euler":
-            raise ValueError(f"sampler.noise > 0 integrates an SDE with Euler-Maruyama: solver must be euler, not {solver!r}")
+            raise ValueError(f"sampler.noise > 0 integrates an SDE with Euler-Maruyama: solver must be euler, "
+                             f"not {solver!r}")
         # Euler-Maruyama up to the last step, then one noise-free Euler step: noise injected there would stay in the
         # image (the final step of an x-predicting model hands over its clean estimate).
         t_last = float(ts[-2])
