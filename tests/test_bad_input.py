@@ -152,6 +152,18 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     assert not Path(ck).exists()
 
 
+def test_resume_with_autoguidance_needs_its_weak_checkpoint(monkeypatch, capsys, digits_root, tmp_path):
+    """A run started with plain guidance has no checkpoint at the weak step: resuming it with guidance=auto is refused
+    at start, not after training when the final evaluation would look for it."""
+    ck = str(tmp_path / "ck")
+    ok_cli(monkeypatch, tiny_overrides(digits_root, ck, steps=4))
+    before = snapshot(ck)
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck, steps=8, **{"train.is_restore": True,
+                                                                                     "sampler.guidance": "auto"}))
+    assert "step 3" in line and "guidance=cfg" in line, line   # 5/12 of 8 steps
+    assert snapshot(ck) == before
+
+
 def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     ck = tmp_path / "ck"
     ok_cli(monkeypatch, tiny_overrides(digits_root, str(ck), steps=2, **{"train.ckpt_every": 2}))

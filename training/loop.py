@@ -113,6 +113,10 @@ def run(cfg, task: Task) -> dict:
                                 f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
             saved, _ = read_config(tc.ckpt_dir, latest)
             check_same_model(saved, task.spec, tc.ckpt_dir)
+            if weak_step is not None and weak_step <= latest and weak_step not in ckpt.manager.all_steps():
+                raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
+                                f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "
+                                f"sampler.guide_step=<a step it holds: {sorted(ckpt.manager.all_steps())}>")
             state = sharding.place(ckpt.restore(state, it, latest), mesh)
             run_id = saved.get("run", {}).get("wandb_id")
             print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
@@ -138,11 +142,13 @@ def run(cfg, task: Task) -> dict:
     if cfg.sampler.get("guidance", "cfg") == "auto":
         grid_sampler = OmegaConf.merge(cfg.sampler, {"guidance": "cfg"})
 
-    def sample_grid(step, weak=None):
-        """weak: autoguidance's weak model (the final grid); None: plain guidance."""
+    def sample_grid(step, final=False):
+        """EMA sample grid; the final one autoguides (the weak model's checkpoint is complete once training ends).
+        Returns (EMA, weak model or None) for the end-of-run evaluation."""
         ema = sharding.host_local(state.ema, mesh)  # every process calls this (a gather when there are several)
         if not is_main:
-            return ema
+            return ema, None
+        weak = load_weak(tc.ckpt_dir, cfg.sampler, ema, tc) if final else None
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
         imgs = generate(ema, task.spec, task.meta, labels, sample_key, grid_sampler if weak is None else cfg.sampler,
                         tc, weak=weak)
@@ -150,7 +156,7 @@ def run(cfg, task: Task) -> dict:
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
         tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, one class per row, step {step}")
-        return ema
+        return ema, weak
 
     # ---- the loop ----
     bar = _progress(start, total, enabled=is_main and tc.progress)
@@ -204,9 +210,7 @@ def run(cfg, task: Task) -> dict:
         return {"step": step, "stopped": stop.signal}
 
     result = {"step": step}
-    template = sharding.host_local(state.ema, mesh)   # every process takes part in the gather
-    weak = load_weak(tc.ckpt_dir, cfg.sampler, template, tc) if is_main else None   # its checkpoint is complete now
-    ema = sample_grid(step, weak)
+    ema, weak = sample_grid(step, final=True)
     if is_main:
         if cfg.eval.at_end and task.evaluator is not None:
             result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step, weak))

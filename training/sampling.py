@@ -147,7 +147,8 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
 
 def check_sampler(sampler_cfg):
     """One line for a bad sampler config; training calls this at start, not at its first sample grid.
-    Returns the guidance interval as (lo, hi), or None (guidance at every t)."""
+    Returns (interval, shift, noise): the guidance interval as (lo, hi) or None (guidance at every t), and the
+    parsed step-grid shift and SDE noise (keys absent in configs saved before they existed get 1.0 and 0.0)."""
     if sampler_cfg.solver not in SOLVERS:
         raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
     interval = sampler_cfg.get("cfg_interval", None)   # absent in configs saved before it existed
@@ -156,15 +157,15 @@ def check_sampler(sampler_cfg):
         raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
     if sampler_cfg.get("guidance", "cfg") not in GUIDANCE:
         raise UserError(f"unknown sampler.guidance={sampler_cfg.guidance!r}: one of {', '.join(GUIDANCE)}")
-    shift = float(sampler_cfg.get("shift", 1.0) or 1.0)   # absent in configs saved before it existed
+    shift, noise = (float(sampler_cfg.get(k) if sampler_cfg.get(k) is not None else d)
+                    for k, d in (("shift", 1.0), ("noise", 0.0)))
     if shift <= 0.0 or (shift != 1.0 and sampler_cfg.solver in ADAPTIVE):
         raise UserError(f"sampler.shift={shift} must be > 0, and != 1 only with a fixed-step solver (euler, heun); "
                         f"got solver={sampler_cfg.solver!r}")
-    noise = float(sampler_cfg.get("noise", 0.0) or 0.0)   # absent in configs saved before it existed
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
         raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
                         f"(Euler-Maruyama); got solver={sampler_cfg.solver!r}")
-    return interval
+    return interval, shift, noise
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
@@ -177,8 +178,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
-    interval = check_sampler(sampler_cfg)
-    noise = float(sampler_cfg.get("noise", 0.0) or 0.0)
+    interval, shift, noise = check_sampler(sampler_cfg)
 
     @eqx.filter_jit
     def run(model, weak, key, y):
@@ -191,7 +191,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
         x0 = jax.random.normal(k_x0 if noise > 0.0 else key, (y[0].shape[0],) + tuple(shape), jnp.float32)
         return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
                      rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y, noise=noise, key=k_w,
-                     shift=float(sampler_cfg.get("shift", 1.0) or 1.0))
+                     shift=shift)
 
     out = []
     for i, start in enumerate(range(0, n, chunk)):
