@@ -2,6 +2,7 @@
 
     python bench/throughput.py model=XL-2 batch=256                       # 4x32x32 latents, 1000 classes
     python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 precision=float32 steps=20
+    python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 top_ops=20   # + where the time goes
 
 Overrides use the stage scripts' syntax: `model=<preset>` reads configs/model/<preset>.yaml, `model.<key>=v`,
 `train.<key>=v` and `optim.<key>=v` change single keys. Imports only what the train step needs (no Grain, Hydra,
@@ -63,6 +64,27 @@ class Cfg(SimpleNamespace):
         return getattr(self, key, default)
 
 
+def profile_ops(run, top: int, reps: int = 5) -> dict:
+    """Milliseconds per step of the `top` most expensive compiled ops (XLA fusions, dots) over `reps` steps, read
+    from a JAX profiler trace (perfetto JSON). Where the step's time goes, e.g. `top_ops=15` on CPU."""
+    import collections
+    import gzip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(reps):
+                out = run()
+            jax.block_until_ready(out)
+        trace = json.load(gzip.open(next(Path(d).rglob("*perfetto_trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    total = collections.Counter()
+    for e in events:   # skip the host-side wrappers (Python frames, the executor's own spans, thread-pool waits)
+        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt")):
+            total[e["name"]] += e.get("dur", 0)
+    return {k: round(v / reps / 1000, 2) for k, v in total.most_common(top)}
+
+
 def main(argv):
     args = dict(a.split("=", 1) for a in argv)
     model = read_yaml(ROOT / "configs/model" / f"{args.pop('model', 'XL-2')}.yaml")
@@ -79,6 +101,7 @@ def main(argv):
         train["precision"] = args.pop("precision")
     if "grad_accum" in args:
         train["grad_accum"] = int(args.pop("grad_accum"))
+    top_ops = int(args.pop("top_ops", 0))
     if args:
         raise SystemExit(f"error: unknown arguments {sorted(args)}")
     tc, oc = Cfg(**train), Cfg(**optim)
@@ -104,6 +127,13 @@ def main(argv):
         state, met = step(state, dict(batches[i % 2]))
     jax.block_until_ready(met["loss"])
     dt = (time.perf_counter() - t0) / steps
+    holder = [state]   # the step donates its input state: thread it through
+
+    def run():
+        holder[0], m = step(holder[0], dict(batches[0]))
+        return m["loss"]
+
+    ops = profile_ops(run, top_ops) if top_ops else None
     fl = forward_flops(spec)
     train_flops = 3 * fl["forward_flops"] * total
     mem = None
@@ -117,7 +147,7 @@ def main(argv):
            "tflops_per_s": train_flops / dt / 1e12, "mfu_vs_989": train_flops / dt / 1e12 / PEAK_BF16_TFLOPS,
            "peak_device_memory_GB": None if mem is None else mem / 1e9, "compile_s": compile_s,
            "forward_gflops_per_image": fl["forward_flops"] / 1e9, "flops_formula": fl["formula"],
-           "loss": float(met["loss"])}
+           "loss": float(met["loss"]), **({"top_ops_ms_per_step": ops} if ops else {})}
     print(json.dumps(out))
 
 

@@ -50,6 +50,18 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
     return DiT(**kw, key=key)
 
 
+def apply(model, x, t, *cond):
+    """The model on a batch: x (B, ...), t a scalar or (B,), cond per-example arrays (B, ...). Models that take a batch
+    directly (`batched = True`: the DiT) get it whole; the others are vmapped one example at a time. Same numbers
+    either way up to float rounding; the whole-batch call is ~2x faster to train on CPU (development_log.md)."""
+    import jax.numpy as jnp
+
+    t = jnp.broadcast_to(t, x.shape[:1])
+    if getattr(model, "batched", False):
+        return model(x, t, *cond)
+    return jax.vmap(model)(x, t, *cond)
+
+
 def param_count(model: eqx.Module) -> int:
     return sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
 

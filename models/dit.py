@@ -1,6 +1,7 @@
 """Class-conditional Diffusion Transformer (Peebles & Xie, 2023) for flow matching.
 
-One example in, one velocity (or clean-image) prediction out:
+A batch in, a batch of velocity (or clean-image) predictions out; leading batch axes are optional (one example
+works too), shapes below per example:
     x (H, W, C) --patchify--> tokens (N, p*p*C) --linear--> (N, D) + fixed 2-D sin-cos positions
     c = MLP(sinusoid_fp32(t)) + class_embedding[y]          (y == num_classes is the null class for CFG)
     depth x DiTBlock(tokens, c)                              (adaLN-Zero: every block starts as the identity)
@@ -31,10 +32,10 @@ class DiTBlock(eqx.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), key=k2)
         self.ada = Linear(dim, 6 * dim, key=k1, init="zeros")
 
-    def __call__(self, x: Float[Array, "n d"], c: Float[Array, " d"]) -> Float[Array, "n d"]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6)
-        x = x + gate1 * self.attn(modulate(layer_norm(x), shift1, scale1))
-        x = x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
+    def __call__(self, x: Float[Array, "... n d"], c: Float[Array, "... d"]) -> Float[Array, "... n d"]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.ada(jax.nn.silu(c)), 6, axis=-1)
+        x = x + gate1[..., None, :] * self.attn(modulate(layer_norm(x), shift1, scale1))
+        x = x + gate2[..., None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
         return x
 
 
@@ -93,14 +94,16 @@ class DiT(eqx.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def __call__(self, x: Float[Array, "h w c"], t: Float[Array, ""], y: Int[Array, ""]) -> Float[Array, "h w c"]:
+    batched = True   # models.apply calls it on the whole batch (no vmap): 2-D matmuls, faster on CPU
+
+    def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."], y: Int[Array, "..."]) -> Float[Array, "... h w c"]:
         h, w = self.input_size
         p, dtype = self.patch_size, self.patch_embed.weight.dtype
         tokens = self.patch_embed(patchify(x.astype(dtype), p))  # (N, D)
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(tokens.shape[-1], h // p, w // p), dtype)
         t_emb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_sinusoid(t, FREQ_DIM).astype(dtype))))  # (D,)
-        c = t_emb + self.y_embed[y]  # (D,)
+        c = t_emb + self.y_embed[y]  # (..., D)
         tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat)  # (N, D)
-        shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2)
+        shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2, axis=-1)
         out = self.final(modulate(layer_norm(tokens), shift, scale))  # (N, p*p*C)
         return unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)

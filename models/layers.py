@@ -1,6 +1,7 @@
 """Building blocks shared by the class- and text-conditional DiTs.
 
-Every module acts on ONE example (tokens are the leading axis); batch with `jax.vmap` at the call site.
+Every module acts on the trailing axes (tokens, channels) and accepts any leading batch axes: the class-conditional
+DiT runs on a whole batch directly (`models.apply`), the text DiT one example at a time under `jax.vmap`.
 Normalisations compute their statistics in float32 whatever the compute dtype, because bf16 has only 8
 mantissa bits and variance reductions over hundreds of channels lose most of them.
 """
@@ -34,7 +35,9 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((d_out,), jnp.float32) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.weight
+        # Flatten the leading axes: XLA:CPU runs the weight gradient of a (B, N, D) x (D, E) product twice as slowly
+        # as that of the same (B*N, D) x (D, E) product (two contracting axes; development_log.md, sixth session).
+        y = (x.reshape(-1, x.shape[-1]) @ self.weight).reshape(x.shape[:-1] + (self.weight.shape[1],))
         return y if self.bias is None else y + self.bias
 
 
@@ -53,8 +56,9 @@ def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def modulate(x: Array, shift: Array, scale: Array) -> Array:
-    return x * (1 + scale) + shift
+def modulate(x: Float[Array, "... n d"], shift: Float[Array, "... d"], scale: Float[Array, "... d"]) -> Array:
+    """adaLN: per-example shift and scale (from the conditioning vector) applied to every token."""
+    return x * (1 + scale[..., None, :]) + shift[..., None, :]
 
 
 class Attention(eqx.Module):
@@ -79,13 +83,13 @@ class Attention(eqx.Module):
         self.k_scale = jnp.ones((dim // num_heads,), jnp.float32)
         self.num_heads, self.impl = num_heads, impl
 
-    def __call__(self, x: Float[Array, "n d"], mask: Array | None = None) -> Float[Array, "n d"]:
-        n, d = x.shape
+    def __call__(self, x: Float[Array, "... n d"], mask: Array | None = None) -> Float[Array, "... n d"]:
+        lead, (n, d) = x.shape[:-2], x.shape[-2:]
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        q, k, v = (a.reshape(n, self.num_heads, d // self.num_heads) for a in (q, k, v))  # (N, H, Dh)
+        q, k, v = (a.reshape(-1, n, self.num_heads, d // self.num_heads) for a in (q, k, v))  # (B, N, H, Dh)
         q, k = rms_norm(q, self.q_scale), rms_norm(k, self.k_scale)
-        o = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask, implementation=self.impl)[0]
-        return self.proj(o.reshape(n, d))
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.impl)
+        return self.proj(o.reshape(lead + (n, d)))
 
 
 class Mlp(eqx.Module):
@@ -100,7 +104,7 @@ class Mlp(eqx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # GELU-tanh as in DiT
 
 
-def timestep_sinusoid(t: Float[Array, ""], dim: int = 256, max_period: float = 10_000.0) -> Float[Array, " dim"]:
+def timestep_sinusoid(t: Float[Array, "..."], dim: int = 256, max_period: float = 10_000.0) -> Float[Array, "... dim"]:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000, the DDPM range the frequencies were designed for).
 
     Always float32: in bf16, t*1000 is quantised in steps of 4-8 units, so neighbouring times would get the
@@ -108,8 +112,8 @@ def timestep_sinusoid(t: Float[Array, ""], dim: int = 256, max_period: float = 1
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = 1000.0 * t.astype(jnp.float32) * freqs
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)])
+    args = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -130,12 +134,13 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return emb.astype(np.float32)  # (grid_h * grid_w, dim)
 
 
-def patchify(x: Float[Array, "h w c"], p: int) -> Float[Array, "n ppc"]:
-    h, w, c = x.shape
-    x = x.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // p) * (w // p), p * p * c)
+def patchify(x: Float[Array, "... h w c"], p: int) -> Float[Array, "... n ppc"]:
+    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+    x = x.reshape((-1, h // p, p, w // p, p, c)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(lead + ((h // p) * (w // p), p * p * c))
 
 
-def unpatchify(x: Float[Array, "n ppc"], p: int, h: int, w: int, c: int) -> Float[Array, "h w c"]:
-    x = x.reshape(h // p, w // p, p, p, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape(h, w, c)
+def unpatchify(x: Float[Array, "... n ppc"], p: int, h: int, w: int, c: int) -> Float[Array, "... h w c"]:
+    lead = x.shape[:-2]
+    x = x.reshape((-1, h // p, w // p, p, p, c)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(lead + (h, w, c))

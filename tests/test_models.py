@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import build_model, forward_flops, model_spec
+from models import apply, build_model, forward_flops, model_spec
 from models.layers import patchify, sincos_pos_embed_2d, unpatchify
 from training.cli import compose
 from training.errors import UserError
@@ -48,6 +48,22 @@ def test_scan_equals_unrolled_and_remat():
     for over in ({"scan_blocks": False}, {"remat": True}):
         other = jax.tree.map(lambda a: a + 0.05, build_model({**spec, **over}, key=jax.random.PRNGKey(0)))
         np.testing.assert_allclose(other(x, t, y), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_batch_call_equals_one_example_at_a_time():
+    """The DiT takes a batch directly (models.apply: 2-D matmuls, faster on CPU); it must compute what the model does
+    for each example alone, with per-example or shared times, under vmap too (the text DiT's path)."""
+    spec = spec_for("tiny", scan_blocks=True)
+    model = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
+                         build_model(spec, key=jax.random.PRNGKey(0)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
+    t, y = jnp.linspace(0.1, 0.9, 5), jnp.array([0, 3, 10, 7, 1])
+    one_by_one = np.stack([model(x[i], t[i], y[i]) for i in range(5)])
+    np.testing.assert_allclose(apply(model, x, t, y), one_by_one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(model)(x, t, y), one_by_one, rtol=1e-5, atol=1e-5)
+    shared = np.stack([model(x[i], t[2], y[i]) for i in range(5)])
+    np.testing.assert_allclose(apply(model, x, t[2], y), shared, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(shared, one_by_one)   # the times do reach the examples
 
 
 def test_patchify_round_trip():

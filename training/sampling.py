@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import lineax
 import numpy as np
 
+from models import apply
 from training import flow
 from training.errors import UserError
 from training.step import DTYPES, cast_floats
@@ -57,7 +58,7 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
 
     def raw(x, t, cond, m=None):
         m = mdl if m is None else m
-        out = jax.vmap(lambda xi, *ci: m(xi, t, *ci))(x.astype(dtype), *cond).astype(jnp.float32)
+        out = apply(m, x.astype(dtype), t, *cond).astype(jnp.float32)
         return flow.to_velocity(out, x, t, prediction, t_eps), out
 
     def cond_and_null(x, t, cond):

@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from models import apply
 from training import flow, sharding
 from training.state import TrainState
 
@@ -45,7 +46,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
 
     def micro_loss(model, x_t, t, v, cond):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
-        out = jax.vmap(m)(x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
+        out = apply(m, x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
         v_hat = flow.to_velocity(out, x_t, t, pred, t_eps)
         if w_max is None:
             return jnp.mean(jnp.square(v_hat - v))
