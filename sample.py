@@ -37,7 +37,7 @@ def main(cfg):
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
     meta = load_meta(data_dir)
     sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_scale", "solver", "shift", "noise",
+    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale", "solver", "shift", "noise",
               "steps", "rtol", "atol", "chunk"):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
@@ -55,8 +55,10 @@ def main(cfg):
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ema = Checkpointer(cfg.ckpt_dir, create=False).restore_ema(template, step)
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from step "
-          f"{guide_step(sampler, run_cfg.train)}" if sampler.get("guidance") == "auto" else "") + ")", flush=True)
+          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from " + (
+              f"{sampler.guide_ckpt_dir}" if sampler.get("guide_ckpt_dir") else
+              f"step {guide_step(sampler, run_cfg.train)}") if sampler.get("guidance") == "auto" else "") + ")",
+          flush=True)
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, tiny_overrides
 from training.errors import UserError
-from training.generate import load_weak
+from training.checkpoint import read_config
+from training.generate import check_weak_run, load_weak
 
 
 def run_script(*args, env_extra=None, check=True):
@@ -49,6 +51,20 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
     with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[2, 6\]"):
         load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 6}))
+    # The weak model named as another run's directory (here this run's, at step 2: the same weights as the default)
+    # gives the same samples bit for bit; a run with other inputs or another prediction target is refused.
+    out2 = tmp_path / "s" / "other.npz"
+    p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out2}", "solver=heun",
+                   "steps=3", f"guide_ckpt_dir={ckpt}", "guide_step=2")
+    assert f"autoguidance 2.0 from {ckpt}" in p.stdout
+    np.testing.assert_array_equal(np.load(out2)["images"], z["images"])
+    saved = read_config(ckpt)[0]
+    strong = SimpleNamespace(input_size=(8, 8), in_channels=1, num_classes=7)
+    with pytest.raises(UserError, match=r"num_classes 10 vs 7"):
+        check_weak_run(saved, strong, OmegaConf.create(saved["train"]), ckpt)
+    with pytest.raises(UserError, match=r"prediction x vs v"):
+        check_weak_run(saved, SimpleNamespace(input_size=(8, 8), in_channels=1, num_classes=10),
+                       OmegaConf.merge(saved["train"], {"prediction": "v"}), ckpt)
 
 
 def test_user_errors_are_one_line(digits_root, tmp_path):

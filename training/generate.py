@@ -47,10 +47,22 @@ def check_guide_step(sampler_cfg, train_cfg) -> None:
 
 
 def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
-    """The weak model of autoguidance: the EMA weights saved at guide_step (None for other guidance)."""
-    step = guide_step(sampler_cfg, train_cfg)
-    if step is None:
+    """The weak model of autoguidance (None for other guidance): the EMA saved at guide_step in this run's ckpt_dir,
+    or, when sampler.guide_ckpt_dir names another run (e.g. a smaller model trained for less, as in Karras et al.),
+    the EMA of that run at guide_step (null: its latest), rebuilt from the config saved there."""
+    if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
+    other = sampler_cfg.get("guide_ckpt_dir", None)
+    step = guide_step(sampler_cfg, train_cfg)
+    if other:
+        import jax
+
+        from models import build_model
+        from training.checkpoint import read_config
+
+        saved, step = read_config(other, sampler_cfg.get("guide_step", None))
+        check_weak_run(saved, template, train_cfg, other)
+        template, ckpt_dir = build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), other
     from training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(ckpt_dir, create=False)
@@ -62,6 +74,20 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
         return ckpt.restore_ema(template, step)
     finally:
         ckpt.close()
+
+
+def check_weak_run(saved: dict, strong, train_cfg, where) -> None:
+    """A weak model from another run must take the same inputs and predict the same quantity as the strong one."""
+    spec, tc = saved["model_spec"], saved.get("train", {})
+    mine = {"input_size": list(strong.input_size), "in_channels": strong.in_channels,
+            "num_classes": strong.num_classes, "prediction": train_cfg.prediction, "t_eps": float(train_cfg.t_eps)}
+    theirs = {**{k: spec.get(k) for k in ("input_size", "in_channels", "num_classes")},
+              "prediction": tc.get("prediction"), "t_eps": float(tc.get("t_eps", -1))}
+    theirs["input_size"] = list(theirs["input_size"] or [])
+    bad = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
+    if bad:
+        raise UserError(f"guide_ckpt_dir={where} holds a run that does not match this one ({'; '.join(bad)}): "
+                        f"train the weak model on the same data with the same train.prediction")
 
 
 def grid_labels(num_classes: int, per_class: int = 8) -> np.ndarray:
