@@ -3,6 +3,7 @@
     python bench/throughput.py model=XL-2 batch=256                       # 4x32x32 latents, 1000 classes
     python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 precision=float32 steps=20
     python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 top_ops=20   # + where the time goes
+    python bench/throughput.py model=small_text shape=32,32,3 batch=64 text=16,384        # stage 2: 16 caption tokens
 
 Overrides use the stage scripts' syntax: `model=<preset>` reads configs/model/<preset>.yaml, `model.<key>=v`,
 `train.<key>=v` and `optim.<key>=v` change single keys. Imports only what the train step needs (no Grain, Hydra,
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 from models import build_model, forward_flops, model_spec, param_count  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.state import init_state, split_keys  # noqa: E402
-from training.step import make_train_step  # noqa: E402
+from training.step import class_conditioning, make_train_step, text_conditioning  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16
 
@@ -102,19 +103,32 @@ def main(argv):
     if "grad_accum" in args:
         train["grad_accum"] = int(args.pop("grad_accum"))
     top_ops = int(args.pop("top_ops", 0))
+    text = [int(v) for v in args.pop("text", "16,384").split(",")]   # text models: caption tokens, feature width
     if args:
         raise SystemExit(f"error: unknown arguments {sorted(args)}")
     tc, oc = Cfg(**train), Cfg(**optim)
-    spec = model_spec(model, {"shape": shape, "num_classes": classes})
+    meta = {"shape": shape, "num_classes": classes, "text": {"max_tokens": text[0], "dim": text[1]}}
+    spec = model_spec(model, meta)
     model_key, train_key = split_keys(0)
     m = build_model(spec, key=model_key)
     opt, sched = make_optimizer(tc, oc)
     state = init_state(m, opt, train_key)
-    step = make_train_step(tc, opt, sched, classes)
+    is_text = spec.get("mixing") is not None
+    step = make_train_step(tc, opt, sched, None if is_text else classes, text_conditioning if is_text else
+                           class_conditioning)
     total = batch * int(tc.grad_accum)
     rng = np.random.default_rng(0)
-    batches = [{"x": jnp.asarray(rng.standard_normal((total, *shape), np.float32)),
-                "label": jnp.asarray(rng.integers(0, classes, total, dtype=np.int32))} for _ in range(2)]
+
+    def make_batch():
+        b = {"x": jnp.asarray(rng.standard_normal((total, *shape), np.float32))}
+        if is_text:   # random caption states, each with a random number of valid tokens
+            b["text"] = jnp.asarray(rng.standard_normal((total, *text), np.float32))
+            b["mask"] = jnp.asarray(np.arange(text[0])[None, :] < rng.integers(1, text[0] + 1, (total, 1)))
+        else:
+            b["label"] = jnp.asarray(rng.integers(0, classes, total, dtype=np.int32))
+        return b
+
+    batches = [make_batch() for _ in range(2)]
     t0 = time.perf_counter()
     state, met = step(state, dict(batches[0]))
     jax.block_until_ready(met["loss"])

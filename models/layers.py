@@ -1,7 +1,7 @@
 """Building blocks shared by the class- and text-conditional DiTs.
 
-Every module acts on the trailing axes (tokens, channels) and accepts any leading batch axes: the class-conditional
-DiT runs on a whole batch directly (`models.apply`), the text DiT one example at a time under `jax.vmap`.
+Every module acts on the trailing axes (tokens, channels) and accepts any leading batch axes: both DiTs run on a
+whole batch directly (`models.apply`), which XLA:CPU trains ~1.5x faster than one example at a time under vmap.
 Normalisations compute their statistics in float32 whatever the compute dtype, because bf16 has only 8
 mantissa bits and variance reductions over hundreds of channels lose most of them.
 """

@@ -15,7 +15,7 @@ New text parts start so that they add nothing, which is what makes the stage-1 t
   cross: the cross-attention output projection is zero-initialised;
   joint: text keys enter the attention with a per-head weight |g| (softmax numerator and denominator), g = 0 at init,
          so image tokens attend only to image tokens until the text gate opens (the gradient at 0 is non-zero).
-One example in, one prediction out; batch with jax.vmap.
+A batch in, a batch out (leading batch axes are optional, as in models/dit.py); shapes below are per example.
 """
 
 import equinox as eqx
@@ -31,8 +31,7 @@ MIXING = ("cross", "joint")
 
 
 def _heads(a: Array, h: int) -> Array:
-    n, d = a.shape
-    return a.reshape(n, h, d // h)
+    return a.reshape(a.shape[:-1] + (h, a.shape[-1] // h))
 
 
 class CrossAttention(eqx.Module):
@@ -53,33 +52,35 @@ class CrossAttention(eqx.Module):
         self.k_scale = jnp.ones((dim // num_heads,), jnp.float32)
         self.num_heads = num_heads
 
-    def __call__(self, x: Float[Array, "n d"], ctx: Float[Array, "m d"], mask: Bool[Array, " m"]) -> Array:
-        n, d = x.shape
-        q = rms_norm(_heads(self.q(x), self.num_heads), self.q_scale)
+    def __call__(self, x: Float[Array, "... n d"], ctx: Float[Array, "... m d"], mask: Bool[Array, "... m"]) -> Array:
+        lead, (n, d), m = x.shape[:-2], x.shape[-2:], ctx.shape[-2]
+        flat = lambda a, length: a.reshape((-1, length) + a.shape[-2:])   # (B, L, H, Dh)
+        q = flat(rms_norm(_heads(self.q(x), self.num_heads), self.q_scale), n)
         k, v = jnp.split(self.kv(ctx), 2, axis=-1)
-        k, v = rms_norm(_heads(k, self.num_heads), self.k_scale), _heads(v, self.num_heads)
-        o = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask[None, None, None, :])[0]
-        return self.proj(o.reshape(n, d))
+        k, v = flat(rms_norm(_heads(k, self.num_heads), self.k_scale), m), flat(_heads(v, self.num_heads), m)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask.reshape(-1, m)[:, None, None, :])
+        return self.proj(o.reshape(lead + (n, d)))
 
 
 def joint_attention(qi, ki, vi, qt, kt, vt, mask: Array, text_weight: Array) -> tuple[Array, Array]:
     """Softmax attention over [image; text] keys for [image; text] queries, text keys weighted by `text_weight` (H,).
 
     weights_j = w_j exp(s_j) / sum_k w_k exp(s_k), w = 1 for image keys, |g_h| * mask for text keys: with g = 0 this
-    is exactly image-only self-attention. Inputs (N|T, H, Dh); returns (N, H, Dh), (T, H, Dh).
+    is exactly image-only self-attention. Inputs (..., N|T, H, Dh), mask (..., T); returns (..., N, H, Dh),
+    (..., T, H, Dh).
     """
-    q, k, v = (jnp.concatenate(p, axis=0) for p in ((qi, qt), (ki, kt), (vi, vt)))
-    dh = q.shape[-1]
-    s = jnp.einsum("qhd,khd->hqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))  # (H, Q, K)
-    n = ki.shape[0]
-    w = jnp.concatenate([jnp.ones((q.shape[1], n), jnp.float32),
-                         text_weight.astype(jnp.float32)[:, None] * mask.astype(jnp.float32)[None, :]], axis=1)  # (H,K)
-    valid = jnp.concatenate([jnp.ones((n,), bool), mask])
-    s = jnp.where(valid[None, None, :], s, -jnp.inf)
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True))) * w[:, None, :]
+    q, k, v = (jnp.concatenate(p, axis=-3) for p in ((qi, qt), (ki, kt), (vi, vt)))
+    dh, h, n = q.shape[-1], q.shape[-2], ki.shape[-3]
+    s = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))  # (..., H, Q, K)
+    lead, maskf = mask.shape[:-1], mask.astype(jnp.float32)
+    w = jnp.concatenate([jnp.ones(lead + (h, n), jnp.float32),
+                         text_weight.astype(jnp.float32)[:, None] * maskf[..., None, :]], axis=-1)  # (..., H, K)
+    valid = jnp.concatenate([jnp.ones(lead + (n,), bool), mask], axis=-1)
+    s = jnp.where(valid[..., None, None, :], s, -jnp.inf)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True))) * w[..., :, None, :]
     p = (e / e.sum(-1, keepdims=True)).astype(v.dtype)
-    o = jnp.einsum("hqk,khd->qhd", p, v)
-    return o[:n], o[n:]
+    o = jnp.einsum("...hqk,...khd->...qhd", p, v)
+    return o[..., :n, :, :], o[..., n:, :, :]
 
 
 class TextBlock(eqx.Module):
@@ -110,13 +111,15 @@ class TextBlock(eqx.Module):
             self.txt_attn = self.txt_mlp = self.txt_table = self.txt_gain = None
 
     def __call__(self, x, txt, mask, s):
-        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(s + self.table.astype(s.dtype), 6)
+        sh1, sc1, g1, sh2, sc2, g2 = (a[..., None, :] if i in (2, 5) else a
+                                      for i, a in enumerate(jnp.split(s + self.table.astype(s.dtype), 6, axis=-1)))
         if self.mixing == "cross":
             x = x + g1 * self.attn(modulate(layer_norm(x), sh1, sc1))
             x = x + self.cross(layer_norm(x), txt, mask)
             x = x + g2 * self.mlp(modulate(layer_norm(x), sh2, sc2))
             return x, txt
-        th1, tc1, tg1, th2, tc2, tg2 = jnp.split(s + self.txt_table.astype(s.dtype), 6)
+        th1, tc1, tg1, th2, tc2, tg2 = (a[..., None, :] if i in (2, 5) else a
+                                        for i, a in enumerate(jnp.split(s + self.txt_table.astype(s.dtype), 6, axis=-1)))
         h = self.attn.num_heads
 
         def qkv(a: Attention, z):
@@ -179,16 +182,19 @@ class TextDiT(eqx.Module):
         self.mixing, self.text_dim, self.max_tokens = mixing, text_dim, max_tokens
         self.scan_blocks, self.remat = scan_blocks, remat
 
-    def __call__(self, x: Float[Array, "h w c"], t: Float[Array, ""], text: Float[Array, "m e"],
-                 mask: Bool[Array, " m"], drop: Bool[Array, ""]) -> Float[Array, "h w c"]:
+    batched = True   # models.apply calls it on the whole batch (see models/dit.py)
+
+    def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."], text: Float[Array, "... m e"],
+                 mask: Bool[Array, "... m"], drop: Bool[Array, "..."]) -> Float[Array, "... h w c"]:
         h, w = self.input_size
         p, dtype = self.patch_size, self.patch_embed.weight.dtype
-        text = jnp.where(drop, self.null_text.astype(dtype), text.astype(dtype))
-        mask = jnp.where(drop, True, mask.astype(bool))
+        drop = jnp.asarray(drop)
+        text = jnp.where(drop[..., None, None], self.null_text.astype(dtype), text.astype(dtype))
+        mask = jnp.where(drop[..., None], True, mask.astype(bool))
         tokens = self.patch_embed(patchify(x.astype(dtype), p))
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(tokens.shape[-1], h // p, w // p), dtype)
-        c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_sinusoid(t, FREQ_DIM).astype(dtype))))  # (D,)
-        s = self.t_ada(jax.nn.silu(c))  # (6D,) adaLN-single
+        c = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_sinusoid(t, FREQ_DIM).astype(dtype))))  # (..., D)
+        s = self.t_ada(jax.nn.silu(c))  # (..., 6D) adaLN-single
         txt = self.cap2(jax.nn.gelu(self.cap1(text), approximate=True))  # (M, D)
 
         params, static = eqx.partition(self.blocks, eqx.is_array)
@@ -203,6 +209,6 @@ class TextDiT(eqx.Module):
         else:
             for i in range(jax.tree.leaves(params)[0].shape[0]):
                 (tokens, txt), _ = body((tokens, txt), jax.tree.map(lambda a: a[i], params))
-        shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2)
+        shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2, axis=-1)
         out = self.final(modulate(layer_norm(tokens), shift, scale))
         return unpatchify(out, p, h, w, self.in_channels)

@@ -66,6 +66,23 @@ def test_whole_batch_call_equals_one_example_at_a_time():
     assert not np.allclose(shared, one_by_one)   # the times do reach the examples
 
 
+@pytest.mark.parametrize("mixing", ["cross", "joint"])
+def test_text_model_whole_batch_equals_one_example_at_a_time(mixing):
+    """The same for the text DiT: per-example captions, padding masks and null-caption flags must stay per example."""
+    spec = dict(name="t", hidden_size=32, depth=2, num_heads=4, patch_size=2, mlp_ratio=4.0, input_size=[8, 8],
+                in_channels=3, num_classes=None, mixing=mixing, text_dim=12, max_tokens=6, scan_blocks=True)
+    model = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(3), a.shape)
+                         if jnp.issubdtype(a.dtype, jnp.floating) else a, build_model(spec, key=jax.random.PRNGKey(0)))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+    t = jnp.array([0.1, 0.4, 0.6, 0.9])
+    text = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 12))
+    mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool)
+    drop = jnp.array([False, True, False, False])
+    one_by_one = np.stack([model(x[i], t[i], text[i], mask[i], drop[i]) for i in range(4)])
+    np.testing.assert_allclose(apply(model, x, t, text, mask, drop), one_by_one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(model)(x, t, text, mask, drop), one_by_one, rtol=1e-5, atol=1e-5)
+
+
 def test_patchify_round_trip():
     x = jnp.arange(8 * 8 * 3, dtype=jnp.float32).reshape(8, 8, 3)
     np.testing.assert_array_equal(unpatchify(patchify(x, 2), 2, 8, 8, 3), x)
