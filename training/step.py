@@ -43,6 +43,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
     pred, t_eps = str(train_cfg.prediction), float(train_cfg.t_eps)
     w_max = train_cfg.get("loss_weight_max", None)
     ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
+    ema_offset = float(train_cfg.get("ema_warmup_offset", 10))
 
     def micro_loss(model, x_t, t, v, cond):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
@@ -87,7 +88,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         updates, opt_state = optimizer.update(grads, state.opt_state, params_f)
         params = eqx.apply_updates(state.params, updates)
         step = state.step.astype(jnp.float32)
-        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)) if ema_warmup else jnp.float32(ema_decay)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (ema_offset + step)) if ema_warmup else jnp.float32(ema_decay)
         ema = jax.tree.map(lambda e, p: e * decay + p * (1.0 - decay), eqx.filter(state.ema, eqx.is_inexact_array),
                            eqx.filter(params, eqx.is_inexact_array))
         ema = eqx.combine(ema, state.ema)
