@@ -46,3 +46,25 @@ def test_accumulated_step_equals_the_big_batch_step():
     # the steps really trained (so equality is not that of two no-ops)
     fresh, _ = _train(B * K, 1, [])
     assert max(np.max(np.abs(a - b)) for a, b in zip(_leaves(big), _leaves(fresh)) if a.size) > 1e-4
+
+
+def test_ema_follows_its_warm_up_schedule():
+    """EMA after each step = d * EMA + (1 - d) * new params with d = min(ema_decay, (1 + step) / (offset + step))."""
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((B, 8, 8, 4)).astype(np.float32),
+                "label": rng.integers(0, 10, B).astype(np.int32)} for _ in range(3)]
+    for offset in (10, 4):
+        cfg = compose("config", ["model=tiny", "model.depth=2", "optim.warmup_steps=1", "train.steps=10",
+                                 f"train.ema_warmup_offset={offset}"])
+        spec = model_spec(cfg.model, {"shape": [8, 8, 4], "num_classes": 10})
+        model_key, train_key = split_keys(0)
+        optimizer, schedule = make_optimizer(cfg.train, cfg.optim)
+        state = init_state(build_model(spec, key=model_key), optimizer, train_key)
+        step_fn = make_train_step(cfg.train, optimizer, schedule, 10)
+        ema = _leaves(state.ema)
+        for i, b in enumerate(batches):
+            state, _ = step_fn(state, jax.tree.map(jnp.asarray, b))
+            d = min(0.999, (1 + i) / (offset + i))
+            ema = [d * e + (1 - d) * p for e, p in zip(ema, _leaves(state.params))]
+            np.testing.assert_allclose(np.concatenate([a.ravel() for a in _leaves(state.ema)]),
+                                       np.concatenate([a.ravel() for a in ema]), atol=1e-6)
