@@ -37,10 +37,13 @@ def main(cfg):
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
     meta = load_meta(data_dir)
     sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale", "solver", "shift", "noise",
-              "steps", "rtol", "atol", "chunk"):
+    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale",
+              "solver", "shift", "noise", "steps", "rtol", "atol", "chunk"):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
+    if sampler.get("guide_ckpt_dir") and sampler.get("guidance") != "auto":
+        raise UserError(f"guide_ckpt_dir is autoguidance's weak model, but guidance={sampler.get('guidance')}: "
+                        f"add guidance=auto")
     k = spec["num_classes"]
     prompts = None
     if int(saved.get("stage", 1)) == 2:  # text-conditional: prompt= one string or a list (default: training captions)

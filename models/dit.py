@@ -96,7 +96,8 @@ class DiT(eqx.Module):
 
     batched = True   # models.apply calls it on the whole batch (no vmap): 2-D matmuls, faster on CPU
 
-    def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."], y: Int[Array, "..."]) -> Float[Array, "... h w c"]:
+    def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."],
+                 y: Int[Array, "..."]) -> Float[Array, "... h w c"]:
         h, w = self.input_size
         p, dtype = self.patch_size, self.patch_embed.weight.dtype
         tokens = self.patch_embed(patchify(x.astype(dtype), p))  # (N, D)

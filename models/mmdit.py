@@ -118,8 +118,8 @@ class TextBlock(eqx.Module):
             x = x + self.cross(layer_norm(x), txt, mask)
             x = x + g2 * self.mlp(modulate(layer_norm(x), sh2, sc2))
             return x, txt
-        th1, tc1, tg1, th2, tc2, tg2 = (a[..., None, :] if i in (2, 5) else a
-                                        for i, a in enumerate(jnp.split(s + self.txt_table.astype(s.dtype), 6, axis=-1)))
+        txt_mod = jnp.split(s + self.txt_table.astype(s.dtype), 6, axis=-1)
+        th1, tc1, tg1, th2, tc2, tg2 = (a[..., None, :] if i in (2, 5) else a for i, a in enumerate(txt_mod))
         h = self.attn.num_heads
 
         def qkv(a: Attention, z):

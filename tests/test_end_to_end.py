@@ -40,7 +40,7 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     # autoguidance with the step-2 EMA as the weak model (and plain guidance on top)
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
                    "solver=heun", "steps=3", "evaluate=true")
-    assert "autoguidance 2.0 from step 2" in p.stdout
+    assert "autoguidance 1.5 from step 2" in p.stdout
     z = np.load(out, allow_pickle=False)
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_0"], z["images"])
@@ -56,8 +56,10 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     out2 = tmp_path / "s" / "other.npz"
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out2}", "solver=heun",
                    "steps=3", f"guide_ckpt_dir={ckpt}", "guide_step=2")
-    assert f"autoguidance 2.0 from {ckpt}" in p.stdout
+    assert f"autoguidance 1.5 from {ckpt}" in p.stdout
     np.testing.assert_array_equal(np.load(out2)["images"], z["images"])
+    p = run_script("sample.py", f"ckpt_dir={ckpt}", "guidance=cfg", f"guide_ckpt_dir={ckpt}", check=False)
+    assert p.returncode == 2 and "add guidance=auto" in p.stderr and "Traceback" not in p.stderr
     saved = read_config(ckpt)[0]
     strong = SimpleNamespace(input_size=(8, 8), in_channels=1, num_classes=7)
     with pytest.raises(UserError, match=r"num_classes 10 vs 7"):
