@@ -57,11 +57,12 @@ def main(cfg):
 
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ema = Checkpointer(cfg.ckpt_dir, create=False).restore_ema(template, step)
+    guide = ""
+    if sampler.get("guidance") == "auto":
+        weak_from = sampler.get("guide_ckpt_dir") or f"step {guide_step(sampler, run_cfg.train)}"
+        guide = f", autoguidance {sampler.guide_scale} from {weak_from}"
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"cfg {sampler.cfg_scale}" + (f", autoguidance {sampler.guide_scale} from " + (
-              f"{sampler.guide_ckpt_dir}" if sampler.get("guide_ckpt_dir") else
-              f"step {guide_step(sampler, run_cfg.train)}") if sampler.get("guidance") == "auto" else "") + ")",
-          flush=True)
+          f"cfg {sampler.cfg_scale}{guide})", flush=True)
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 

@@ -52,7 +52,8 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
 
 def apply(model, x, t, *cond):
     """The model on a batch: x (B, ...), t a scalar or (B,), cond per-example arrays (B, ...). Models that take a batch
-    directly (`batched = True`: both DiTs) get it whole; any other is vmapped one example at a time. Same numbers
+    directly (`batched = True`: both DiTs) get it whole; any other (e.g. a per-example callable, as the
+    sampler tests' analytic models) is vmapped one example at a time. Same numbers
     either way up to float rounding; the whole-batch call is ~2x faster to train on CPU (development_log.md)."""
     import jax.numpy as jnp
 

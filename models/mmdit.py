@@ -111,15 +111,15 @@ class TextBlock(eqx.Module):
             self.txt_attn = self.txt_mlp = self.txt_table = self.txt_gain = None
 
     def __call__(self, x, txt, mask, s):
-        sh1, sc1, g1, sh2, sc2, g2 = (a[..., None, :] if i in (2, 5) else a
-                                      for i, a in enumerate(jnp.split(s + self.table.astype(s.dtype), 6, axis=-1)))
+        sh1, sc1, g1, sh2, sc2, g2 = jnp.split(s + self.table.astype(s.dtype), 6, axis=-1)
+        g1, g2 = g1[..., None, :], g2[..., None, :]   # per-example gates, applied to every token
         if self.mixing == "cross":
             x = x + g1 * self.attn(modulate(layer_norm(x), sh1, sc1))
             x = x + self.cross(layer_norm(x), txt, mask)
             x = x + g2 * self.mlp(modulate(layer_norm(x), sh2, sc2))
             return x, txt
-        txt_mod = jnp.split(s + self.txt_table.astype(s.dtype), 6, axis=-1)
-        th1, tc1, tg1, th2, tc2, tg2 = (a[..., None, :] if i in (2, 5) else a for i, a in enumerate(txt_mod))
+        th1, tc1, tg1, th2, tc2, tg2 = jnp.split(s + self.txt_table.astype(s.dtype), 6, axis=-1)
+        tg1, tg2 = tg1[..., None, :], tg2[..., None, :]
         h = self.attn.num_heads
 
         def qkv(a: Attention, z):

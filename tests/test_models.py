@@ -52,7 +52,7 @@ def test_scan_equals_unrolled_and_remat():
 
 def test_whole_batch_call_equals_one_example_at_a_time():
     """The DiT takes a batch directly (models.apply: 2-D matmuls, faster on CPU); it must compute what the model does
-    for each example alone, with per-example or shared times, under vmap too (the text DiT's path)."""
+    for each example alone, with per-example or shared times, and under vmap too."""
     spec = spec_for("tiny", scan_blocks=True)
     model = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
                          build_model(spec, key=jax.random.PRNGKey(0)))

@@ -43,8 +43,8 @@ def check_guide_step(sampler_cfg, train_cfg) -> None:
     step, total = guide_step(sampler_cfg, train_cfg), int(train_cfg.steps)
     if step is not None and not 0 < step < total:
         raise UserError(f"sampler.guidance=auto guides away from the EMA saved at an earlier step, but "
-                        f"sampler.guide_step={step} is not between 0 and train.steps={total}: set sampler.guide_step=null (5/12 of the "
-                        f"run) or a step before the last, or sampler.guidance=cfg")
+                        f"sampler.guide_step={step} is not between 0 and train.steps={total}: set "
+                        f"sampler.guide_step=null (5/12 of the run) or a step before the last, or sampler.guidance=cfg")
 
 
 def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
@@ -53,18 +53,19 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
     the EMA of that run at guide_step (null: its latest), rebuilt from the config saved there."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
+    from training.checkpoint import Checkpointer, read_config
+
     other = sampler_cfg.get("guide_ckpt_dir", None)
-    step = guide_step(sampler_cfg, train_cfg)
     if other:
         import jax
 
         from models import build_model
-        from training.checkpoint import read_config
 
         saved, step = read_config(other, sampler_cfg.get("guide_step", None))
         check_weak_run(saved, template, train_cfg, other)
         template, ckpt_dir = build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), other
-    from training.checkpoint import Checkpointer
+    else:
+        step = guide_step(sampler_cfg, train_cfg)
 
     ckpt = Checkpointer(ckpt_dir, create=False)
     try:
@@ -82,9 +83,9 @@ def check_weak_run(saved: dict, strong, train_cfg, where) -> None:
     spec, tc = saved["model_spec"], saved.get("train", {})
     mine = {"input_size": list(strong.input_size), "in_channels": strong.in_channels,
             "num_classes": strong.num_classes, "prediction": train_cfg.prediction, "t_eps": float(train_cfg.t_eps)}
-    theirs = {**{k: spec.get(k) for k in ("input_size", "in_channels", "num_classes")},
-              "prediction": tc.get("prediction"), "t_eps": float(tc.get("t_eps", -1))}
-    theirs["input_size"] = list(theirs["input_size"] or [])
+    theirs = {"input_size": list(spec.get("input_size") or []), "in_channels": spec.get("in_channels"),
+              "num_classes": spec.get("num_classes"), "prediction": tc.get("prediction"),
+              "t_eps": float(tc.get("t_eps", -1))}
     bad = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
     if bad:
         raise UserError(f"guide_ckpt_dir={where} holds a run that does not match this one ({'; '.join(bad)}): "
