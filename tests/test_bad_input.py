@@ -145,7 +145,8 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     for extra, needle in ((["optim.nope=1"], "nope"), (["data=nope"], "nope"), (["train=nope"], "nope"),
                           (["train.steps=[1"], "bad configuration"),
                           (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver"),
-                          (["sampler.guidance=nope"], "guidance"),
+                          (["sampler.guidance=nope"], "guidance"), (["train.prediction=eps"], "train.prediction"),
+                          (["train.time_sampling=normal"], "time_sampling"),
                           (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line

@@ -14,6 +14,8 @@ Loss: mean over all elements of (v_hat - v)^2 (plain MSE, not the seed's 1/2 MSE
 import jax
 import jax.numpy as jnp
 
+from training.errors import UserError
+
 
 def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
              uniform_frac: float = 0.0):
@@ -41,6 +43,17 @@ def interpolate(x, eps, t):
 
 def velocity_target(x, eps):
     return x - eps
+
+
+PREDICTIONS = ("v", "x")
+
+
+def check_objective(train_cfg) -> None:
+    """A bad train.prediction / train.time_sampling fails at start with one line, not inside the first traced step."""
+    if str(train_cfg.prediction) not in PREDICTIONS:
+        raise UserError(f"train.prediction={train_cfg.prediction} is not one of {' | '.join(PREDICTIONS)}")
+    if str(train_cfg.time_sampling) not in ("uniform", "logit_normal"):
+        raise UserError(f"train.time_sampling={train_cfg.time_sampling} is not one of uniform | logit_normal")
 
 
 def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from models import ARCH_KEYS, build_model, forward_flops, param_count
-from training import distributed, sharding
+from training import distributed, flow, sharding
 from training.sampling import check_sampler
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
@@ -79,6 +79,7 @@ def run(cfg, task: Task) -> dict:
     if global_batch % mesh.size or global_batch % jax.process_count():
         raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
                         f"and the {jax.process_count()} processes")
+    flow.check_objective(tc)
     check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
     check_guide_step(cfg.sampler, tc)
     if is_main:
