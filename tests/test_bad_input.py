@@ -147,7 +147,8 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver"),
                           (["sampler.guidance=nope"], "guidance"), (["train.prediction=eps"], "train.prediction"),
                           (["train.time_sampling=normal"], "time_sampling"),
-                          (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step")):
+                          (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step"),
+                          (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "guide_fraction=1.0 (step 8)")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()
@@ -160,8 +161,9 @@ def test_resume_with_autoguidance_needs_its_weak_checkpoint(monkeypatch, capsys,
     ok_cli(monkeypatch, tiny_overrides(digits_root, ck, steps=4))
     before = snapshot(ck)
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck, steps=8, **{"train.is_restore": True,
-                                                                                     "sampler.guidance": "auto"}))
-    assert "step 3" in line and "guidance=cfg" in line, line   # 5/12 of 8 steps
+                                                                                     "sampler.guidance": "auto",
+                                                                                     "sampler.guide_fraction": 0.375}))
+    assert "step 3" in line and "guidance=cfg" in line, line   # 3/8 of 8 steps, before the first run's end
     assert snapshot(ck) == before
 
 

@@ -22,29 +22,30 @@ def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg
     return to_uint8(x, meta)
 
 
-GUIDE_FRACTION = 500 / 1200   # sampler.guide_step null: the weak model is the EMA at this share of the run. Measured
-                              # on Fashion-MNIST (log): step 500 of 1200 best, 1000 too close to the final model, and
-                              # the result moves with the exact step (480 scored worse than 500 on one run); the
-                              # 1600-step default uses step 667
+OLD_GUIDE_FRACTION = 5 / 12   # runs saved before sampler.guide_fraction existed kept the EMA at 5/12 of the run
 
 
 def guide_step(sampler_cfg, train_cfg) -> int | None:
-    """The step whose EMA is autoguidance's weak model: sampler.guide_step, or GUIDE_FRACTION of train.steps when it
-    is null (step 667 of the default 1600); None when the sampler does not autoguide. Training saves that step and
-    keeps it whatever keep_ckpts says."""
+    """The step whose EMA is autoguidance's weak model: sampler.guide_step, or sampler.guide_fraction of train.steps
+    when it is null (step 1500 of the default 2000); None when the sampler does not autoguide. Training saves that
+    step and keeps it whatever keep_ckpts says."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
     step = sampler_cfg.get("guide_step", None)
-    return max(1, round(GUIDE_FRACTION * int(train_cfg.steps))) if step is None else int(step)
+    if step is not None:
+        return int(step)
+    return max(1, round(float(sampler_cfg.get("guide_fraction", OLD_GUIDE_FRACTION)) * int(train_cfg.steps)))
 
 
 def check_guide_step(sampler_cfg, train_cfg) -> None:
     """Autoguidance reads its weak model from an earlier checkpoint of the run: it must come before the last step."""
     step, total = guide_step(sampler_cfg, train_cfg), int(train_cfg.steps)
     if step is not None and not 0 < step < total:
-        raise UserError(f"sampler.guidance=auto guides away from the EMA saved at an earlier step, but "
-                        f"sampler.guide_step={step} is not between 0 and train.steps={total}: set "
-                        f"sampler.guide_step=null (5/12 of the run) or a step before the last, or sampler.guidance=cfg")
+        what = (f"sampler.guide_step={step}" if sampler_cfg.get("guide_step", None) is not None else
+                f"sampler.guide_fraction={sampler_cfg.get('guide_fraction')} (step {step})")
+        raise UserError(f"sampler.guidance=auto guides away from the EMA saved at an earlier step, but {what} is not "
+                        f"between 0 and train.steps={total}: set a guide_fraction in (0, 1), a guide_step before the "
+                        f"last, or sampler.guidance=cfg")
 
 
 def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
