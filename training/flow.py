@@ -17,6 +17,10 @@ import jax.numpy as jnp
 from training.errors import UserError
 
 
+PREDICTIONS = ("v", "x")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
 def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
              uniform_frac: float = 0.0):
     """Training times. logit-normal(mean, std) puts more weight mid-trajectory (SD3, Esser et al. 2024).
@@ -27,7 +31,7 @@ def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: fl
     if kind == "uniform":
         return jax.random.uniform(key, (n,), jnp.float32)
     if kind != "logit_normal":
-        raise ValueError(f"unknown time sampling {kind!r} (uniform | logit_normal)")
+        raise ValueError(f"unknown time sampling {kind!r} ({' | '.join(TIME_SAMPLINGS)})")
     logit_normal = lambda k: jax.nn.sigmoid(mean + std * jax.random.normal(k, (n,), jnp.float32))
     if uniform_frac <= 0.0:   # the key used as is: the draws of runs saved before uniform_frac existed
         return logit_normal(key)
@@ -45,15 +49,12 @@ def velocity_target(x, eps):
     return x - eps
 
 
-PREDICTIONS = ("v", "x")
-
-
 def check_objective(train_cfg) -> None:
     """A bad train.prediction / train.time_sampling fails at start with one line, not inside the first traced step."""
     if str(train_cfg.prediction) not in PREDICTIONS:
         raise UserError(f"train.prediction={train_cfg.prediction} is not one of {' | '.join(PREDICTIONS)}")
-    if str(train_cfg.time_sampling) not in ("uniform", "logit_normal"):
-        raise UserError(f"train.time_sampling={train_cfg.time_sampling} is not one of uniform | logit_normal")
+    if str(train_cfg.time_sampling) not in TIME_SAMPLINGS:
+        raise UserError(f"train.time_sampling={train_cfg.time_sampling} is not one of {' | '.join(TIME_SAMPLINGS)}")
 
 
 def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):
@@ -63,7 +64,7 @@ def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):
     if prediction == "x":
         t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
         return (out - x_t) / jnp.maximum(1.0 - t, t_eps)
-    raise ValueError(f"unknown prediction {prediction!r} (v | x)")
+    raise ValueError(f"unknown prediction {prediction!r} ({' | '.join(PREDICTIONS)})")
 
 
 def to_clean(out, x_t, t, prediction: str = "v"):
@@ -73,7 +74,7 @@ def to_clean(out, x_t, t, prediction: str = "v"):
     if prediction == "v":
         t = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim))
         return x_t + (1.0 - t) * out
-    raise ValueError(f"unknown prediction {prediction!r} (v | x)")
+    raise ValueError(f"unknown prediction {prediction!r} ({' | '.join(PREDICTIONS)})")
 
 
 def cap_loss_weight(t, w_max: float, t_eps: float = 0.05):
