@@ -90,7 +90,7 @@ def main(argv):
     args = dict(a.split("=", 1) for a in argv)
     model = read_yaml(ROOT / "configs/model" / f"{args.pop('model', 'XL-2')}.yaml")
     train = read_yaml(ROOT / "configs/train/stage1.yaml")
-    optim = read_yaml(ROOT / "configs/optim/adamw.yaml")
+    optim = read_yaml(ROOT / "configs/optim" / f"{args.pop('optim', 'adamw')}.yaml")
     train.update(precision="bfloat16" if jax.default_backend() == "gpu" else "float32")
     for k in [k for k in args if "." in k]:
         group, key = k.split(".", 1)

@@ -176,6 +176,12 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
         "train.is_restore": True, "model.depth": 3, "model.hidden_size": 48}))
     assert "different model" in line and "depth" in line and "hidden_size" in line, line
+    # Another optimizer: its state cannot be restored from this one's.
+    other = {"adamw": "muon", "muon": "adamw"}[cli.compose("config", []).optim.name]
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
+        "train.is_restore": True, "optim": other}))
+    assert "trained with optim=" in line and f"resume with optim={other}" not in line, line
+    assert snapshot(ck) == before
     # A fresh start into a directory of an existing run refuses to overwrite it.
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4))
     assert "already holds checkpoints" in line and "is_restore" in line

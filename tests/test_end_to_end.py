@@ -27,20 +27,20 @@ def run_script(*args, env_extra=None, check=True):
 def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     ckpt = tmp_path / "run"
     # A non-default preset (B-8 shape family, shrunk) and patch 2: sample.py must rebuild it from the checkpoint.
-    # Autoguidance as in the shipped config: guide_step null = 5/12 of 12 steps = step 5, saved and kept although it
+    # Autoguidance as in the shipped config: guide_step null = 1/2 of 14 steps = step 7, saved and kept although it
     # is neither a multiple of ckpt_every nor among the keep_ckpts=1 latest.
-    over = tiny_overrides(digits_root, str(ckpt), steps=12, **{"model.hidden_size": 48, "model.num_heads": 3,
-                                                                "train.sample_every": 12, "train.ckpt_every": 3,
+    over = tiny_overrides(digits_root, str(ckpt), steps=14, **{"model.hidden_size": 48, "model.num_heads": 3,
+                                                                "train.sample_every": 14, "train.ckpt_every": 3,
                                                                 "train.keep_ckpts": 1, "sampler.guidance": "auto"})
     p = run_script("train_stage1.py", *over)
     assert "parameters" in p.stdout and "GFLOPs" in p.stdout and "compiling" in p.stdout
-    assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [5, 12]
+    assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [7, 14]
     assert list((ckpt / "samples").glob("*.png"))
     out = tmp_path / "s" / "samples.npz"
-    # autoguidance with the step-5 EMA as the weak model (and plain guidance on top)
+    # autoguidance with the step-7 EMA as the weak model (and plain guidance on top)
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
                    "solver=heun", "steps=3", "evaluate=true")
-    assert "autoguidance 1.5 from step 5" in p.stdout
+    assert "autoguidance 1.5 from step 7" in p.stdout
     z = np.load(out, allow_pickle=False)
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_0"], z["images"])
@@ -49,13 +49,13 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert out.with_suffix(".png").is_file()
     res = json.loads(out.with_suffix(".eval.json").read_text())
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
-    with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[5, 12\]"):
-        load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 12}))
-    # The weak model named as another run's directory (here this run's, at step 5: the same weights as the default)
+    with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[7, 14\]"):
+        load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 14}))
+    # The weak model named as another run's directory (here this run's, at step 7: the same weights as the default)
     # gives the same samples bit for bit; a run with other inputs or another prediction target is refused.
     out2 = tmp_path / "s" / "other.npz"
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out2}", "solver=heun",
-                   "steps=3", f"guide_ckpt_dir={ckpt}", "guide_step=5")
+                   "steps=3", f"guide_ckpt_dir={ckpt}", "guide_step=7")
     assert f"autoguidance 1.5 from {ckpt}" in p.stdout
     np.testing.assert_array_equal(np.load(out2)["images"], z["images"])
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "guidance=cfg", f"guide_ckpt_dir={ckpt}", check=False)

@@ -1,6 +1,7 @@
 """Acceptance: 2N steps straight == N steps, stop, restore, N more -- bitwise (params, EMA, optimizer, next batch)."""
 
 import numpy as np
+import pytest
 
 import train_stage1
 from conftest import assert_same_state, restore_final, tiny_overrides
@@ -12,10 +13,11 @@ from training.state import split_keys
 N = 4
 
 
-def test_resume_is_bitwise_exact(digits_root, tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resume_is_bitwise_exact(digits_root, tmp_path, optim):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     # hflip on: the augmentation randomness must resume too.
-    common = {"data.hflip": True, "train.lr": 3e-3}
+    common = {"data.hflip": True, "train.lr": 3e-3, "optim": optim}
     train_stage1.main(compose("config", tiny_overrides(digits_root, straight, steps=2 * N, **common)))
     r1 = train_stage1.main(compose("config", tiny_overrides(digits_root, split, steps=2 * N,
                                                             **common, **{"train.stop_at_step": N})))

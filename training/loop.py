@@ -114,6 +114,10 @@ def run(cfg, task: Task) -> dict:
                                 f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
             saved, _ = read_config(tc.ckpt_dir, latest)
             check_same_model(saved, task.spec, tc.ckpt_dir)
+            was = saved.get("optim", {}).get("name", "adamw")
+            if was != cfg.optim.get("name", "adamw"):   # a different optimizer state: it cannot be restored
+                raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained with optim={was}: resume with optim={was}, "
+                                f"or start the other optimizer in another train.ckpt_dir")
             if weak_step is not None and weak_step <= latest and weak_step not in ckpt.manager.all_steps():
                 raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
                                 f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "

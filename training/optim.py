@@ -1,7 +1,19 @@
-"""Optimizer from config: global-norm clipping, then AdamW on a warm-up + cosine/constant learning-rate schedule."""
+"""Optimizer from config: global-norm clipping, then AdamW or Muon on a warm-up + cosine/constant schedule.
+
+`optim=adamw` (default) or `optim=muon` (configs/optim/). Muon (Jordan et al. 2024; optax.contrib.muon) replaces
+the Adam update of the transformer blocks' weight matrices by the orthogonalised (Newton-Schulz) momentum; every
+other parameter (embeddings, the patch and output layers, biases, norm scales) keeps AdamW, as Muon's authors advise.
+Its updates are rescaled to AdamW's typical RMS (`consistent_rms`, Liu et al. 2025), so `train.lr` means about the same
+step size for both.
+"""
 
 import jax
 import optax
+from optax.contrib import MuonDimensionNumbers, muon
+
+from training.errors import UserError
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def lr_schedule(lr: float, steps: int, optim_cfg):
@@ -12,7 +24,7 @@ def lr_schedule(lr: float, steps: int, optim_cfg):
     if optim_cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
                                                   end_value=lr * float(optim_cfg.min_lr_ratio))
-    raise ValueError(f"unknown schedule {optim_cfg.schedule!r} (cosine | constant)")
+    raise UserError(f"unknown optim.schedule {optim_cfg.schedule!r}: use cosine or constant")
 
 
 def decay_mask(params):
@@ -25,11 +37,31 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def muon_dims(params):
+    """Which parameters Muon orthogonalises, and along which axes: the weights of the stacked blocks (depth, in, out),
+    each block's matrix on its own (the depth axis is a batch axis). None: AdamW."""
+    def dims(path, a):
+        name = jax.tree_util.keystr(path)
+        if ".blocks." in name and name.endswith(".weight") and a.ndim == 3:
+            return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+        return None
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def make_optimizer(train_cfg, optim_cfg):
     schedule = lr_schedule(float(train_cfg.lr), int(train_cfg.steps), optim_cfg)
-    opt = optax.chain(
-        optax.clip_by_global_norm(float(optim_cfg.clip_norm)),
-        optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                    weight_decay=float(optim_cfg.weight_decay), mask=decay_mask),
-    )
-    return opt, schedule
+    name = getattr(optim_cfg, "name", "adamw")   # configs saved before the key existed are AdamW runs
+    if name == "adamw":
+        update = optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                             weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
+    elif name == "muon":
+        ratio = float(optim_cfg.muon_lr_ratio)
+        update = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
+                      ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
+                      weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
+                      adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                      adam_weight_decay=float(optim_cfg.weight_decay), muon_weight_dimension_numbers=muon_dims,
+                      consistent_rms=0.2)
+    else:
+        raise UserError(f"unknown optim.name {name!r}: use optim=adamw or optim=muon ({' | '.join(OPTIMIZERS)})")
+    return optax.chain(optax.clip_by_global_norm(float(optim_cfg.clip_norm)), update), schedule

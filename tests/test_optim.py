@@ -1,0 +1,66 @@
+"""The optimizers behind `optim=adamw` / `optim=muon`: which parameters each rule moves, and how."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from models import build_model, model_spec
+from training.cli import compose
+from training.errors import UserError
+from training.optim import make_optimizer
+from training.state import split_keys
+
+
+def _first_update(optim: str):
+    """One optimizer update from a fresh state on a fixed random gradient, with the lr at its peak (no warm-up)."""
+    cfg = compose("config", ["model=tiny", "model.depth=2", f"optim={optim}", "optim.warmup_steps=0",
+                             "optim.schedule=constant", "train.lr=1e-2", "optim.clip_norm=1e9"])
+    spec = model_spec(cfg.model, {"shape": [8, 8, 4], "num_classes": 10})
+    params = eqx.filter(build_model(spec, key=split_keys(0)[0]), eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    # Columns scaled over a decade: an ill-conditioned gradient, as real ones are (a random one is nearly isotropic).
+    grads = jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape) * np.logspace(0, -1, a.shape[-1])
+                                         for k, a in zip(keys, leaves)])
+    opt, _ = make_optimizer(cfg.train, cfg.optim)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    return cfg.optim, grads, updates
+
+
+def test_muon_orthogonalises_block_matrices_and_leaves_the_rest_to_adamw():
+    optim, grads, updates = _first_update("muon")
+    w = np.asarray(updates.blocks.mlp.fc1.weight)   # (depth, in, out): one Newton-Schulz per block
+    assert w.ndim == 3
+    for i in range(w.shape[0]):
+        s = np.linalg.svd(w[i], compute_uv=False)
+        # Orthogonalised: all singular values alike (Muon's quintic iteration lands them in ~[0.7, 1.2] x scale)...
+        assert s.min() > 0.5 * s.max(), s
+        # ...while the raw random gradient's spread is wide (so this would fail if Muon had been skipped).
+        g = np.linalg.svd(np.asarray(grads.blocks.mlp.fc1.weight[i]), compute_uv=False)
+        assert g.min() < 0.3 * g.max()
+        # Scaled to AdamW's update RMS (0.2) x Muon's learning rate.
+        np.testing.assert_allclose(np.sqrt(np.mean(np.square(w[i]))), 0.2 * optim.muon_lr_ratio * 1e-2, rtol=0.35)
+    # Not a block matrix -> Adam (Nesterov's, as optax's muon uses), whose first step is one size for every entry,
+    # against the gradient's sign: (1 + b1) x lr / (1 + 0.9 b1 ...) -- nothing like the orthogonalised update.
+    for name in ("patch_embed", "final"):
+        u, g = np.asarray(getattr(updates, name).weight), np.asarray(getattr(grads, name).weight)
+        np.testing.assert_array_equal(np.sign(u), -np.sign(g))
+        np.testing.assert_allclose(np.abs(u), np.abs(u).max(), rtol=1e-4)
+        assert 1e-2 <= np.abs(u).max() <= 2e-2
+
+
+def test_adamw_moves_every_parameter_by_its_sign_at_the_first_step():
+    _, grads, updates = _first_update("adamw")
+    u, g = np.asarray(updates.blocks.mlp.fc1.weight), np.asarray(grads.blocks.mlp.fc1.weight)
+    np.testing.assert_allclose(u, -1e-2 * np.sign(g), rtol=1e-2)   # eps shows on tiny entries
+
+
+def test_unknown_optimizer_is_one_line():
+    with pytest.raises(Exception) as e:
+        compose("config", ["optim=sgd"])
+    assert "optim" in str(e.value)
+    cfg = compose("config", ["optim=muon"])
+    cfg.optim.name = "lion"
+    with pytest.raises((ValueError, UserError), match="adamw | muon"):
+        make_optimizer(cfg.train, cfg.optim)
