@@ -1,8 +1,9 @@
 """Optimizer from config: global-norm clipping, then AdamW or Muon on a warm-up + cosine/constant schedule.
 
-`optim=adamw` (default) or `optim=muon` (configs/optim/). Muon (Jordan et al. 2024; optax.contrib.muon) replaces
-the Adam update of the transformer blocks' weight matrices by the orthogonalised (Newton-Schulz) momentum; every
-other parameter (embeddings, the patch and output layers, biases, norm scales) keeps AdamW, as Muon's authors advise.
+`optim=muon` (stage 1's default) or `optim=adamw` (stage 2's) (configs/optim/). Muon (Jordan et al. 2024;
+optax.contrib.muon) replaces the Adam update of the transformer blocks' weight matrices by the orthogonalised
+(Newton-Schulz) momentum; every other parameter (embeddings, the patch and output layers, biases, norm scales) keeps
+Adam (optax's Muon uses Nesterov's), as Muon's authors advise.
 Its updates are rescaled to AdamW's typical RMS (`consistent_rms`, Liu et al. 2025), so `train.lr` means about the same
 step size for both.
 """
@@ -37,12 +38,13 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def muon_dims(params):
+def muon_dims(params, modulation: bool = True):
     """Which parameters Muon orthogonalises, and along which axes: the weights of the stacked blocks (depth, in, out),
-    each block's matrix on its own (the depth axis is a batch axis). None: AdamW."""
+    each block's matrix on its own (the depth axis is a batch axis); with modulation=False not the adaLN maps
+    (`.ada`, a third of the Newton-Schulz work on the small preset). None: Adam."""
     def dims(path, a):
         name = jax.tree_util.keystr(path)
-        if ".blocks." in name and name.endswith(".weight") and a.ndim == 3:
+        if ".blocks." in name and name.endswith(".weight") and a.ndim == 3 and (modulation or ".ada." not in name):
             return MuonDimensionNumbers(reduction_axis=1, output_axis=2)
         return None
     return jax.tree_util.tree_map_with_path(dims, params)
@@ -56,12 +58,14 @@ def make_optimizer(train_cfg, optim_cfg):
                              weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
     elif name == "muon":
         ratio = float(optim_cfg.muon_lr_ratio)
+        steps = int(optim_cfg.muon_ns_steps)
+        modulation = bool(getattr(optim_cfg, "muon_modulation", True))
         update = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
-                      ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
+                      ns_steps=steps, weight_decay=float(optim_cfg.weight_decay),
                       weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
                       adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                      adam_weight_decay=float(optim_cfg.weight_decay), muon_weight_dimension_numbers=muon_dims,
-                      consistent_rms=0.2)
+                      adam_weight_decay=float(optim_cfg.weight_decay), consistent_rms=0.2,
+                      muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
     else:
         raise UserError(f"unknown optim.name {name!r}: use optim=adamw or optim=muon ({' | '.join(OPTIMIZERS)})")
     return optax.chain(optax.clip_by_global_norm(float(optim_cfg.clip_norm)), update), schedule
