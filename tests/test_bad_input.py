@@ -182,6 +182,10 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
         "train.is_restore": True, "optim": other}))
     assert "trained with optim=" in line and f"resume with optim={other}" not in line, line
     assert snapshot(ck) == before
+    if other == "adamw":   # the run is Muon's: the adaLN maps on Adam would be another state layout too
+        line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
+            "train.is_restore": True, "optim.muon_modulation": False}))
+        assert "optim.muon_modulation=true" in line and "Traceback" not in line, line
     # A fresh start into a directory of an existing run refuses to overwrite it.
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4))
     assert "already holds checkpoints" in line and "is_restore" in line

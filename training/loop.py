@@ -23,7 +23,7 @@ from training.sampling import check_sampler
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
 from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
-from training.optim import make_optimizer
+from training.optim import make_optimizer, state_layout
 from training.state import init_state, split_keys
 from training.step import class_conditioning, make_train_step
 from training.tracking import Tracker, make_grid, save_png
@@ -114,10 +114,10 @@ def run(cfg, task: Task) -> dict:
                                 f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
             saved, _ = read_config(tc.ckpt_dir, latest)
             check_same_model(saved, task.spec, tc.ckpt_dir)
-            was = saved.get("optim", {}).get("name", "adamw")
-            if was != cfg.optim.get("name", "adamw"):   # a different optimizer state: it cannot be restored
-                raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained with optim={was}: resume with optim={was}, "
-                                f"or start the other optimizer in another train.ckpt_dir")
+            was, now = state_layout(saved.get("optim", {})), state_layout(cfg.optim)
+            if was != now:   # a different optimizer state: it cannot be restored
+                raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained with {was}: resume with {was}, "
+                                f"or start {now} in another train.ckpt_dir")
             if weak_step is not None and weak_step <= latest and weak_step not in ckpt.manager.all_steps():
                 raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
                                 f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "

@@ -50,6 +50,15 @@ def muon_dims(params, modulation: bool = True):
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def state_layout(optim_cfg) -> str:
+    """The optimizer settings that shape its state (a resume must keep them), as overrides: 'optim=adamw' or
+    'optim=muon optim.muon_modulation=...'. Configs saved before `name` existed are AdamW runs."""
+    name = optim_cfg.get("name", "adamw")
+    if name != "muon":
+        return f"optim={name}"
+    return f"optim=muon optim.muon_modulation={str(bool(optim_cfg.get('muon_modulation', True))).lower()}"
+
+
 def make_optimizer(train_cfg, optim_cfg):
     schedule = lr_schedule(float(train_cfg.lr), int(train_cfg.steps), optim_cfg)
     name = getattr(optim_cfg, "name", "adamw")   # configs saved before the key existed are AdamW runs
