@@ -27,7 +27,7 @@ OLD_GUIDE_FRACTION = 5 / 12   # runs saved before sampler.guide_fraction existed
 
 def guide_step(sampler_cfg, train_cfg) -> int | None:
     """The step whose EMA is autoguidance's weak model: sampler.guide_step, or sampler.guide_fraction of train.steps
-    when it is null (step 667 of the default 1600); None when the sampler does not autoguide. Training saves that
+    when it is null (step 800 of the default 1600); None when the sampler does not autoguide. Training saves that
     step and keeps it whatever keep_ckpts says."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None

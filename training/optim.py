@@ -50,27 +50,28 @@ def muon_dims(params, modulation: bool = True):
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def _layout(optim_cfg) -> tuple[str, bool]:
+    """(optimizer name, Muon on the adaLN maps): what shapes the optimizer state. Configs saved before these keys
+    existed are AdamW runs / Muon with the maps included."""
+    return str(optim_cfg.get("name", "adamw")), bool(optim_cfg.get("muon_modulation", True))
+
+
 def state_layout(optim_cfg) -> str:
-    """The optimizer settings that shape its state (a resume must keep them), as overrides: 'optim=adamw' or
-    'optim=muon optim.muon_modulation=...'. Configs saved before `name` existed are AdamW runs."""
-    name = optim_cfg.get("name", "adamw")
-    if name != "muon":
-        return f"optim={name}"
-    return f"optim=muon optim.muon_modulation={str(bool(optim_cfg.get('muon_modulation', True))).lower()}"
+    """The optimizer settings a resume must keep, as overrides ('optim=adamw', 'optim=muon optim.muon_modulation=.')."""
+    name, modulation = _layout(optim_cfg)
+    return f"optim={name}" if name != "muon" else f"optim=muon optim.muon_modulation={str(modulation).lower()}"
 
 
 def make_optimizer(train_cfg, optim_cfg):
     schedule = lr_schedule(float(train_cfg.lr), int(train_cfg.steps), optim_cfg)
-    name = getattr(optim_cfg, "name", "adamw")   # configs saved before the key existed are AdamW runs
+    name, modulation = _layout(optim_cfg)
     if name == "adamw":
         update = optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
                              weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
     elif name == "muon":
         ratio = float(optim_cfg.muon_lr_ratio)
-        steps = int(optim_cfg.muon_ns_steps)
-        modulation = bool(getattr(optim_cfg, "muon_modulation", True))
         update = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
-                      ns_steps=steps, weight_decay=float(optim_cfg.weight_decay),
+                      ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
                       weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
                       adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
                       adam_weight_decay=float(optim_cfg.weight_decay), consistent_rms=0.2,
