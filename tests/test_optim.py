@@ -44,15 +44,14 @@ def test_muon_orthogonalises_block_matrices_and_leaves_the_rest_to_adamw(extra):
         np.testing.assert_allclose(np.sqrt(np.mean(np.square(w[i]))), 0.2 * optim.muon_lr_ratio * 1e-2, rtol=0.35)
     # Not a block matrix -> Adam (Nesterov's, as optax's muon uses), whose first step is one size for every entry,
     # against the gradient's sign: (1 + b1) x lr / (1 + 0.9 b1 ...) -- nothing like the orthogonalised update.
-    adam = {"patch_embed": updates.patch_embed, "final": updates.final}
+    adam = [(updates.patch_embed, grads.patch_embed), (updates.final, grads.final)]   # (update, gradient)
     if not optim.muon_modulation:   # the adaLN maps left to Adam
-        adam["ada"] = updates.blocks.ada
+        adam.append((updates.blocks.ada, grads.blocks.ada))
     else:                           # ...or orthogonalised with the rest (entries of many sizes)
         a = np.abs(np.asarray(updates.blocks.ada.weight))
         assert a.min() < 0.5 * a.max()
-    for name in adam:
-        u = np.asarray(adam[name].weight)
-        g = np.asarray(grads.blocks.ada.weight if name == "ada" else getattr(grads, name).weight)
+    for upd, grad in adam:
+        u, g = np.asarray(upd.weight), np.asarray(grad.weight)
         np.testing.assert_array_equal(np.sign(u), -np.sign(g))
         np.testing.assert_allclose(np.abs(u), np.abs(u).max(), rtol=1e-2)   # eps shows on tiny entries
         assert 1e-2 <= np.abs(u).max() <= 2e-2

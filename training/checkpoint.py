@@ -177,11 +177,12 @@ class Checkpointer:
                   f"and counters are restored, the data iterator starts a fresh pass", flush=True)
         return {}
 
-    def restore_ema(self, template_model, step: int | None = None):
+    def restore_ema(self, template_model, step: int | None = None, item: str = "ema"):
+        """The EMA weights of a step as a model like `template_model` (item="params": the raw weights instead)."""
         step = self.latest_step() if step is None else step
         r = self.manager.restore(step, args=ocp.args.Composite(
-            ema=ocp.args.StandardRestore(_abstract(_arrays(template_model)))))
-        return eqx.combine(r["ema"], eqx.filter(template_model, eqx.is_array, inverse=True))
+            **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))
+        return eqx.combine(r[item], eqx.filter(template_model, eqx.is_array, inverse=True))
 
     def close(self):
         """Wait for pending asynchronous saves, then release the manager (always call before exit)."""
