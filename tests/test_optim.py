@@ -24,7 +24,8 @@ def _first_update(optim: str, *extra: str):
     grads = jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape) * np.logspace(0, -1, a.shape[-1])
                                          for k, a in zip(keys, leaves)])
     opt, _ = make_optimizer(cfg.train, cfg.optim)
-    updates, _ = opt.update(grads, opt.init(params), params)
+    # jitted: one compile instead of hundreds of op-by-op ones (the Newton-Schulz loop), the same arithmetic
+    updates, _ = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
     return cfg.optim, grads, updates
 
 
