@@ -38,7 +38,7 @@ def main(argv):
     x, y = load_split(meta, data_dir, "test")
     x, y = x[:n], jnp.asarray(y[:n], jnp.int32)
     xm, bg = jnp.asarray(to_model(x, meta)), x == 0
-    ema = Checkpointer(ckpt, create=False).restore_ema(build_model(spec, key=jax.random.PRNGKey(0)), step)
+    ema = Checkpointer(ckpt, create=False).restore_weights(build_model(spec, key=jax.random.PRNGKey(0)), step)
     pred = train.get("prediction", "v")
 
     @jax.jit

@@ -31,7 +31,7 @@ from training.sampling import balanced_labels  # noqa: E402
 
 
 def mean_of(ckpt: Checkpointer, template, steps, item="ema"):
-    arrays = [eqx.filter(ckpt.restore_ema(template, s, item=item), eqx.is_array) for s in steps]
+    arrays = [eqx.filter(ckpt.restore_weights(template, s, item=item), eqx.is_array) for s in steps]
     return jax.tree.map(lambda *a: sum(a) / len(a), *arrays)
 
 
@@ -41,18 +41,23 @@ def main(argv):
     saved, latest = read_config(a["ckpt_dir"], None)
     run = OmegaConf.create(saved)
     spec, data_dir = saved["model_spec"], ROOT / run.data.root / run.data.name
-    meta, template = load_meta(data_dir), build_model(saved["model_spec"], key=jax.random.PRNGKey(0))
-    ckpt = Checkpointer(a["ckpt_dir"], create=False)
+    meta, template = load_meta(data_dir), build_model(spec, key=jax.random.PRNGKey(0))
     strong = steps("strong") or [latest]
     g = guide_step(run.sampler, run.train)   # None: the run's sampler does not autoguide
     weak = steps("weak") or ([g] if g is not None else [])
-    w, raw = mean_of(ckpt, template, strong), float(a.get("raw", 0))
-    if raw:
-        w = jax.tree.map(lambda e, p: (1 - raw) * e + raw * p, w, mean_of(ckpt, template, strong[-1:], "params"))
+    raw = float(a.get("raw", 0))
+    ckpt = Checkpointer(a["ckpt_dir"], create=False)
+    try:
+        w = mean_of(ckpt, template, strong)
+        if raw:
+            w = jax.tree.map(lambda e, p: (1 - raw) * e + raw * p, w, mean_of(ckpt, template, strong[-1:], "params"))
+        w_weak = mean_of(ckpt, template, weak) if weak else None
+    finally:
+        ckpt.close()
     static = eqx.filter(template, eqx.is_array, inverse=True)
     labels = balanced_labels(int(a.get("num", 1000)), spec["num_classes"])
     images = generate(eqx.combine(w, static), spec, meta, labels, jax.random.PRNGKey(int(a.get("seed", 0))),
-                      run.sampler, run.train, weak=eqx.combine(mean_of(ckpt, template, weak), static) if weak else None)
+                      run.sampler, run.train, weak=None if w_weak is None else eqx.combine(w_weak, static))
     res = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split)).evaluate(images, labels)
     print(json.dumps({"strong": strong, "raw": raw, "weak": weak, "acc_ratio": round(float(res["acc_ratio"]), 3),
                       "fd_ratio": round(float(res["fd_ratio"]), 3)}))

@@ -63,6 +63,6 @@ def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
     template = build_model(spec, key=jax.random.PRNGKey(0))
     ck = Checkpointer(ckpt_dir, create=False)
     try:
-        return ck.restore_ema(template, step), spec
+        return ck.restore_weights(template, step), spec
     finally:
         ck.close()

@@ -177,8 +177,9 @@ class Checkpointer:
                   f"and counters are restored, the data iterator starts a fresh pass", flush=True)
         return {}
 
-    def restore_ema(self, template_model, step: int | None = None, item: str = "ema"):
-        """The EMA weights of a step as a model like `template_model` (item="params": the raw weights instead)."""
+    def restore_weights(self, template_model, step: int | None = None, item: str = "ema"):
+        """One saved set of weights of a step as a model like `template_model`: the EMA (what sampling uses) by
+        default, item="params" for the raw training weights."""
         step = self.latest_step() if step is None else step
         r = self.manager.restore(step, args=ocp.args.Composite(
             **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))

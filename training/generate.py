@@ -74,7 +74,7 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
         if step not in steps:
             raise UserError(f"sampler.guidance=auto needs the checkpoint at guide_step={step} in {ckpt_dir}, which "
                             f"holds steps {steps}: pass guide_step=<one of them> (an early one), or guidance=cfg")
-        return ckpt.restore_ema(template, step)
+        return ckpt.restore_weights(template, step)
     finally:
         ckpt.close()
 

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> dict:
     cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))
     cfg.sampler.steps = int(kv.get("steps", cfg.sampler.steps))
     ck = Checkpointer(ckpt_dir, create=False)
-    ema = ck.restore_ema(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
+    ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     ck.close()
     data_dir = Path(cfg.data.root) / cfg.data.name
     meta = load_meta(data_dir)
