@@ -50,7 +50,7 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
     return DiT(**kw, key=key)
 
 
-def apply(model, x, t, *cond, **kw):
+def apply(model, x, t, *cond):
     """The model on a batch: x (B, ...), t a scalar or (B,), cond per-example arrays (B, ...). Models that take a batch
     directly (`batched = True`: both DiTs) get it whole; any other (e.g. a per-example callable, as the
     sampler tests' analytic models) is vmapped one example at a time. Same numbers
@@ -59,8 +59,8 @@ def apply(model, x, t, *cond, **kw):
 
     t = jnp.broadcast_to(t, x.shape[:1])
     if getattr(model, "batched", False):
-        return model(x, t, *cond, **kw)
-    return jax.vmap(lambda *a: model(*a, **kw))(x, t, *cond)
+        return model(x, t, *cond)
+    return jax.vmap(model)(x, t, *cond)
 
 
 def param_count(model: eqx.Module) -> int:

@@ -39,10 +39,8 @@ class DiTBlock(eqx.Module):
         return x
 
 
-def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool, hidden_at: int | None = None):
-    """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised.
-
-    hidden_at = k: also return the tokens after the first k blocks (for a representation loss)."""
+def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool) -> Array:
+    """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised."""
     params, static = eqx.partition(blocks, eqx.is_array)
 
     def body(h, p):
@@ -50,18 +48,12 @@ def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: boo
 
     if remat:
         body = jax.checkpoint(body)
+    if scan:
+        return jax.lax.scan(body, x, params)[0]
     depth = jax.tree.leaves(params)[0].shape[0]
-    cuts = [0, depth] if hidden_at is None else [0, hidden_at, depth]
-    outs = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        part = params if (lo, hi) == (0, depth) else jax.tree.map(lambda a: a[lo:hi], params)
-        if scan:
-            x = jax.lax.scan(body, x, part)[0]
-        else:
-            for i in range(hi - lo):
-                x = body(x, jax.tree.map(lambda a: a[i], part))[0]
-        outs.append(x)
-    return x if hidden_at is None else (x, outs[0])
+    for i in range(depth):
+        x = body(x, jax.tree.map(lambda a: a[i], params))[0]
+    return x
 
 
 class DiT(eqx.Module):
@@ -105,18 +97,14 @@ class DiT(eqx.Module):
     batched = True   # models.apply calls it on the whole batch (no vmap): 2-D matmuls, faster on CPU
 
     def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."],
-                 y: Int[Array, "..."], hidden_at: int | None = None) -> Float[Array, "... h w c"]:
+                 y: Int[Array, "..."]) -> Float[Array, "... h w c"]:
         h, w = self.input_size
         p, dtype = self.patch_size, self.patch_embed.weight.dtype
         tokens = self.patch_embed(patchify(x.astype(dtype), p))  # (N, D)
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(tokens.shape[-1], h // p, w // p), dtype)
         t_emb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_sinusoid(t, FREQ_DIM).astype(dtype))))  # (D,)
         c = t_emb + self.y_embed[y]  # (..., D)
-        tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat,
-                            hidden_at=hidden_at)  # (N, D)
-        if hidden_at is not None:
-            tokens, hidden = tokens
+        tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat)  # (N, D)
         shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2, axis=-1)
         out = self.final(modulate(layer_norm(tokens), shift, scale))  # (N, p*p*C)
-        out = unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)
-        return out if hidden_at is None else (out, hidden)
+        return unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)

@@ -83,24 +83,3 @@ def test_projected_guidance_drops_only_the_part_along_the_clean_estimate():
     update = flow.projected_guided_velocity(v_c, v_u, x_c, 2.5, eta=0.0) - v_c
     np.testing.assert_allclose(jnp.sum(update * x_c, axis=(1, 2, 3)), 0.0, atol=1e-4)  # orthogonal, per example
     assert float(jnp.abs(update).max()) > 0.1
-
-
-def test_contrastive_loss_minimiser_moves_away_from_the_other_target():
-    """Delta-FM: per example the loss is minimised at (v_i - w v_{i-1}) / (1 - w), not at v_i; w = 0 is plain MSE."""
-    v = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 1))
-    grad = jax.grad(lambda vh, w: flow.contrastive_loss(vh, v, w))
-    w = 0.05
-    shifted = (v - w * jnp.roll(v, 1, axis=0)) / (1.0 - w)
-    assert float(jnp.max(jnp.abs(grad(shifted, w)))) < 1e-6
-    assert float(jnp.max(jnp.abs(grad(v, w)))) > 1e-3     # the plain target is no longer the minimiser
-    assert float(jnp.max(jnp.abs(grad(v, 0.0)))) == 0.0
-    assert float(flow.contrastive_loss(v + 1.0, v, 0.0)) == 1.0
-
-
-def test_dispersive_loss_is_zero_when_collapsed_and_its_gradient_spreads():
-    z = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 6))
-    assert abs(float(flow.dispersive_loss(jnp.zeros_like(z) + 3.0))) < 1e-6   # all identical: log mean exp(0) = 0
-    assert float(flow.dispersive_loss(2.0 * z)) < float(flow.dispersive_loss(z)) < 0.0   # spread out: lower
-    d = lambda a: jnp.sum(jnp.square(a[:, None] - a[None, :]), axis=(2, 3))
-    stepped = z - 0.5 * jax.grad(flow.dispersive_loss)(z)
-    assert float(jnp.sum(d(stepped))) > float(jnp.sum(d(z)))   # a descent step pushes the points apart

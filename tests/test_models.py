@@ -53,24 +53,6 @@ def test_scan_equals_unrolled_and_remat():
         np.testing.assert_allclose(other(x, t, y), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_hidden_at_returns_the_tokens_after_k_blocks():
-    """The dispersive loss reads the tokens after the first k blocks: the same with scan and unrolled blocks, equal
-    to the last tokens of the model cut to k blocks, and the output itself unchanged."""
-    spec = spec_for("tiny")
-    x, t, y = jnp.ones((2, 8, 8, 1)), jnp.array([0.4, 0.8]), jnp.array([2, 5])
-    hiddens = []
-    for over in ({}, {"scan_blocks": False}):
-        m = jax.tree.map(lambda a: a + 0.05, build_model({**spec, **over}, key=jax.random.PRNGKey(0)))
-        out, h1 = m(x, t, y, hidden_at=1)
-        np.testing.assert_allclose(out, m(x, t, y), rtol=1e-5, atol=1e-6)
-        cut = eqx.tree_at(lambda mm: mm.blocks, m, jax.tree.map(lambda a: a[:1], m.blocks))
-        _, h_cut = cut(x, t, y, hidden_at=1)
-        np.testing.assert_allclose(h1, h_cut, rtol=1e-6)
-        assert not np.allclose(h1, m(x, t, y, hidden_at=2)[1])
-        hiddens.append(h1)
-    np.testing.assert_allclose(hiddens[0], hiddens[1], rtol=1e-5, atol=1e-6)
-
-
 def test_whole_batch_call_equals_one_example_at_a_time():
     """The DiT takes a batch directly (models.apply: 2-D matmuls, faster on CPU); it must compute what the model does
     for each example alone, with per-example or shared times, and under vmap too."""

@@ -55,16 +55,6 @@ def check_objective(train_cfg) -> None:
         raise UserError(f"train.prediction={train_cfg.prediction} is not one of {' | '.join(PREDICTIONS)}")
     if str(train_cfg.time_sampling) not in TIME_SAMPLINGS:
         raise UserError(f"train.time_sampling={train_cfg.time_sampling} is not one of {' | '.join(TIME_SAMPLINGS)}")
-    weight = float(train_cfg.get("contrastive_weight", 0.0))
-    if not 0.0 <= weight < 1.0:
-        raise UserError(f"train.contrastive_weight={weight} must be in [0, 1) (the paper uses 0.05)")
-    disp = float(train_cfg.get("dispersive_weight", 0.0))
-    if disp < 0.0 or float(train_cfg.get("dispersive_tau", 1.0)) <= 0.0:
-        raise UserError("train.dispersive_weight must be >= 0 and train.dispersive_tau > 0")
-    if disp and int(train_cfg.get("dispersive_block", 2)) < 1:
-        raise UserError(f"train.dispersive_block={train_cfg.dispersive_block} must name a block (1 = after the first)")
-    if weight and train_cfg.get("loss_weight_max", None) is not None:
-        raise UserError("train.contrastive_weight and train.loss_weight_max cannot be combined: set one of them")
 
 
 def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):
@@ -95,29 +85,6 @@ def cap_loss_weight(t, w_max: float, t_eps: float = 0.05):
     (time_uniform_frac); capping the weight at w_max leaves every t with (1 - t)^2 >= 1 / w_max untouched."""
     one_minus_t = jnp.maximum(1.0 - t, t_eps)
     return jnp.minimum(1.0, w_max * jnp.square(one_minus_t))
-
-
-def contrastive_loss(v_hat, v, weight: float):
-    """Contrastive flow matching (Stoica et al. 2025, "Delta-FM"): the flow-matching MSE minus `weight` times the
-    MSE against another example's target (the batch rolled by one: another image, noise and, mostly, class).
-
-    Per example the minimiser is v_hat = (v_i - weight * v_j) / (1 - weight): the prediction is pushed away from
-    targets of other conditions, which the paper finds makes conditional flows more distinct (less guidance
-    needed, better FID at equal steps). weight = 0 is the plain loss."""
-    loss = jnp.mean(jnp.square(v_hat - v))
-    if weight == 0.0:
-        return loss
-    return loss - weight * jnp.mean(jnp.square(v_hat - jnp.roll(v, 1, axis=0)))
-
-
-def dispersive_loss(h, tau: float = 1.0):
-    """Dispersive loss (Wang & He 2025, "Diffuse and Disperse"; InfoNCE-L2 without positive pairs):
-    log mean_{i,j} exp(-|z_i - z_j|^2 / (dim tau)) over the batch's flattened hidden states z. Minimising it spreads
-    the intermediate representations apart; it needs no encoder, data or parameters of its own."""
-    z = h.reshape(h.shape[0], -1).astype(jnp.float32)
-    sq = jnp.sum(jnp.square(z), axis=1)
-    d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0) / z.shape[1]
-    return jax.nn.logsumexp(-d / tau) - jnp.log(float(d.size))
 
 
 def drop_labels(key, y, p: float, null_class: int):

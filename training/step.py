@@ -44,22 +44,15 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
     w_max = train_cfg.get("loss_weight_max", None)
     ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
     ema_offset = float(train_cfg.get("ema_warmup_offset", 10))
-    contrastive = float(train_cfg.get("contrastive_weight", 0.0))
-    disp_w, disp_tau = float(train_cfg.get("dispersive_weight", 0.0)), float(train_cfg.get("dispersive_tau", 1.0))
-    disp_at = int(train_cfg.get("dispersive_block", 2)) if disp_w else None
 
     def micro_loss(model, x_t, t, v, cond):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
-        if disp_at is None:
-            out, extra = apply(m, x_t.astype(compute_dtype), t, *cond), 0.0
-        else:
-            out, hidden = apply(m, x_t.astype(compute_dtype), t, *cond, hidden_at=disp_at)
-            extra = disp_w * flow.dispersive_loss(hidden, disp_tau)
-        v_hat = flow.to_velocity(out.astype(jnp.float32), x_t, t, pred, t_eps)
+        out = apply(m, x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
+        v_hat = flow.to_velocity(out, x_t, t, pred, t_eps)
         if w_max is None:
-            return flow.contrastive_loss(v_hat, v, contrastive) + extra
+            return jnp.mean(jnp.square(v_hat - v))
         w = flow.cap_loss_weight(t, float(w_max), t_eps)
-        return jnp.mean(w.reshape(w.shape + (1,) * (v.ndim - 1)) * jnp.square(v_hat - v)) + extra
+        return jnp.mean(w.reshape(w.shape + (1,) * (v.ndim - 1)) * jnp.square(v_hat - v))
 
     grad_fn = eqx.filter_value_and_grad(micro_loss)
 
