@@ -56,7 +56,8 @@ def main(cfg):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
     template = build_model(spec, key=jax.random.PRNGKey(0))
-    ema = Checkpointer(cfg.ckpt_dir, create=False).restore_weights(template, step)
+    with Checkpointer(cfg.ckpt_dir, create=False) as ck:
+        ema = ck.restore_weights(template, step)
     guide = ""
     if sampler.get("guidance") == "auto":
         weak_from = sampler.get("guide_ckpt_dir") or f"step {guide_step(sampler, run_cfg.train)}"

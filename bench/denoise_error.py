@@ -38,7 +38,8 @@ def main(argv):
     x, y = load_split(meta, data_dir, "test")
     x, y = x[:n], jnp.asarray(y[:n], jnp.int32)
     xm, bg = jnp.asarray(to_model(x, meta)), x == 0
-    ema = Checkpointer(ckpt, create=False).restore_weights(build_model(spec, key=jax.random.PRNGKey(0)), step)
+    with Checkpointer(ckpt, create=False) as ck:
+        ema = ck.restore_weights(build_model(spec, key=jax.random.PRNGKey(0)), step)
     pred = train.get("prediction", "v")
 
     @jax.jit

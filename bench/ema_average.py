@@ -46,14 +46,11 @@ def main(argv):
     g = guide_step(run.sampler, run.train)   # None: the run's sampler does not autoguide
     weak = steps("weak") or ([g] if g is not None else [])
     raw = float(a.get("raw", 0))
-    ckpt = Checkpointer(a["ckpt_dir"], create=False)
-    try:
+    with Checkpointer(a["ckpt_dir"], create=False) as ckpt:
         w = mean_of(ckpt, template, strong)
         if raw:
             w = jax.tree.map(lambda e, p: (1 - raw) * e + raw * p, w, mean_of(ckpt, template, strong[-1:], "params"))
         w_weak = mean_of(ckpt, template, weak) if weak else None
-    finally:
-        ckpt.close()
     static = eqx.filter(template, eqx.is_array, inverse=True)
     labels = balanced_labels(int(a.get("num", 1000)), spec["num_classes"])
     images = generate(eqx.combine(w, static), spec, meta, labels, jax.random.PRNGKey(int(a.get("seed", 0))),

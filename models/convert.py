@@ -61,8 +61,5 @@ def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
     if spec.get("mixing") is not None or "num_classes" not in spec:
         raise UserError(f"train.init_from={ckpt_dir} is not a stage-1 (class-conditional) run")
     template = build_model(spec, key=jax.random.PRNGKey(0))
-    ck = Checkpointer(ckpt_dir, create=False)
-    try:
+    with Checkpointer(ckpt_dir, create=False) as ck:
         return ck.restore_weights(template, step), spec
-    finally:
-        ck.close()

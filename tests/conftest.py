@@ -71,11 +71,8 @@ def restore_final(ckpt_dir, root, step=None):
     data_dir = f"{root}/{saved['data']['name']}"
     it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=int(tc.batch_size) * int(tc.grad_accum),
                        seed=int(tc.seed), hflip=bool(saved["data"].get("hflip", False)))
-    ck = Checkpointer(ckpt_dir, create=False)
-    try:
+    with Checkpointer(ckpt_dir, create=False) as ck:
         state = ck.restore(template, it, step)
-    finally:
-        ck.close()
     return state, next(it)
 
 

@@ -80,9 +80,8 @@ def test_init_from_a_stage1_checkpoint(digits_text_root, digits_root, tmp_path):
     train_stage2.main(compose("stage2", over))
     saved, step = read_config(s2_dir)
     template = build_model(saved["model_spec"], key=jax.random.PRNGKey(0))
-    ck = Checkpointer(s2_dir, create=False)
-    s2 = ck.restore_weights(template, step)
-    ck.close()
+    with Checkpointer(s2_dir, create=False) as ck:
+        s2 = ck.restore_weights(template, step)
     x = jax.random.normal(jax.random.PRNGKey(5), (8, 8, 1))
     t = jnp.float32(0.5)
     want = s1(x, t, jnp.int32(spec1["num_classes"]))

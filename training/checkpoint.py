@@ -185,6 +185,12 @@ class Checkpointer:
             **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))
         return eqx.combine(r[item], eqx.filter(template_model, eqx.is_array, inverse=True))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
         """Wait for pending asynchronous saves, then release the manager (always call before exit)."""
         try:

@@ -68,15 +68,12 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
     else:
         step = guide_step(sampler_cfg, train_cfg)
 
-    ckpt = Checkpointer(ckpt_dir, create=False)
-    try:
+    with Checkpointer(ckpt_dir, create=False) as ckpt:
         steps = sorted(ckpt.manager.all_steps())
         if step not in steps:
             raise UserError(f"sampler.guidance=auto needs the checkpoint at guide_step={step} in {ckpt_dir}, which "
                             f"holds steps {steps}: pass guide_step=<one of them> (an early one), or guidance=cfg")
         return ckpt.restore_weights(template, step)
-    finally:
-        ckpt.close()
 
 
 def check_weak_run(saved: dict, strong, train_cfg, where) -> None:

@@ -56,9 +56,8 @@ def main(argv: list[str]) -> dict:
     cfg.eval.num_samples = int(kv.get("num_samples", cfg.eval.num_samples))
     cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))
     cfg.sampler.steps = int(kv.get("steps", cfg.sampler.steps))
-    ck = Checkpointer(ckpt_dir, create=False)
-    ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
-    ck.close()
+    with Checkpointer(ckpt_dir, create=False) as ck:
+        ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     data_dir = Path(cfg.data.root) / cfg.data.name
     meta = load_meta(data_dir)
     return caption_topk(ema, saved["model_spec"], meta, load_text(meta, data_dir, "train"),
