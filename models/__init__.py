@@ -13,11 +13,11 @@ import jax
 from models.dit import DiT
 
 SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "scan_blocks", "remat",
-             "attention_impl", "input_size", "in_channels", "num_classes", "mixing", "out_conv")
+             "attention_impl", "input_size", "in_channels", "num_classes", "mixing")
 # Keys that change the function the weights compute; the others (scan, remat, attention kernel, name) do not,
 # so a checkpoint restores across them.
 ARCH_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
-             "num_classes", "mixing", "text_dim", "max_tokens", "out_conv")
+             "num_classes", "mixing", "text_dim", "max_tokens")
 
 
 def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
@@ -25,8 +25,6 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
     h, w, c = meta["shape"]
     spec = {k: model_cfg[k] for k in SPEC_KEYS if k in model_cfg}
     spec.update(input_size=[int(h), int(w)], in_channels=int(c), num_classes=int(meta["num_classes"]))
-    if not spec.get("out_conv"):   # off: left out, so checkpoints saved before the option existed still match
-        spec.pop("out_conv", None)
     if spec.get("mixing") is not None:  # stage 2: the text features' width and length come from the prepared data
         if not meta.get("text"):
             from training.errors import UserError

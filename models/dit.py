@@ -64,19 +64,15 @@ class DiT(eqx.Module):
     blocks: DiTBlock  # stacked: every array has a leading `depth` axis
     final_ada: Linear
     final: Linear
-    out_conv_w: Float[Array, "3 3 k c"] | None  # optional 3x3 conv after unpatchify (U-ViT); zero-init output
-    out_conv_b: Float[Array, " c"] | None
     input_size: tuple[int, int] = eqx.field(static=True)
     in_channels: int = eqx.field(static=True)
     patch_size: int = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
     scan_blocks: bool = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
-    out_conv: int = eqx.field(static=True)
 
     def __init__(self, *, input_size, in_channels, num_classes, hidden_size, depth, num_heads, patch_size,
-                 mlp_ratio=4.0, scan_blocks=True, remat=False, attention_impl=None, out_conv=0,
-                 key: PRNGKeyArray):
+                 mlp_ratio=4.0, scan_blocks=True, remat=False, attention_impl=None, key: PRNGKeyArray):
         h, w = input_size
         if h % patch_size or w % patch_size:
             raise ValueError(f"input {h}x{w} is not divisible by patch size {patch_size}")
@@ -90,14 +86,7 @@ class DiT(eqx.Module):
         self.blocks = eqx.filter_vmap(
             lambda k: DiTBlock(d, num_heads, mlp_ratio, key=k, impl=attention_impl))(block_keys)
         self.final_ada = Linear(d, 2 * d, key=keys[5], init="zeros")
-        if out_conv:  # U-ViT (Bao et al. 2023): a 3x3 conv mixes neighbouring patches' pixels across the seams
-            self.final = Linear(d, patch_size * patch_size * out_conv, key=keys[5])
-            self.out_conv_w = jnp.zeros((3, 3, out_conv, in_channels), jnp.float32)  # zero-init: output 0 at step 0
-            self.out_conv_b = jnp.zeros((in_channels,), jnp.float32)
-        else:
-            self.final = Linear(d, pdim, key=keys[5], init="zeros")
-            self.out_conv_w = self.out_conv_b = None
-        self.out_conv = int(out_conv)
+        self.final = Linear(d, pdim, key=keys[5], init="zeros")
         self.input_size, self.in_channels, self.patch_size = (h, w), in_channels, patch_size
         self.num_classes, self.scan_blocks, self.remat = num_classes, scan_blocks, remat
 
@@ -117,10 +106,5 @@ class DiT(eqx.Module):
         c = t_emb + self.y_embed[y]  # (..., D)
         tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat)  # (N, D)
         shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2, axis=-1)
-        out = self.final(modulate(layer_norm(tokens), shift, scale))  # (N, p*p*C) or (N, p*p*k)
-        if not self.out_conv:
-            return unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)
-        img = unpatchify(out, p, h, w, self.out_conv)
-        y = jax.lax.conv_general_dilated(img.reshape((-1, h, w, self.out_conv)), self.out_conv_w.astype(dtype),
-                                         (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return (y + self.out_conv_b.astype(dtype)).reshape(img.shape[:-1] + (self.in_channels,))
+        out = self.final(modulate(layer_norm(tokens), shift, scale))  # (N, p*p*C)
+        return unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)
