@@ -8,6 +8,7 @@ Items are restored into shape/dtype skeletons built from the same config, never 
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         train_t = {"step": template.step, "key": template.key, "bad_steps": template.bad_steps,
                    "skipped": template.skipped}
-        r = self.manager.restore(step, args=ocp.args.Composite(
+        r = self._restore(step, ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(_arrays(template.params))),
             opt_state=ocp.args.StandardRestore(_abstract(_arrays(template.opt_state))),
             ema=ocp.args.StandardRestore(_abstract(_arrays(template.ema))),
@@ -166,6 +167,21 @@ class Checkpointer:
                           opt_state=combine(r["opt_state"], template.opt_state),
                           ema=combine(r["ema"], template.ema), key=jnp.asarray(t["key"]),
                           bad_steps=jnp.asarray(t["bad_steps"]), skipped=jnp.asarray(t["skipped"]))
+
+    def _restore(self, step: int, args):
+        """manager.restore, with a checkpoint whose tree this code does not build named in one line. The model is
+        rebuilt from the saved config, so a differing tree means another version of the code wrote it (a module
+        field added or removed), not a user's override."""
+        try:
+            return self.manager.restore(step, args=args)
+        except ValueError as err:
+            if "tree structures do not match" not in str(err):
+                raise
+            keys = re.findall(r"^(\S+):$", str(err), flags=re.M)
+            named = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
+                            f"builds from its saved config (differs at: {named}): it was written by another version "
+                            f"of the code; sample or resume it with that version") from None
 
     def _data_restore(self, step: int, data_iter) -> dict:
         """Grain keeps one iterator state per process; with another process count the data order cannot resume."""
@@ -181,7 +197,7 @@ class Checkpointer:
         """One saved set of weights of a step as a model like `template_model`: the EMA (what sampling uses) by
         default, item="params" for the raw training weights."""
         step = self.latest_step() if step is None else step
-        r = self.manager.restore(step, args=ocp.args.Composite(
+        r = self._restore(step, ocp.args.Composite(
             **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))
         return eqx.combine(r[item], eqx.filter(template_model, eqx.is_array, inverse=True))
 
