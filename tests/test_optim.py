@@ -8,7 +8,7 @@ import pytest
 from models import build_model, model_spec
 from training.cli import compose
 from training.errors import UserError
-from training.optim import make_optimizer
+from training.optim import MuonDimensionNumbers, decay_mask, make_optimizer, muon_dims
 from training.state import split_keys
 
 
@@ -31,7 +31,8 @@ def _first_update(optim: str, *extra: str):
 
 @pytest.mark.parametrize("extra", [(), ("optim.muon_modulation=false",)])
 def test_muon_orthogonalises_block_matrices_and_leaves_the_rest_to_adamw(extra):
-    optim, grads, updates = _first_update("muon", *extra)
+    # Without weight decay, so that Adam's first step is its bare sign step (decay: the test below).
+    optim, grads, updates = _first_update("muon", "optim.weight_decay=0", *extra)
     w = np.asarray(updates.blocks.mlp.fc1.weight)   # (depth, in, out): one Newton-Schulz per block
     assert w.ndim == 3
     for i in range(w.shape[0]):
@@ -59,9 +60,44 @@ def test_muon_orthogonalises_block_matrices_and_leaves_the_rest_to_adamw(extra):
 
 
 def test_adamw_moves_every_parameter_by_its_sign_at_the_first_step():
-    _, grads, updates = _first_update("adamw")
+    _, grads, updates = _first_update("adamw", "optim.weight_decay=0")
     u, g = np.asarray(updates.blocks.mlp.fc1.weight), np.asarray(grads.blocks.mlp.fc1.weight)
     np.testing.assert_allclose(u, -1e-2 * np.sign(g), rtol=1e-2)   # eps shows on tiny entries
+
+
+@pytest.mark.parametrize("optim,adam_decay", [("adamw", None), ("muon", "all"), ("muon", "matrices")])
+def test_weight_decay_reaches_the_parameters_it_is_documented_for(optim, adam_decay):
+    """Decoupled decay adds -lr x wd x param to the update. AdamW: matrices only (decay_mask). Muon: its matrices at
+    Muon's lr, and with muon_adam_decay=all (the default) *every* Adam-handled parameter at train.lr, biases, norm
+    scales and embeddings included (optax's muon applies adam_weight_decay without a mask); =matrices: as AdamW."""
+    wd, lr = 0.1, 1e-2
+    extra = [f"optim.muon_adam_decay={adam_decay}"] if adam_decay else []
+    _, _, plain = _first_update(optim, "optim.weight_decay=0", *extra)
+    cfg, _, decayed = _first_update(optim, f"optim.weight_decay={wd}", *extra)
+    spec = model_spec(compose("config", ["model=tiny", "model.depth=2"]).model, {"shape": [8, 8, 4], "num_classes": 10})
+    params = eqx.filter(build_model(spec, key=split_keys(0)[0]), eqx.is_inexact_array)
+    mask = jax.tree.leaves(decay_mask(params))
+    on_muon = [d is not None for d in jax.tree.leaves(muon_dims(params, bool(cfg.get("muon_modulation", True))),
+                                                       is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))]
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+    decayed_names = []
+    for name, p, a, b, m, mu in zip(paths, jax.tree.leaves(params), jax.tree.leaves(plain), jax.tree.leaves(decayed),
+                                    mask, on_muon):
+        if not np.any(np.asarray(p)):
+            continue   # zero-initialised: decay is invisible
+        if mu and optim == "muon":
+            expect = wd * lr * cfg.muon_lr_ratio
+        else:
+            expect = wd * lr * (1.0 if adam_decay == "all" else m)
+        np.testing.assert_allclose(np.asarray(a) - np.asarray(b), expect * np.asarray(p), rtol=1e-3, atol=1e-8,
+                                   err_msg=name)
+        if expect:
+            decayed_names.append(name)
+    assert any("blocks" in n for n in decayed_names) and any("patch_embed" in n for n in decayed_names)
+    if adam_decay != "all":
+        assert not any(n.endswith("bias") or "scale" in n or "y_embed" in n for n in decayed_names), decayed_names
+    else:
+        assert any("y_embed" in n for n in decayed_names) and any("q_scale" in n for n in decayed_names)
 
 
 def test_unknown_optimizer_is_one_line():

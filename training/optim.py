@@ -8,7 +8,10 @@ Its updates are rescaled to AdamW's typical RMS (`consistent_rms`, Liu et al. 20
 step size for both.
 """
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, muon
 
@@ -56,10 +59,46 @@ def _layout(optim_cfg) -> tuple[str, bool]:
     return str(optim_cfg.get("name", "adamw")), bool(optim_cfg.get("muon_modulation", True))
 
 
+def _adam_decay(optim_cfg) -> str:
+    """Under Muon, which Adam-handled parameters weight decay reaches: `all` (optax's muon decays its Adam branch
+    without a mask: biases, norm scales and embeddings too) or `matrices` (decay_mask, as AdamW)."""
+    mode = str(optim_cfg.get("muon_adam_decay", "all"))
+    if mode not in ("all", "matrices"):
+        raise UserError(f"unknown optim.muon_adam_decay {mode!r}: use all or matrices")
+    return mode
+
+
 def state_layout(optim_cfg) -> str:
     """The optimizer settings a resume must keep, as overrides ('optim=adamw', 'optim=muon optim.muon_modulation=.')."""
     name, modulation = _layout(optim_cfg)
-    return f"optim={name}" if name != "muon" else f"optim=muon optim.muon_modulation={str(modulation).lower()}"
+    if name != "muon":
+        return f"optim={name}"
+    extra = " optim.muon_adam_decay=matrices" if _adam_decay(optim_cfg) == "matrices" else ""   # one more state
+    return f"optim=muon optim.muon_modulation={str(modulation).lower()}{extra}"
+
+
+class _DecayState(NamedTuple):
+    count: jax.Array
+
+
+def decoupled_decay(schedule, weight_decay: float, mask_fn) -> optax.GradientTransformation:
+    """Adds -lr(step) x weight_decay x param to the final update of the leaves mask_fn(params) selects: AdamW's
+    decoupled decay, for parameters whose optimizer applied none."""
+    def init(params):
+        return _DecayState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params):
+        lr = schedule(state.count)
+        updates = jax.tree.map(lambda u, p, m: u - lr * weight_decay * p if m else u, updates, params,
+                               mask_fn(params))
+        return updates, _DecayState(count=optax.safe_increment(state.count))
+    return optax.GradientTransformation(init, update)
+
+
+def adam_matrices(params, modulation: bool = True):
+    """decay_mask's matrices that Muon leaves to Adam (patch embedding, timestep MLP, output layers ...)."""
+    return jax.tree.map(lambda m, d: bool(m) and d is None, decay_mask(params), muon_dims(params, modulation),
+                        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
 
 
 def make_optimizer(train_cfg, optim_cfg):
@@ -74,8 +113,11 @@ def make_optimizer(train_cfg, optim_cfg):
                       ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
                       weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
                       adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                      adam_weight_decay=float(optim_cfg.weight_decay), consistent_rms=0.2,
-                      muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
+                      adam_weight_decay=float(optim_cfg.weight_decay) if _adam_decay(optim_cfg) == "all" else 0.0,
+                      consistent_rms=0.2, muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
+        if _adam_decay(optim_cfg) == "matrices":
+            update = optax.chain(update, decoupled_decay(schedule, float(optim_cfg.weight_decay),
+                                                         lambda p: adam_matrices(p, modulation)))
     else:
         raise UserError(f"unknown optim.name {name!r}: use optim=adamw or optim=muon ({' | '.join(OPTIMIZERS)})")
     return optax.chain(optax.clip_by_global_norm(float(optim_cfg.clip_norm)), update), schedule
