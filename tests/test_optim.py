@@ -68,8 +68,8 @@ def test_adamw_moves_every_parameter_by_its_sign_at_the_first_step():
 @pytest.mark.parametrize("optim,adam_decay", [("adamw", None), ("muon", "all"), ("muon", "matrices")])
 def test_weight_decay_reaches_the_parameters_it_is_documented_for(optim, adam_decay):
     """Decoupled decay adds -lr x wd x param to the update. AdamW: matrices only (decay_mask). Muon: its matrices at
-    Muon's lr, and with muon_adam_decay=all (the default) *every* Adam-handled parameter at train.lr, biases, norm
-    scales and embeddings included (optax's muon applies adam_weight_decay without a mask); =matrices: as AdamW."""
+    Muon's lr, and with muon_adam_decay=all *every* Adam-handled parameter at train.lr, biases, norm
+    scales and embeddings included (optax's muon applies adam_weight_decay without a mask); =matrices (default): as AdamW."""
     wd, lr = 0.1, 1e-2
     extra = [f"optim.muon_adam_decay={adam_decay}"] if adam_decay else []
     _, _, plain = _first_update(optim, "optim.weight_decay=0", *extra)

@@ -62,7 +62,7 @@ def _layout(optim_cfg) -> tuple[str, bool]:
 def _adam_decay(optim_cfg) -> str:
     """Under Muon, which Adam-handled parameters weight decay reaches: `all` (optax's muon decays its Adam branch
     without a mask: biases, norm scales and embeddings too) or `matrices` (decay_mask, as AdamW)."""
-    mode = str(optim_cfg.get("muon_adam_decay", "all"))
+    mode = str(optim_cfg.get("muon_adam_decay", "all"))   # runs saved before the key: all
     if mode not in ("all", "matrices"):
         raise UserError(f"unknown optim.muon_adam_decay {mode!r}: use all or matrices")
     return mode
