@@ -97,8 +97,7 @@ def decoupled_decay(schedule, weight_decay: float, mask_fn) -> optax.GradientTra
 
 def adam_matrices(params, modulation: bool = True):
     """decay_mask's matrices that Muon leaves to Adam (patch embedding, timestep MLP, output layers ...)."""
-    return jax.tree.map(lambda m, d: bool(m) and d is None, decay_mask(params), muon_dims(params, modulation),
-                        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+    return jax.tree.map(lambda m, d: bool(m) and d is None, decay_mask(params), muon_dims(params, modulation))
 
 
 def make_optimizer(train_cfg, optim_cfg):
@@ -108,14 +107,14 @@ def make_optimizer(train_cfg, optim_cfg):
         update = optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
                              weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
     elif name == "muon":
-        ratio = float(optim_cfg.muon_lr_ratio)
+        ratio, adam_decay = float(optim_cfg.muon_lr_ratio), _adam_decay(optim_cfg)
         update = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
                       ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
                       weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
                       adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                      adam_weight_decay=float(optim_cfg.weight_decay) if _adam_decay(optim_cfg) == "all" else 0.0,
+                      adam_weight_decay=float(optim_cfg.weight_decay) if adam_decay == "all" else 0.0,
                       consistent_rms=0.2, muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
-        if _adam_decay(optim_cfg) == "matrices":
+        if adam_decay == "matrices":
             update = optax.chain(update, decoupled_decay(schedule, float(optim_cfg.weight_decay),
                                                          lambda p: adam_matrices(p, modulation)))
     else:
