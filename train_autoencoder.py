@@ -1,7 +1,7 @@
 """Fit a small KL autoencoder (diffusers `AutoencoderKL`) on a built-in data set on the CPU, for latent-space training
 where no pretrained VAE can be downloaded.
 
-    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 7x7x4, ~12 minutes on one CPU core
+    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 14x14x4, ~12-14 minutes on one CPU core
     python train_autoencoder.py steps=500 out=/tmp/ae      # quicker, blurrier (Ctrl-C / SIGTERM: stop early, still save)
     python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 
