@@ -11,13 +11,12 @@ import equinox as eqx
 import jax
 
 from models.dit import DiT
-from models.layers import mlp_hidden
 
-SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "mlp", "scan_blocks", "remat",
+SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "scan_blocks", "remat",
              "attention_impl", "input_size", "in_channels", "num_classes", "mixing")
 # Keys that change the function the weights compute; the others (scan, remat, attention kernel, name) do not,
 # so a checkpoint restores across them.
-ARCH_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "mlp", "input_size", "in_channels",
+ARCH_KEYS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels",
              "num_classes", "mixing", "text_dim", "max_tokens")
 
 
@@ -77,8 +76,7 @@ def forward_flops(spec: dict[str, Any]) -> dict[str, float]:
     d, depth, p = spec["hidden_size"], spec["depth"], spec["patch_size"]
     h, w = spec["input_size"]
     n, pc = (h // p) * (w // p), p * p * spec["in_channels"]
-    kind = spec.get("mlp", "gelu")
-    mlp = 2 * (3 if kind == "swiglu" else 2) * d * mlp_hidden(d, spec.get("mlp_ratio", 4.0), kind)
+    mlp = 2 * 2 * spec.get("mlp_ratio", 4.0) * d * d
     per_layer = n * (8 * d * d + mlp + 4 * n * d) + 12 * d * d
     total = depth * per_layer + 2 * 2 * n * pc * d + 4 * d * d
     formula = "per layer: N*(24 d^2 + 4 N d) + 12 d^2 (adaLN); + 4 N p^2 C d (patch in/out); train = 3 x forward"

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from models.layers import Attention, Linear, Mlp, layer_norm, mlp_hidden, modulate, patchify, sincos_pos_embed_2d, \
+from models.layers import Attention, Linear, Mlp, layer_norm, modulate, patchify, sincos_pos_embed_2d, \
     timestep_sinusoid, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid (DiT)
@@ -26,10 +26,10 @@ class DiTBlock(eqx.Module):
     mlp: Mlp
     ada: Linear  # c -> (shift, scale, gate) for attention and MLP; zero-init, so the block starts as identity
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, key: PRNGKeyArray, impl=None, mlp="gelu"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, key: PRNGKeyArray, impl=None):
         k1, k2 = jax.random.split(key)
         self.attn = Attention(dim, num_heads, key=k1, impl=impl)
-        self.mlp = Mlp(dim, mlp_hidden(dim, mlp_ratio, mlp), key=k2, kind=mlp)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), key=k2)
         self.ada = Linear(dim, 6 * dim, key=k1, init="zeros")
 
     def __call__(self, x: Float[Array, "... n d"], c: Float[Array, "... d"]) -> Float[Array, "... n d"]:
@@ -72,7 +72,7 @@ class DiT(eqx.Module):
     remat: bool = eqx.field(static=True)
 
     def __init__(self, *, input_size, in_channels, num_classes, hidden_size, depth, num_heads, patch_size,
-                 mlp_ratio=4.0, mlp="gelu", scan_blocks=True, remat=False, attention_impl=None, key: PRNGKeyArray):
+                 mlp_ratio=4.0, scan_blocks=True, remat=False, attention_impl=None, key: PRNGKeyArray):
         h, w = input_size
         if h % patch_size or w % patch_size:
             raise ValueError(f"input {h}x{w} is not divisible by patch size {patch_size}")
@@ -84,7 +84,7 @@ class DiT(eqx.Module):
         self.y_embed = 0.02 * jax.random.normal(keys[3], (num_classes + 1, d), jnp.float32)  # +1: null class
         block_keys = jax.random.split(keys[4], depth)
         self.blocks = eqx.filter_vmap(
-            lambda k: DiTBlock(d, num_heads, mlp_ratio, key=k, impl=attention_impl, mlp=mlp))(block_keys)
+            lambda k: DiTBlock(d, num_heads, mlp_ratio, key=k, impl=attention_impl))(block_keys)
         self.final_ada = Linear(d, 2 * d, key=keys[5], init="zeros")
         self.final = Linear(d, pdim, key=keys[5], init="zeros")
         self.input_size, self.in_channels, self.patch_size = (h, w), in_channels, patch_size

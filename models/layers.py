@@ -92,35 +92,16 @@ class Attention(eqx.Module):
         return self.proj(o.reshape(lead + (n, d)))
 
 
-MLP_KINDS = ("gelu", "swiglu")
-
-
-def mlp_hidden(dim: int, mlp_ratio: float, kind: str = "gelu") -> int:
-    """Hidden width: dim x mlp_ratio for GELU; 2/3 of that for SwiGLU (rounded up to a multiple of 8), so that its
-    three matrices hold the parameters and FLOPs of GELU's two (Shazeer 2020; LLaMA, LightningDiT)."""
-    if kind == "swiglu":
-        return -(-int(2 * dim * mlp_ratio / 3) // 8) * 8
-    return int(dim * mlp_ratio)
-
-
 class Mlp(eqx.Module):
-    fc1: Linear            # GELU: dim -> hidden; SwiGLU: dim -> 2 x hidden (gate and value, one matmul)
+    fc1: Linear
     fc2: Linear
-    kind: str = eqx.field(static=True)
 
-    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, kind: str = "gelu"):
-        if kind not in MLP_KINDS:
-            raise ValueError(f"unknown MLP kind {kind!r}: use one of {MLP_KINDS}")
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
-        self.fc1 = Linear(dim, 2 * hidden if kind == "swiglu" else hidden, key=k1)
-        self.fc2, self.kind = Linear(hidden, dim, key=k2), kind
+        self.fc1, self.fc2 = Linear(dim, hidden, key=k1), Linear(hidden, dim, key=k2)
 
     def __call__(self, x: Array) -> Array:
-        h = self.fc1(x)
-        if self.kind == "swiglu":
-            gate, value = jnp.split(h, 2, axis=-1)
-            return self.fc2(jax.nn.silu(gate) * value)
-        return self.fc2(jax.nn.gelu(h, approximate=True))  # GELU-tanh as in DiT
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # GELU-tanh as in DiT
 
 
 def timestep_sinusoid(t: Float[Array, "..."], dim: int = 256, max_period: float = 10_000.0) -> Float[Array, "... dim"]:

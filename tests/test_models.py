@@ -111,21 +111,3 @@ def test_dit_family_matches_paper(preset, params_m, gmacs):
 def test_bad_patch_size_is_a_user_error():
     with pytest.raises(UserError, match="patch"):
         spec_for("small", {"shape": [30, 30, 1], "num_classes": 10})  # 30 is not divisible by patch 4
-
-
-def test_swiglu_mlp_is_gate_times_value_at_gelus_parameters_and_flops():
-    """model.mlp=swiglu: fc2(silu(x Wg) * (x Wv)), hidden 2/3 as wide, so the preset keeps its size and cost."""
-    from models.layers import Mlp
-    mlp = jax.tree.map(lambda a: a + 0.1, Mlp(16, 24, key=jax.random.PRNGKey(0), kind="swiglu"))
-    x = jax.random.normal(jax.random.PRNGKey(1), (5, 16))
-    gate, value = jnp.split(x @ mlp.fc1.weight + mlp.fc1.bias, 2, axis=-1)
-    np.testing.assert_allclose(mlp(x), (jax.nn.silu(gate) * value) @ mlp.fc2.weight + mlp.fc2.bias, rtol=1e-5)
-    meta = {"shape": [28, 28, 1], "num_classes": 10}
-    gelu, swiglu = spec_for("small", meta), spec_for("small", meta, mlp="swiglu")
-    assert swiglu["mlp"] == "swiglu" and gelu["mlp"] == "gelu"
-    count = lambda s: sum(a.size for a in jax.tree.leaves(eqx.filter(build_model(s, key=jax.random.PRNGKey(0)),
-                                                                     eqx.is_array)))
-    assert abs(count(swiglu) / count(gelu) - 1) < 0.01
-    assert forward_flops(swiglu)["forward_flops"] == forward_flops(gelu)["forward_flops"]
-    with pytest.raises(ValueError, match="unknown MLP kind"):
-        Mlp(16, 24, key=jax.random.PRNGKey(0), kind="relu")
