@@ -5,6 +5,7 @@ channels, number of classes). The spec is saved with every checkpoint, so sample
 that was trained.
 """
 
+import inspect
 from typing import Any
 
 import equinox as eqx
@@ -44,10 +45,18 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
     kw = {k: v for k, v in spec.items() if k != "name"}
     kw["input_size"] = tuple(kw["input_size"])
     if kw.get("mixing") is not None:  # stage 2: text-conditional (models/mmdit.py)
-        from models.mmdit import TextDiT
-        return TextDiT(**kw, key=key)
-    kw.pop("mixing", None)
-    return DiT(**kw, key=key)
+        from models.mmdit import TextDiT as cls
+    else:
+        kw.pop("mixing", None)
+        cls = DiT
+    # A fresh spec only holds SPEC_KEYS (model_spec); a key the constructor does not take can only come from a spec
+    # saved by another version of the code (sample.py and resume rebuild from the checkpoint's spec).
+    unknown = sorted(set(kw) - set(inspect.signature(cls.__init__).parameters))
+    if unknown:
+        from training.errors import UserError
+        raise UserError(f"the model spec names {', '.join(unknown)}, which this code's {cls.__name__} does not build: "
+                        f"a checkpoint written by another version of the code; sample or resume it with that version")
+    return cls(**kw, key=key)
 
 
 def apply(model, x, t, *cond):

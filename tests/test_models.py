@@ -111,3 +111,12 @@ def test_dit_family_matches_paper(preset, params_m, gmacs):
 def test_bad_patch_size_is_a_user_error():
     with pytest.raises(UserError, match="patch"):
         spec_for("small", {"shape": [30, 30, 1], "num_classes": 10})  # 30 is not divisible by patch 4
+
+
+def test_a_saved_spec_with_a_key_this_code_does_not_build_is_one_user_error():
+    """sample.py rebuilds the model from the checkpoint's saved spec; a key written by another version of the code
+    (this session's own SwiGLU experiment left `mlp` in its runs' specs) must be named, not a TypeError."""
+    spec = spec_for("tiny")
+    with pytest.raises(UserError, match=r"names mlp, which this code's DiT does not build.*another version"):
+        build_model({**spec, "mlp": "swiglu"}, key=jax.random.PRNGKey(0))
+    build_model({**spec, "name": "anything"}, key=jax.random.PRNGKey(0))   # the preset's name is not an argument
