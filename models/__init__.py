@@ -50,12 +50,12 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
         kw.pop("mixing", None)
         cls = DiT
     # A fresh spec only holds SPEC_KEYS (model_spec); a key the constructor does not take can only come from a spec
-    # saved by another version of the code (sample.py and resume rebuild from the checkpoint's spec).
+    # saved by another version of the code (sample.py and the autoguidance weak model rebuild from the saved spec).
     unknown = sorted(set(kw) - set(inspect.signature(cls.__init__).parameters))
     if unknown:
-        from training.errors import UserError
-        raise UserError(f"the model spec names {', '.join(unknown)}, which this code's {cls.__name__} does not build: "
-                        f"a checkpoint written by another version of the code; sample or resume it with that version")
+        from training.errors import OTHER_VERSION, UserError
+        raise UserError(f"the model spec of this checkpoint names {', '.join(unknown)}, which this code's "
+                        f"{cls.__name__} does not build: {OTHER_VERSION}")
     return cls(**kw, key=key)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from training.errors import UserError
+from training.errors import OTHER_VERSION, UserError
 from training.sharding import host_value
 from training.state import TrainState
 
@@ -180,8 +180,7 @@ class Checkpointer:
             keys = re.findall(r"^(\S+):$", str(err), flags=re.M)
             named = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
-                            f"builds from its saved config (differs at: {named}): it was written by another version "
-                            f"of the code; sample or resume it with that version") from None
+                            f"builds from its saved config (differs at: {named}): {OTHER_VERSION}") from None
 
     def _data_restore(self, step: int, data_iter) -> dict:
         """Grain keeps one iterator state per process; with another process count the data order cannot resume."""
