@@ -114,6 +114,31 @@ def test_shifted_step_grid_moves_steps_towards_the_noise_and_still_solves():
         run(solver="tsit5", shift=3.0)
 
 
+class ConstantClean(eqx.Module):
+    """An x-predicting model whose clean estimate is c everywhere, whatever x and t."""
+    c: float = 2.0
+
+    def __call__(self, x, t, y):
+        return jnp.full_like(x, self.c)
+
+
+def test_sampler_t_eps_sets_how_far_the_last_step_goes():
+    """x-prediction turns x_hat into v = (x_hat - x) / max(1 - t, t_eps). Below 1 / steps the clamp never binds and
+    Euler's last step lands on x_hat exactly; at t_eps = 2 / steps the last step goes half way; null keeps the
+    training clamp passed in."""
+    labels, key = np.array([0, 1], np.int32), jax.random.PRNGKey(3)
+    x0 = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (2, 2, 2, 1)))   # chunk 0's noise
+    run = lambda t_eps_train=0.05, **kw: sample(ConstantClean(), labels, key, null_cond=9, shape=(2, 2, 1),
+                                                prediction="x", t_eps=t_eps_train, sampler_cfg=sampler_cfg(steps=8, **kw))
+    np.testing.assert_allclose(run(t_eps=0.1), 2.0, atol=1e-6)                 # 1 - t >= 1/8 > 0.1 at every step
+    # Unclamped, the gap shrinks with 1 - t: (x0 - 2) / 8 before the last step, which the clamp halves.
+    np.testing.assert_allclose(run(t_eps=0.25) - 2.0, (x0 - 2.0) / 16, atol=1e-5)
+    np.testing.assert_array_equal(run(t_eps_train=0.25, t_eps=None), run(t_eps=0.25))
+    np.testing.assert_array_equal(run(t_eps_train=0.25), run(t_eps=0.25))
+    with pytest.raises(UserError, match="t_eps"):
+        run(t_eps=0.0)
+
+
 def test_sampler_is_deterministic_and_chunked():
     cfg = compose("config", ["model=tiny"])
     spec = model_spec(cfg.model, {"shape": [8, 8, 1], "num_classes": 10})
