@@ -127,7 +127,7 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
             raise ValueError(f"sampler.noise > 0 integrates an SDE with Euler-Maruyama: solver must be euler, "
                              f"not {solver!r}")
         # Euler-Maruyama up to the last step, then one noise-free Euler step: noise injected there would stay in the
-        # image (the final step of an x-predicting model hands over its clean estimate).
+        # image (the final step moves to, or with t_eps > its length most of the way to, the clean estimate).
         t_last = float(ts[-2])
         controller, dt0 = fixed(t_last)
         sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=0.0, t1=t_last, dt0=dt0,
