@@ -148,8 +148,9 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
 
 def check_sampler(sampler_cfg):
     """One line for a bad sampler config; training calls this at start, not at its first sample grid.
-    Returns (interval, shift, noise): the guidance interval as (lo, hi) or None (guidance at every t), and the
-    parsed step-grid shift and SDE noise (keys absent in configs saved before they existed get 1.0 and 0.0)."""
+    Returns (interval, shift, noise, t_eps): the guidance interval as (lo, hi) or None (guidance at every t), the
+    parsed step-grid shift and SDE noise (keys absent in configs saved before they existed get 1.0 and 0.0), and the
+    sampler's own x-prediction clamp, or None for the training one."""
     if sampler_cfg.solver not in SOLVERS:
         raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
     interval = sampler_cfg.get("cfg_interval", None)   # absent in configs saved before it existed
@@ -164,12 +165,13 @@ def check_sampler(sampler_cfg):
         raise UserError(f"sampler.shift={shift} must be > 0, and != 1 only with a fixed-step solver (euler, heun); "
                         f"got solver={sampler_cfg.solver!r}")
     t_eps = sampler_cfg.get("t_eps", None)
-    if t_eps is not None and not 0.0 < float(t_eps) < 1.0:
+    t_eps = None if t_eps is None else float(t_eps)
+    if t_eps is not None and not 0.0 < t_eps < 1.0:
         raise UserError(f"sampler.t_eps={t_eps} must be in (0, 1), or null for the training value train.t_eps")
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
         raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
                         f"(Euler-Maruyama); got solver={sampler_cfg.solver!r}")
-    return interval, shift, noise
+    return interval, shift, noise, t_eps
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
@@ -185,9 +187,8 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
-    interval, shift, noise = check_sampler(sampler_cfg)
-    if sampler_cfg.get("t_eps", None) is not None:   # the sampler's own clamp; null: the training one (passed in)
-        t_eps = float(sampler_cfg.t_eps)
+    interval, shift, noise, own_t_eps = check_sampler(sampler_cfg)
+    t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
 
     @eqx.filter_jit
     def run(model, weak, key, y):
