@@ -21,12 +21,11 @@ def main(cfg):
     import numpy as np
     from omegaconf import OmegaConf
 
-    from data.loader import load_split
     from data.meta import load_meta
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
-    from training.evaluate import get_evaluator
+    from training.evaluate import evaluator_for
     from training.generate import generate, guide_step, load_weak
     from training.sampling import balanced_labels
     from training.tracking import make_grid, save_png
@@ -55,6 +54,8 @@ def main(cfg):
     if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
+    # The evaluator first (it may train the classifier once): a data set it cannot score fails before sampling.
+    evaluator = evaluator_for(meta, data_dir, run_cfg.data.root) if cfg.evaluate and prompts is None else None
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(cfg.ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(template, step)
@@ -74,8 +75,8 @@ def main(cfg):
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
     save_png(make_grid(images[:256], nrow=min(nrow, 16)), out.with_suffix(".png"), upscale=2)
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
-    if cfg.evaluate and prompts is None:
-        res = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split)).evaluate(images, labels)
+    if evaluator is not None:
+        res = evaluator.evaluate(images, labels)
         res = {k2: (float(v) if isinstance(v, (float, np.floating)) else v) for k2, v in res.items()}
         print("evaluation: " + json.dumps(res), flush=True)
         out.with_suffix(".eval.json").write_text(json.dumps(res, indent=1))

@@ -13,7 +13,7 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
-    from data.loader import load_split, make_iterator
+    from data.loader import make_iterator
     from data.prepare import ensure_prepared
     from models import model_spec
     from training.loop import Task, run
@@ -27,13 +27,9 @@ def main(cfg):
                              process_index=process_index, process_count=process_count)
 
     def evaluator():
-        from training.evaluate import get_evaluator  # trains the classifier on first use
+        from training.evaluate import evaluator_for  # trains the classifier on first use
 
-        pixels = (meta.get("encoder") or {}).get("pixels")
-        if pixels:   # latents of a built-in set: decoded samples are scored against the pixel set's classifier
-            pmeta, pdir = ensure_prepared(pixels, cfg.data.root)
-            return get_evaluator(pmeta, pdir, lambda split: load_split(pmeta, pdir, split))
-        return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split))
+        return evaluator_for(meta, data_dir, cfg.data.root)
 
     return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator,
                          null_cond=spec["num_classes"], evaluator=evaluator))

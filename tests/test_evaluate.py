@@ -2,6 +2,7 @@
 held-out images from noise, wrong labels and mode collapse."""
 
 import json
+from pathlib import Path
 import time
 
 import jax
@@ -153,3 +154,24 @@ def test_user_errors(evaluator, digits):
         evaluator.evaluate(x, y + 10)
     with pytest.raises(UserError, match="decoded"):
         get_evaluator({"name": "lat", "dtype": "float16", "encoder": "vae", "num_classes": 10}, "/nonexistent", None)
+
+
+def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root, tmp_path):
+    # A latent set names the pixel set it encodes; training's end-of-run evaluation and sample.py (evaluate=true)
+    # both come through evaluator_for, which must score decoded samples with that set's classifier (sample.py
+    # used to refuse latent runs after sampling).
+    from data.loader import load_split
+    from data.meta import load_meta
+    from training.evaluate import evaluator_for
+
+    lat = {"name": "digits_lat", "dtype": "float16", "num_classes": 10,
+           "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}
+    ev = evaluator_for(lat, tmp_path / "digits_lat", digits_root, epochs=1)
+    assert (Path(digits_root) / "digits" / "classifier" / "classifier.json").is_file()
+    assert not (tmp_path / "digits_lat").exists()
+    pdir = Path(digits_root) / "digits"
+    x, y = load_split(load_meta(pdir), pdir, "test")
+    res = ev.evaluate(x[:64], y[:64])
+    assert {"cond_acc", "fd", "fd_floor"} <= set(res)
+    with pytest.raises(UserError, match="decoded"):   # latents that name no pixel set still get the one line
+        evaluator_for({**lat, "encoder": {"type": "AutoencoderKL"}}, tmp_path, digits_root, epochs=1)

@@ -197,6 +197,19 @@ def _fingerprint(meta: dict, x_test, y_test) -> str:
     return h.hexdigest()
 
 
+def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> Evaluator:
+    """The Evaluator that scores a run's samples: the data set's own or, for latents of a built-in set (meta's
+    encoder names its `pixels`), the pixel set's, since samples are decoded before scoring. Training's end-of-run
+    evaluation and sample.py both come here, so they cannot score a run differently."""
+    from data.loader import load_split
+    from data.prepare import ensure_prepared
+
+    pixels = (meta.get("encoder") or {}).get("pixels")
+    if pixels:
+        meta, data_dir = ensure_prepared(pixels, root)
+    return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
+
+
 def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None, seed: int = 0) -> Evaluator:
     """The data set's Evaluator; trains and caches the classifier in `<data_dir>/classifier/` on first use."""
     if meta.get("dtype") != "uint8" or meta.get("encoder"):
