@@ -11,7 +11,10 @@ import pytest
 
 import training.evaluate as ev_mod
 from training.errors import UserError
-from training.evaluate import Classifier, frechet_distance, get_evaluator, passes_bar, train_classifier
+from data.loader import load_split
+from data.meta import load_meta
+from training.evaluate import (Classifier, evaluator_for, frechet_distance, get_evaluator, passes_bar,
+                                 train_classifier)
 
 EPOCHS = 20   # ~95% on digits in ~1 s; the default (40, ~97%) is for real use
 
@@ -160,10 +163,6 @@ def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root
     # A latent set names the pixel set it encodes; training's end-of-run evaluation and sample.py (evaluate=true)
     # both come through evaluator_for, which must score decoded samples with that set's classifier (sample.py
     # used to refuse latent runs after sampling).
-    from data.loader import load_split
-    from data.meta import load_meta
-    from training.evaluate import evaluator_for
-
     lat = {"name": "digits_lat", "dtype": "float16", "num_classes": 10,
            "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}
     ev = evaluator_for(lat, tmp_path / "digits_lat", digits_root, epochs=1)
