@@ -37,7 +37,7 @@ def main(cfg):
     meta = load_meta(data_dir)
     sampler = run_cfg.sampler
     for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale",
-              "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol", "chunk"):
+              "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol", "chunk"):
         if cfg[k] is not None:
             sampler[k] = cfg[k]
     if sampler.get("guide_ckpt_dir") and sampler.get("guidance") != "auto":

@@ -77,6 +77,17 @@ def test_autoguidance_extrapolates_away_from_the_weak_model():
     np.testing.assert_allclose(both - plain, 1.5 * y, atol=3e-2)
     # a weak model equal to the model: no autoguidance at all
     np.testing.assert_allclose(run(GaussianShift(), guidance="auto", guide_scale=3.0), plain, atol=1e-6)
+    # guide_interval limits the push away from the weak model to its times, and only that push: plain guidance stays
+    weak = GaussianShift(k=0.5)
+    np.testing.assert_array_equal(run(weak, guidance="auto", guide_scale=2.0, guide_interval=[0.0, 1.0]), auto)
+    np.testing.assert_array_equal(run(weak, guidance="auto", guide_scale=2.0, guide_interval=[0.95, 1.0]),
+                                  run(weak, guidance="auto", guide_scale=1.0))   # Euler evaluates t <= 0.9
+    mid = run(weak, guidance="auto", guide_scale=2.0, guide_interval=[0.3, 0.7])
+    assert np.all(mid > plain + 1e-3) and np.all(mid < auto - 1e-3)
+    np.testing.assert_allclose(run(weak, guidance="auto", guide_scale=2.0, cfg_scale=2.0, guide_interval=[0.95, 1.0])
+                               - plain, y, atol=2e-2)
+    with pytest.raises(UserError, match="guide_interval"):
+        run(weak, guidance="auto", guide_scale=2.0, guide_interval=[0.7, 0.3])
 
 
 def test_stochastic_sampling_keeps_the_data_distribution():

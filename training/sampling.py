@@ -38,7 +38,7 @@ def null_fn(cond_null) -> Callable:
 
 def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", t_eps: float = 0.05,
                   dtype=jnp.float32, cfg_interval=None, guidance: str = "cfg", apg_eta: float = 0.0,
-                  weak=None, guide_scale: float = 1.0) -> Callable:
+                  weak=None, guide_scale: float = 1.0, guide_interval=None) -> Callable:
     """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1.
 
     cond: per-example model arguments after (x, t): an array of labels, or a tuple of arrays (stage 2:
@@ -48,8 +48,8 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
     diversity, at low noise it only sharpens. None = guidance at every t.
     guidance: "cfg" (plain) or "apg" (flow.projected_guided_velocity: the update's part along the conditional clean
     estimate kept with weight apg_eta) or "auto" (flow.autoguided_velocity: `weak`, a weaker model of the same
-    architecture, guided away from with guide_scale at every t, plus plain guidance with cfg_scale within
-    cfg_interval)."""
+    architecture, guided away from with guide_scale within guide_interval (None: at every t), plus plain guidance
+    with cfg_scale within cfg_interval)."""
     mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
     weak_mdl = None if weak is None else cast_floats(weak, dtype)
@@ -75,16 +75,20 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
             v_c = v_u = raw(x, t, cond)[0]
         else:
             v_c, v_u, out_c = cond_and_null(x, t, cond)
-        scale = cfg_scale
-        if cfg_interval is not None:
-            scale = jnp.where((t >= cfg_interval[0]) & (t <= cfg_interval[1]), cfg_scale, 1.0)
+        scale = within(cfg_interval, t, cfg_scale)
         if guidance == "auto":
-            return flow.autoguided_velocity(v_c, raw(x, t, cond, weak_mdl)[0], v_u, guide_scale, scale)
+            return flow.autoguided_velocity(v_c, raw(x, t, cond, weak_mdl)[0], v_u,
+                                            within(guide_interval, t, guide_scale), scale)
         if guidance == "apg":
             return flow.projected_guided_velocity(v_c, v_u, flow.to_clean(out_c, x, t, prediction), scale, apg_eta)
         return flow.guided_velocity(v_c, v_u, scale)
 
     return v
+
+
+def within(interval, t, scale):
+    """A guidance scale that applies only for lo <= t <= hi (1.0, no guidance, elsewhere); None: at every t."""
+    return scale if interval is None else jnp.where((t >= interval[0]) & (t <= interval[1]), scale, 1.0)
 
 
 def sde_terms(v, noise: float, shape, key):
@@ -148,15 +152,20 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
 
 def check_sampler(sampler_cfg):
     """One line for a bad sampler config; training calls this at start, not at its first sample grid.
-    Returns (interval, shift, noise, t_eps): the guidance interval as (lo, hi) or None (guidance at every t), the
-    parsed step-grid shift and SDE noise (keys absent in configs saved before they existed get 1.0 and 0.0), and the
-    sampler's own x-prediction clamp, or None for the training one."""
+    Returns (intervals, shift, noise, t_eps): the plain and the autoguidance intervals ({"cfg": ..., "guide": ...},
+    each (lo, hi) or None: guidance at every t), the parsed step-grid shift and SDE noise (keys absent in configs
+    saved before they existed get None, 1.0 and 0.0), and the sampler's own x-prediction clamp, or None for the
+    training one."""
     if sampler_cfg.solver not in SOLVERS:
         raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
-    interval = sampler_cfg.get("cfg_interval", None)   # absent in configs saved before it existed
-    interval = None if interval is None else tuple(float(b) for b in interval)
-    if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
-        raise UserError(f"sampler.cfg_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, or null")
+    intervals = {}
+    for name in ("cfg", "guide"):
+        interval = sampler_cfg.get(f"{name}_interval", None)   # absent in configs saved before it existed
+        interval = None if interval is None else tuple(float(b) for b in interval)
+        if interval is not None and not (len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0):
+            raise UserError(f"sampler.{name}_interval={list(interval)} must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                            f"or null")
+        intervals[name] = interval
     if sampler_cfg.get("guidance", "cfg") not in GUIDANCE:
         raise UserError(f"unknown sampler.guidance={sampler_cfg.guidance!r}: one of {', '.join(GUIDANCE)}")
     shift, noise = (float(sampler_cfg.get(k) if sampler_cfg.get(k) is not None else d)
@@ -171,7 +180,7 @@ def check_sampler(sampler_cfg):
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
         raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
                         f"(Euler-Maruyama); got solver={sampler_cfg.solver!r}")
-    return interval, shift, noise, t_eps
+    return intervals, shift, noise, t_eps
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
@@ -187,13 +196,14 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
-    interval, shift, noise, own_t_eps = check_sampler(sampler_cfg)
+    intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
     t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
 
     @eqx.filter_jit
     def run(model, weak, key, y):
         v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
-                          dtype=DTYPES[precision], cfg_interval=interval,
+                          dtype=DTYPES[precision], cfg_interval=intervals["cfg"],
+                          guide_interval=intervals["guide"],
                           guidance=str(sampler_cfg.get("guidance", "cfg")),
                           apg_eta=float(sampler_cfg.get("apg_eta", 0.0)),
                           weak=weak, guide_scale=float(sampler_cfg.get("guide_scale", 1.0)))
