@@ -4,6 +4,7 @@
 # $OUT/stderr.log). A stage that fails or runs past its time limit is recorded with its exit code; the rest go on.
 #
 #   bash bench/gpu_session.sh            # on a GPU machine: JAX with CUDA, PyTorch; wheels in .whl/ are installed
+#   PART=levers bash bench/gpu_session.sh  # second pass: remat policy and cuDNN attention, one at a time
 #   SMOKE=1 bash bench/gpu_session.sh    # the same stages with tiny shapes on CPU, to check the script itself
 #
 # Wheels: a benchmark machine may lack diffusers, grain or array_record; `pip download` them into .whl/ (see
@@ -40,6 +41,7 @@ else
   RECORDS=30000; SECS=10
 fi
 
+if [ "${PART:-main}" = main ]; then
 stage env 60 $PY -c "
 import json, os, subprocess, jax, jaxlib, equinox, optax, torch, diffusers
 print(json.dumps({'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'equinox': equinox.__version__,
@@ -60,4 +62,15 @@ stage xl2_cudnn 240 $PY bench/throughput.py $XL model.attention_impl=$([ $DEV = 
 stage loader_w0 180 $PY bench/loader.py synthetic=4,32,32 records=$RECORDS dir=/tmp/bench-latents/l4 seconds=$SECS
 stage loader_w8 120 $PY bench/loader.py data=/tmp/bench-latents/l4 workers=8 seconds=$SECS
 stage peer_xl2_compile 300 $PY bench/peer_torch.py $PEER compile=true
+fi
+if [ "${PART:-main}" = levers ]; then   # first pass: XL/2 at batch 256 asked for 249 GB; B/2 ran at MFU 0.17
+CUDNN=$([ $DEV = cuda ] && echo cudnn || echo xla)
+stage xl2_dots 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 $PY bench/throughput.py $XL model.remat=dots
+stage b2_cudnn 90 $PY bench/throughput.py $B model.attention_impl=$CUDNN
+stage b2_dots 90 $PY bench/throughput.py $B model.remat=dots
+stage xl2_dots_cudnn 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 $PY bench/throughput.py $XL model.remat=dots \
+  model.attention_impl=$CUDNN
+stage b2_dots_cudnn 90 $PY bench/throughput.py $B model.remat=dots model.attention_impl=$CUDNN
+stage b2_profile 120 $PY bench/throughput.py $B top_ops=25
+fi
 rm -f "$OUT/last.out"

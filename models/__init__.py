@@ -32,6 +32,9 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
             raise UserError(f"data set {meta.get('name')!r} has no cached text features: prepare a captioned set "
                             "(data=emoji, data=fashion_mnist_text, or a folder + JSONL) for stage 2")
         spec.update(text_dim=int(meta["text"]["dim"]), max_tokens=int(meta["text"]["max_tokens"]))
+    if spec.get("remat") not in (None, False, True, "dots"):
+        from training.errors import UserError
+        raise UserError(f"model.remat={spec['remat']!r} unknown: use false, true or dots")
     if spec["hidden_size"] % spec["num_heads"]:
         from training.errors import UserError
         raise UserError(f"model.hidden_size={spec['hidden_size']} is not divisible by model.num_heads={spec['num_heads']}")

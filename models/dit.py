@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from models.layers import Attention, Linear, Mlp, layer_norm, modulate, patchify, sincos_pos_embed_2d, \
+from models.layers import Attention, Linear, Mlp, layer_norm, modulate, patchify, rematerialise, sincos_pos_embed_2d, \
     timestep_sinusoid, unpatchify
 
 FREQ_DIM = 256  # width of the timestep sinusoid (DiT)
@@ -39,15 +39,14 @@ class DiTBlock(eqx.Module):
         return x
 
 
-def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool) -> Array:
+def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool | str) -> Array:
     """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised."""
     params, static = eqx.partition(blocks, eqx.is_array)
 
     def body(h, p):
         return eqx.combine(p, static)(h, c), None
 
-    if remat:
-        body = jax.checkpoint(body)
+    body = rematerialise(body, remat)
     if scan:
         return jax.lax.scan(body, x, params)[0]
     depth = jax.tree.leaves(params)[0].shape[0]
@@ -69,7 +68,7 @@ class DiT(eqx.Module):
     patch_size: int = eqx.field(static=True)
     num_classes: int = eqx.field(static=True)
     scan_blocks: bool = eqx.field(static=True)
-    remat: bool = eqx.field(static=True)
+    remat: bool | str = eqx.field(static=True)
 
     def __init__(self, *, input_size, in_channels, num_classes, hidden_size, depth, num_heads, patch_size,
                  mlp_ratio=4.0, scan_blocks=True, remat=False, attention_impl=None, key: PRNGKeyArray):

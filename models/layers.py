@@ -16,6 +16,20 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+def rematerialise(body, remat):
+    """`body` under jax.checkpoint per `model.remat`: false (keep every activation), true (keep only each block's
+    input; the backward pass reruns the block: +1 forward of compute) or "dots" (also keep the outputs of the
+    token-wise matmuls, which have no batch axis after Linear's flattening, and rerun only the cheap elementwise
+    work and attention in between)."""
+    if remat in (False, None, "false"):
+        return body
+    if remat in (True, "true", "full"):
+        return jax.checkpoint(body)
+    if remat == "dots":
+        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"model.remat={remat!r} unknown: use false, true or dots")
+
+
 class Linear(eqx.Module):
     """y = x @ W + b over the last axis; any leading axes. Weight stored (in, out) so no transpose is needed."""
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from models.dit import FREQ_DIM
-from models.layers import Attention, Linear, Mlp, layer_norm, modulate, patchify, rms_norm, sincos_pos_embed_2d, \
-    timestep_sinusoid, unpatchify
+from models.layers import Attention, Linear, Mlp, layer_norm, modulate, patchify, rematerialise, rms_norm, \
+    sincos_pos_embed_2d, timestep_sinusoid, unpatchify
 
 MIXING = ("cross", "joint")
 
@@ -155,7 +155,7 @@ class TextDiT(eqx.Module):
     text_dim: int = eqx.field(static=True)
     max_tokens: int = eqx.field(static=True)
     scan_blocks: bool = eqx.field(static=True)
-    remat: bool = eqx.field(static=True)
+    remat: bool | str = eqx.field(static=True)
 
     def __init__(self, *, input_size, in_channels, hidden_size, depth, num_heads, patch_size, text_dim, max_tokens,
                  mixing="cross", mlp_ratio=4.0, scan_blocks=True, remat=False, attention_impl=None,
@@ -202,8 +202,7 @@ class TextDiT(eqx.Module):
         def body(carry, bp):
             return eqx.combine(bp, static)(carry[0], carry[1], mask, s), None
 
-        if self.remat:
-            body = jax.checkpoint(body)
+        body = rematerialise(body, self.remat)
         if self.scan_blocks:
             tokens, txt = jax.lax.scan(body, (tokens, txt), params)[0]
         else:

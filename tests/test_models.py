@@ -51,6 +51,15 @@ def test_scan_equals_unrolled_and_remat():
     for over in ({"scan_blocks": False}, {"remat": True}):
         other = jax.tree.map(lambda a: a + 0.05, build_model({**spec, **over}, key=jax.random.PRNGKey(0)))
         np.testing.assert_allclose(other(x, t, y), ref, rtol=1e-5, atol=1e-6)
+    # remat changes only what the backward pass keeps, so the gradients must agree too, for each policy
+    grad = lambda m: eqx.filter_grad(lambda m: jnp.sum(m(x, t, y) ** 2))(m)
+    g_ref = jax.tree.leaves(grad(m_scan))
+    for remat in (True, "dots"):
+        other = jax.tree.map(lambda a: a + 0.05, build_model({**spec, "remat": remat}, key=jax.random.PRNGKey(0)))
+        for a, b in zip(jax.tree.leaves(grad(other)), g_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="model.remat"):
+        build_model({**spec, "remat": "some"}, key=jax.random.PRNGKey(0))(x, t, y)
 
 
 def test_whole_batch_call_equals_one_example_at_a_time():
