@@ -32,6 +32,9 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
             raise UserError(f"data set {meta.get('name')!r} has no cached text features: prepare a captioned set "
                             "(data=emoji, data=fashion_mnist_text, or a folder + JSONL) for stage 2")
         spec.update(text_dim=int(meta["text"]["dim"]), max_tokens=int(meta["text"]["max_tokens"]))
+    if spec.get("attention_impl") not in (None, "auto", "xla", "cudnn"):
+        from training.errors import UserError
+        raise UserError(f"model.attention_impl={spec['attention_impl']!r} unknown: use null, auto, xla or cudnn")
     if spec.get("remat") not in (None, False, True, "dots"):
         from training.errors import UserError
         raise UserError(f"model.remat={spec['remat']!r} unknown: use false, true or dots")

@@ -129,3 +129,26 @@ def test_a_saved_spec_with_a_key_this_code_does_not_build_is_one_user_error():
     with pytest.raises(UserError, match=r"names mlp, which this code's DiT does not build.*another version"):
         build_model({**spec, "mlp": "swiglu"}, key=jax.random.PRNGKey(0))
     build_model({**spec, "name": "anything"}, key=jax.random.PRNGKey(0))   # the preset's name is not an argument
+
+
+def test_attention_auto_and_large_presets():
+    """`attention_impl: auto` (the DiT presets' setting) picks cuDNN only on a GPU in bf16/fp16 without a mask, and
+    computes what XLA computes elsewhere; bad values of remat / attention_impl are one-line errors."""
+    from models.layers import attention_kernel
+
+    q = jnp.zeros((2, 16, 4, 64), jnp.bfloat16)
+    assert attention_kernel("auto", q, None) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention_kernel("auto", q.astype(jnp.float32), None) == "xla"
+    assert attention_kernel("auto", q, jnp.ones((2, 1, 16, 16), bool)) == "xla"
+    assert attention_kernel("auto", jnp.zeros((2, 16, 4, 72), jnp.bfloat16), None) in ("cudnn", "xla")
+    assert attention_kernel("cudnn", q.astype(jnp.float32), None) == "cudnn"   # an explicit choice is kept
+    spec = spec_for("tiny")
+    x, t, y = jnp.ones((8, 8, 1)), jnp.float32(0.4), jnp.int32(2)
+    outs = [jax.tree.map(lambda a: a + 0.05, build_model({**spec, "attention_impl": impl}, key=jax.random.PRNGKey(0)))
+            (x, t, y) for impl in ("auto", "xla")]
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+    big = spec_for("XL-2", meta={"shape": [32, 32, 4], "num_classes": 1000})
+    assert big["remat"] == "dots" and big["attention_impl"] == "auto"
+    for key, bad in (("remat", "some"), ("attention_impl", "flash")):
+        with pytest.raises(UserError, match=f"model.{key}='{bad}' unknown"):
+            spec_for("tiny", **{key: bad})
