@@ -21,9 +21,9 @@ def rematerialise(body, remat):
     input; the backward pass reruns the block: +1 forward of compute) or "dots" (also keep the outputs of the
     token-wise matmuls, which have no batch axis after Linear's flattening, and rerun only the cheap elementwise
     work and attention in between)."""
-    if remat in (False, None, "false"):
+    if remat in (False, None):
         return body
-    if remat in (True, "true", "full"):
+    if remat is True:
         return jax.checkpoint(body)
     if remat == "dots":
         return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
