@@ -40,6 +40,7 @@ else
   VAE="vae=sd3-random resolution=256 n=2048 batch=64"; VAE_SD="vae=sd-random resolution=256 n=2048 batch=64"
   RECORDS=30000; SECS=10
 fi
+CUDNN=$([ $DEV = cuda ] && echo cudnn || echo xla)   # cuDNN attention exists only on the GPU
 
 if [ "${PART:-main}" = main ]; then
 stage env 60 $PY -c "
@@ -58,13 +59,12 @@ stage vae_sd3_fp32 120 $PY bench/vae_encode.py ${VAE/n=2048/n=512} device=$DEV d
 stage xl2 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 $PY bench/throughput.py $XL
 stage b2 180 $PY bench/throughput.py $B
 stage peer_xl2_eager 150 $PY bench/peer_torch.py $PEER
-stage xl2_cudnn 240 $PY bench/throughput.py $XL model.attention_impl=$([ $DEV = cuda ] && echo cudnn || echo xla)
+stage xl2_cudnn 240 $PY bench/throughput.py $XL model.attention_impl=$CUDNN
 stage loader_w0 180 $PY bench/loader.py synthetic=4,32,32 records=$RECORDS dir=/tmp/bench-latents/l4 seconds=$SECS
 stage loader_w8 120 $PY bench/loader.py data=/tmp/bench-latents/l4 workers=8 seconds=$SECS
 stage peer_xl2_compile 300 $PY bench/peer_torch.py $PEER compile=true
 fi
 if [ "${PART:-main}" = levers ]; then   # first pass: XL/2 at batch 256 asked for 249 GB; B/2 ran at MFU 0.17
-CUDNN=$([ $DEV = cuda ] && echo cudnn || echo xla)
 stage xl2_dots 120 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 $PY bench/throughput.py $XL model.remat=dots
 stage b2_cudnn 90 $PY bench/throughput.py $B model.attention_impl=$CUDNN
 stage b2_dots 90 $PY bench/throughput.py $B model.remat=dots

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import PEAK_BF16_TFLOPS, read_yaml  # noqa: E402
-from models import forward_flops  # noqa: E402  (pure Python: no JAX backend starts)
+from models import forward_flops, model_spec  # noqa: E402  (pure Python: no JAX backend starts)
 
 
 def main(argv):
@@ -77,9 +77,7 @@ def main(argv):
         loss = step(xs[i % 2], ys[i % 2])
     sync()
     dt = (time.perf_counter() - t0) / steps
-    spec = {"hidden_size": d, "depth": model["depth"], "patch_size": model["patch_size"], "input_size": [h, w],
-            "in_channels": c, "mlp_ratio": model.get("mlp_ratio", 4.0)}
-    fl = forward_flops(spec)["forward_flops"]
+    fl = forward_flops(model_spec(model, {"shape": [h, w, c], "num_classes": classes}))["forward_flops"]
     tf = 3 * fl * batch / dt / 1e12
     mem = torch.cuda.max_memory_allocated() / 1e9 if dev.startswith("cuda") else None
     print(json.dumps({"peer": "diffusers DiTTransformer2DModel", "model": model["name"], "compile": compiled,

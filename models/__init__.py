@@ -12,6 +12,7 @@ import equinox as eqx
 import jax
 
 from models.dit import DiT
+from models.layers import ATTENTION_IMPLS, REMAT_MODES
 
 SPEC_KEYS = ("name", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "scan_blocks", "remat",
              "attention_impl", "input_size", "in_channels", "num_classes", "mixing")
@@ -32,12 +33,11 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
             raise UserError(f"data set {meta.get('name')!r} has no cached text features: prepare a captioned set "
                             "(data=emoji, data=fashion_mnist_text, or a folder + JSONL) for stage 2")
         spec.update(text_dim=int(meta["text"]["dim"]), max_tokens=int(meta["text"]["max_tokens"]))
-    if spec.get("attention_impl") not in (None, "auto", "xla", "cudnn"):
-        from training.errors import UserError
-        raise UserError(f"model.attention_impl={spec['attention_impl']!r} unknown: use null, auto, xla or cudnn")
-    if spec.get("remat") not in (None, False, True, "dots"):
-        from training.errors import UserError
-        raise UserError(f"model.remat={spec['remat']!r} unknown: use false, true or dots")
+    for key, allowed in (("attention_impl", ATTENTION_IMPLS), ("remat", REMAT_MODES + (None,))):
+        if spec.get(key) not in allowed:
+            from training.errors import UserError
+            raise UserError(f"model.{key}={spec[key]!r} unknown: use one of "
+                            + ", ".join("null" if a is None else str(a).lower() for a in allowed))
     if spec["hidden_size"] % spec["num_heads"]:
         from training.errors import UserError
         raise UserError(f"model.hidden_size={spec['hidden_size']} is not divisible by model.num_heads={spec['num_heads']}")

@@ -16,18 +16,21 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+REMAT_MODES = (False, True, "dots")                 # model.remat (null = false)
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn")     # model.attention_impl
+
+
 def rematerialise(body, remat):
     """`body` under jax.checkpoint per `model.remat`: false (keep every activation), true (keep only each block's
     input; the backward pass reruns the block: +1 forward of compute) or "dots" (also keep the outputs of the
     token-wise matmuls, which have no batch axis after Linear's flattening, and rerun only the cheap elementwise
     work and attention in between)."""
-    if remat in (False, None):
+    if remat not in REMAT_MODES + (None,):
+        raise ValueError(f"model.remat={remat!r} unknown: use false, true or dots")
+    if not remat:
         return body
-    if remat is True:
-        return jax.checkpoint(body)
-    if remat == "dots":
-        return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"model.remat={remat!r} unknown: use false, true or dots")
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+    return jax.checkpoint(body, policy=policy)
 
 
 class Linear(eqx.Module):
