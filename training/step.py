@@ -63,7 +63,8 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         n = x.shape[0]
         # Randomness for the whole (accumulated) batch at once: accumulation equals one large batch exactly.
         t = flow.sample_t(k_t, n, train_cfg.time_sampling, train_cfg.time_mean, train_cfg.time_std,
-                           float(train_cfg.get("time_uniform_frac", 0.0)))
+                           float(train_cfg.get("time_uniform_frac", 0.0)),
+                           bool(train_cfg.get("time_stratified", False)))
         eps = jax.random.normal(k_e, x.shape, jnp.float32)
         x_t, v = flow.interpolate(x, eps, t), flow.velocity_target(x, eps)
         cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
