@@ -51,19 +51,6 @@ def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: fl
                      logit_normal(k_n))
 
 
-def sample_noise(key, x, candidates: int = 1):
-    """The noise paired with each image. candidates = 1: plain N(0, I). k > 1: k draws per image and the one best
-    aligned with it (largest <x, e>) is kept, a nearest-of-k pairing in the spirit of Immiscible Diffusion (Li et al.
-    2024/2025): each noise then points a little towards its image, so x given x_t is less ambiguous. Selecting on the
-    inner product alone leaves the norm of e unbiased (|e|^2 is drawn independently of the direction of x)."""
-    if candidates <= 1:
-        return jax.random.normal(key, x.shape, jnp.float32)
-    eps = jax.random.normal(key, (candidates,) + x.shape, jnp.float32)
-    score = jnp.sum(eps * x[None], axis=tuple(range(2, eps.ndim)))           # (k, n)
-    best = jnp.argmax(score, axis=0)                                         # (n,)
-    return jnp.take_along_axis(eps, best.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0)[0]
-
-
 def interpolate(x, eps, t):
     t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
     return t * x + (1.0 - t) * eps
@@ -79,9 +66,6 @@ def check_objective(train_cfg) -> None:
         raise UserError(f"train.prediction={train_cfg.prediction} is not one of {' | '.join(PREDICTIONS)}")
     if str(train_cfg.time_sampling) not in TIME_SAMPLINGS:
         raise UserError(f"train.time_sampling={train_cfg.time_sampling} is not one of {' | '.join(TIME_SAMPLINGS)}")
-    k = train_cfg.get("noise_candidates", 1)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UserError(f"train.noise_candidates={k} must be a whole number >= 1 (1: plain noise)")
 
 
 def to_velocity(out, x_t, t, prediction: str = "v", t_eps: float = 0.05):

@@ -44,7 +44,6 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
     w_max = train_cfg.get("loss_weight_max", None)
     ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
     ema_offset = float(train_cfg.get("ema_warmup_offset", 10))
-    noise_candidates = int(train_cfg.get("noise_candidates", 1))
 
     def micro_loss(model, x_t, t, v, cond):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
@@ -66,7 +65,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         t = flow.sample_t(k_t, n, train_cfg.time_sampling, train_cfg.time_mean, train_cfg.time_std,
                            float(train_cfg.get("time_uniform_frac", 0.0)),
                            bool(train_cfg.get("time_stratified", False)))
-        eps = flow.sample_noise(k_e, x, noise_candidates)
+        eps = jax.random.normal(k_e, x.shape, jnp.float32)
         x_t, v = flow.interpolate(x, eps, t), flow.velocity_target(x, eps)
         cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
         if accum == 1:
