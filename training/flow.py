@@ -38,7 +38,7 @@ def sample_t(key, n: int, kind: str = "logit_normal", mean: float = 0.0, std: fl
         strata = jax.random.permutation(k_perm, n).astype(jnp.float32)
         u = (strata + jax.random.uniform(k_jit, (n,), jnp.float32)) / n
         u = jnp.clip(u, 1e-6, 1.0 - 1e-6)   # ndtri(0) = -inf
-        normal = lambda k: jax.scipy.special.ndtri(u)
+        normal = lambda k: jax.scipy.special.ndtri(u)   # k unused: the stratified quantiles are drawn above
     else:
         normal = lambda k: jax.random.normal(k, (n,), jnp.float32)
     if kind == "uniform":
