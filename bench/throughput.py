@@ -16,6 +16,7 @@ FLOPs are analytic (models.forward_flops): matmuls only, per layer N*(24 d^2 + 4
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,8 @@ class Cfg(SimpleNamespace):
 
 def profile_ops(run, top: int, reps: int = 5) -> dict:
     """Milliseconds per step of the `top` most expensive compiled ops (XLA fusions, dots) over `reps` steps, read
-    from a JAX profiler trace (perfetto JSON). Where the step's time goes, e.g. `top_ops=15` on CPU."""
+    from a JAX profiler trace (perfetto JSON), and of every op summed by kind (thread time: ops that run side by side
+    on several cores add up to more than the step). Where the step's time goes, e.g. `top_ops=15` on CPU."""
     import collections
     import gzip
     import tempfile
@@ -86,7 +88,11 @@ def profile_ops(run, top: int, reps: int = 5) -> dict:
     for e in events:   # skip the host-side wrappers (Python frames, the executor's own spans, thread-pool waits)
         if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt")):
             total[e["name"]] += e.get("dur", 0)
-    return {k: round(v / reps / 1000, 2) for k, v in total.most_common(top)}
+    kinds = collections.Counter()   # summed by kind: "ynn_fusion.233" and "ynn_fusion.8" are both "ynn_fusion"
+    for name, dur in total.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += dur
+    ms = lambda c, n: {k: round(v / reps / 1000, 2) for k, v in c.most_common(n)}
+    return {"top_ops_ms_per_step": ms(total, top), "op_kinds_ms_per_step": ms(kinds, 20)}
 
 
 def main(argv):
@@ -164,7 +170,7 @@ def main(argv):
            "tflops_per_s": train_flops / dt / 1e12, "mfu_vs_989": train_flops / dt / 1e12 / PEAK_BF16_TFLOPS,
            "peak_device_memory_GB": None if mem is None else mem / 1e9, "compile_s": compile_s,
            "forward_gflops_per_image": fl["forward_flops"] / 1e9, "flops_formula": fl["formula"],
-           "loss": float(met["loss"]), **({"top_ops_ms_per_step": ops} if ops else {})}
+           "loss": float(met["loss"]), **(ops or {})}
     print(json.dumps(out))
 
 

@@ -26,7 +26,7 @@ def rematerialise(body, remat):
     token-wise matmuls, which have no batch axis after Linear's flattening, and rerun only the cheap elementwise
     work and attention in between)."""
     if remat not in REMAT_MODES + (None,):
-        raise ValueError(f"model.remat={remat!r} unknown: use false, true or dots")
+        raise ValueError(f"model.remat={remat!r} unknown: use one of {', '.join(str(m).lower() for m in REMAT_MODES)}")
     if not remat:
         return body
     policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None

@@ -140,7 +140,9 @@ def test_attention_auto_and_large_presets():
     assert attention_kernel("auto", q, None) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
     assert attention_kernel("auto", q.astype(jnp.float32), None) == "xla"
     assert attention_kernel("auto", q, jnp.ones((2, 1, 16, 16), bool)) == "xla"
-    assert attention_kernel("auto", jnp.zeros((2, 16, 4, 72), jnp.bfloat16), None) in ("cudnn", "xla")
+    assert attention_kernel("auto", jnp.zeros((2, 16, 4, 72), jnp.bfloat16), None) == attention_kernel("auto", q, None)
+    assert attention_kernel("auto", jnp.zeros((2, 16, 4, 36), jnp.bfloat16), None) == "xla"    # head dim not % 8
+    assert attention_kernel("auto", jnp.zeros((2, 16, 4, 256), jnp.bfloat16), None) == "xla"   # head dim over 128
     assert attention_kernel("cudnn", q.astype(jnp.float32), None) == "cudnn"   # an explicit choice is kept
     spec = spec_for("tiny")
     x, t, y = jnp.ones((8, 8, 1)), jnp.float32(0.4), jnp.int32(2)
