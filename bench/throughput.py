@@ -25,6 +25,11 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # as the stage scripts do: glibc malloc on huge pages (training/cli.py), before JAX loads
+    from training.cli import use_huge_pages  # noqa: E402
+
+    use_huge_pages()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -166,6 +171,7 @@ def main(argv):
         pass
     out = {"model": spec["name"], "params_M": param_count(m) / 1e6, "batch": batch, "grad_accum": int(tc.grad_accum),
            "shape": shape, "precision": tc.precision, "backend": jax.default_backend(),
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
            "device": jax.devices()[0].device_kind, "images_per_s": total / dt, "step_time_s": dt,
            "tflops_per_s": train_flops / dt / 1e12, "mfu_vs_989": train_flops / dt / 1e12 / PEAK_BF16_TFLOPS,
            "peak_device_memory_GB": None if mem is None else mem / 1e9, "compile_s": compile_s,
