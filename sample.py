@@ -84,5 +84,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cli.use_huge_pages()  # XLA:CPU steps ~25% faster (training/cli.py)
     cli.main("sample", main)

@@ -46,3 +46,24 @@ def test_use_huge_pages_reexecs_once_with_the_same_command_line():
     assert argv == str([str(ROOT), "x=1"])
     host = cli.huge_pages_env(env, cli._thp_mode(), cli._glibc_version())
     assert tunables == (host["GLIBC_TUNABLES"] if host else "None")
+
+
+def test_cli_main_reexecs_for_the_script_being_run_only(tmp_path):
+    """A script's `main` reaches cli.main as a `__main__` function and gets the re-exec, before the config is read;
+    the same function imported by a test (tests/test_bad_input.py) does not (it would replace pytest)."""
+    code = ("import os\nfrom training import cli\n"
+            "def main(cfg): print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), cfg.train.steps)\n"
+            "cli.main('config', main)")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = str(ROOT)   # argv holds only overrides here, as for the real scripts
+    p = subprocess.Popen([sys.executable, "-c", code, "train.steps=7"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    pid, tunables, steps = lines[0].split(" ")
+    assert int(pid) == p.pid and steps == "7"
+    env.pop("PYTHONPATH")
+    host = cli.huge_pages_env(env, cli._thp_mode(), cli._glibc_version())
+    assert tunables == (host["GLIBC_TUNABLES"] if host else "None")

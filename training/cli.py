@@ -53,8 +53,8 @@ def _glibc_version() -> tuple[int, int] | None:
 
 
 def use_huge_pages() -> None:
-    """Re-exec this process once with `huge_pages_env` (entry scripts call it first, under `__main__` only: a
-    library or test calling it would replace its own process). Tunables are read only at process start."""
+    """Re-exec this process once with `huge_pages_env`; tunables are read only at process start. Called by `main`
+    for the script being run (and by bench/throughput.py), never from a library or a test: it replaces the process."""
     env = huge_pages_env(os.environ, _thp_mode(), _glibc_version())
     if env is None or not sys.executable:
         return
@@ -88,7 +88,12 @@ def _explain_composition_error(err: Exception) -> str:
 
 
 def main(config_name: str, fn) -> None:
-    """Run `fn(cfg)` with the composed config; user mistakes end in one line and exit code 2."""
+    """Run `fn(cfg)` with the composed config; user mistakes end in one line and exit code 2.
+
+    When `fn` belongs to the script being run (`python train_stage1.py ...`), the process first re-execs itself with
+    huge pages (`use_huge_pages`); tests that call a script's `main` through here in-process are left as they are."""
+    if getattr(fn, "__module__", None) == "__main__":
+        use_huge_pages()
     from training.errors import UserError
 
     argv = sys.argv[1:]
