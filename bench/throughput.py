@@ -59,6 +59,8 @@ def parse(v: str):
         return None
     if v in ("true", "false"):
         return v == "true"
+    if v.startswith("["):   # a list, e.g. train.route=[1,5,0.5]
+        return json.loads(v)
     for t in (int, float):
         try:
             return t(v)

@@ -65,7 +65,7 @@ def build_model(spec: dict[str, Any], *, key) -> DiT:
     return cls(**kw, key=key)
 
 
-def apply(model, x, t, *cond):
+def apply(model, x, t, *cond, route=None):
     """The model on a batch: x (B, ...), t a scalar or (B,), cond per-example arrays (B, ...). Models that take a batch
     directly (`batched = True`: both DiTs) get it whole; any other (e.g. a per-example callable, as the
     sampler tests' analytic models) is vmapped one example at a time. Same numbers
@@ -73,6 +73,8 @@ def apply(model, x, t, *cond):
     import jax.numpy as jnp
 
     t = jnp.broadcast_to(t, x.shape[:1])
+    if route is not None:   # token routing (training only): the class DiT on a whole batch
+        return model(x, t, *cond, route=route)
     if getattr(model, "batched", False):
         return model(x, t, *cond)
     return jax.vmap(model)(x, t, *cond)

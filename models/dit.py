@@ -39,8 +39,21 @@ class DiTBlock(eqx.Module):
         return x
 
 
-def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool | str) -> Array:
-    """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised."""
+def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool | str, route=None) -> Array:
+    """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised.
+
+    route = (start, end, keep): blocks start..end-1 see only the tokens `keep` (B, K) indexes, per example; the
+    others skip those blocks unchanged and rejoin before block `end` (TREAD, Krause et al. 2025; training only)."""
+    if route is not None:
+        start, end, keep = route
+        depth = jax.tree.leaves(eqx.filter(blocks, eqx.is_array))[0].shape[0]
+        part = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi] if eqx.is_array(a) else a, blocks)
+        go = lambda h, lo, hi: h if hi <= lo else run_blocks(part(lo, hi), h, c, scan=scan, remat=remat)
+        x = go(x, 0, start)
+        idx = keep[..., None]
+        sub = go(jnp.take_along_axis(x, idx, axis=-2), start, end)
+        x = jnp.put_along_axis(x, jnp.broadcast_to(idx, sub.shape), sub, axis=-2, inplace=False)
+        return go(x, end, depth)
     params, static = eqx.partition(blocks, eqx.is_array)
 
     def body(h, p):
@@ -96,14 +109,14 @@ class DiT(eqx.Module):
     batched = True   # models.apply calls it on the whole batch (no vmap): 2-D matmuls, faster on CPU
 
     def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."],
-                 y: Int[Array, "..."]) -> Float[Array, "... h w c"]:
+                 y: Int[Array, "..."], route=None) -> Float[Array, "... h w c"]:
         h, w = self.input_size
         p, dtype = self.patch_size, self.patch_embed.weight.dtype
         tokens = self.patch_embed(patchify(x.astype(dtype), p))  # (N, D)
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(tokens.shape[-1], h // p, w // p), dtype)
         t_emb = self.t_mlp2(jax.nn.silu(self.t_mlp1(timestep_sinusoid(t, FREQ_DIM).astype(dtype))))  # (D,)
         c = t_emb + self.y_embed[y]  # (..., D)
-        tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat)  # (N, D)
+        tokens = run_blocks(self.blocks, tokens, c, scan=self.scan_blocks, remat=self.remat, route=route)  # (N, D)
         shift, scale = jnp.split(self.final_ada(jax.nn.silu(c)), 2, axis=-1)
         out = self.final(modulate(layer_norm(tokens), shift, scale))  # (N, p*p*C)
         return unpatchify(out, p, h, w, self.in_channels)  # (H, W, C)

@@ -152,6 +152,7 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver"),
                           (["sampler.guidance=nope"], "guidance"), (["train.prediction=eps"], "train.prediction"),
                           (["train.time_sampling=normal"], "time_sampling"),
+                          (["train.route=[1,3,0.5]"], "model.depth (2)"), (["train.route=[0,2,2]"], "0 < keep <= 1"),
                           (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step"),
                           (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "guide_fraction=1.0 (step 8)")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)

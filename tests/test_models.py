@@ -154,3 +154,32 @@ def test_attention_auto_and_large_presets():
     for key, bad in (("remat", "some"), ("attention_impl", "flash")):
         with pytest.raises(UserError, match=f"model.{key}='{bad}' unknown"):
             spec_for("tiny", **{key: bad})
+
+
+def test_token_routing_skips_the_routed_blocks_and_keeping_all_is_the_full_model():
+    """TREAD routing (train.route): tokens outside `keep` bypass blocks start..end-1 unchanged; keeping every token
+    in order is the ordinary forward pass."""
+    spec = spec_for("tiny", scan_blocks=False, patch_size=2)   # 16 tokens
+    model = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
+                         build_model(spec, key=jax.random.PRNGKey(0)))
+    depth = spec["depth"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 1))
+    t, y = jnp.array([0.3, 0.8]), jnp.array([1, 10])
+    full = apply(model, x, t, y)
+    every = jnp.tile(jnp.arange(16), (2, 1))
+    np.testing.assert_allclose(apply(model, x, t, y, route=(0, depth, every)), full, rtol=1e-5, atol=1e-6)
+    # Routed past every block, a dropped token's output patch depends on no block weight; a kept one does.
+    keep = jnp.array([[0, 3, 5, 6, 9, 10, 12, 15], [1, 2, 4, 7, 8, 11, 13, 14]])
+    other = eqx.tree_at(lambda m: m.blocks, model, jax.tree.map(lambda a: a * 1.5, model.blocks))
+    a = patchify(apply(model, x, t, y, route=(0, depth, keep)), 2)
+    b = patchify(apply(other, x, t, y, route=(0, depth, keep)), 2)
+    for i in range(2):
+        dropped = np.setdiff1d(np.arange(16), np.asarray(keep[i]))
+        np.testing.assert_allclose(a[i, dropped], b[i, dropped], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(a[i, keep[i]], b[i, keep[i]])
+    # Routing a middle range changes the output (the routed blocks see fewer tokens), and the scan path agrees.
+    mid = apply(model, x, t, y, route=(1, depth, keep))
+    assert not np.allclose(mid, full)
+    scanned = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
+                           build_model({**spec, "scan_blocks": True}, key=jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(apply(scanned, x, t, y, route=(1, depth, keep)), mid, rtol=1e-5, atol=1e-6)

@@ -13,11 +13,14 @@ from training.state import split_keys
 N = 4
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_resume_is_bitwise_exact(digits_root, tmp_path, optim):
+# Routed: the kept tokens are drawn from (seed, step) inside the step, so they resume too.
+@pytest.mark.parametrize("optim,extra", [("adamw", {}), ("muon", {}),
+                                         ("muon", {"train.route": "[0,2,0.5]"})],
+                         ids=["adamw", "muon", "muon-routed"])
+def test_resume_is_bitwise_exact(digits_root, tmp_path, optim, extra):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     # hflip on: the augmentation randomness must resume too.
-    common = {"data.hflip": True, "train.lr": 3e-3, "optim": optim}
+    common = {"data.hflip": True, "train.lr": 3e-3, "optim": optim, **extra}
     train_stage1.main(compose("config", tiny_overrides(digits_root, straight, steps=2 * N, **common)))
     r1 = train_stage1.main(compose("config", tiny_overrides(digits_root, split, steps=2 * N,
                                                             **common, **{"train.stop_at_step": N})))

@@ -25,7 +25,7 @@ from training.errors import UserError
 from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
 from training.optim import make_optimizer, state_layout
 from training.state import init_state, split_keys
-from training.step import class_conditioning, make_train_step
+from training.step import check_route, class_conditioning, make_train_step
 from training.tracking import Tracker, make_grid, save_png
 
 
@@ -80,6 +80,7 @@ def run(cfg, task: Task) -> dict:
         raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
                         f"and the {jax.process_count()} processes")
     flow.check_objective(tc)
+    check_route(tc, task.spec)
     check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
     check_guide_step(cfg.sampler, tc)
     if is_main:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from models import apply
 from training import flow, sharding
+from training.errors import UserError
 from training.state import TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -32,6 +33,24 @@ def text_conditioning(key, batch, p: float, null_cond=None):
     return batch["text"], batch["mask"], jax.random.bernoulli(key, p, batch["mask"].shape[:1])
 
 
+def check_route(train_cfg, spec: dict) -> None:
+    """train.route = [start, end, keep] (TREAD token routing) fails at start with one line if it cannot apply."""
+    r = train_cfg.get("route", None)
+    if r is None:
+        return
+    if spec.get("mixing") is not None:
+        raise UserError("train.route (token routing) is built for the class-conditional DiT only: set train.route=null")
+    try:
+        start, end, keep = int(r[0]), int(r[1]), float(r[2])
+        ok = len(r) == 3 and 0 <= start < end <= int(spec["depth"]) and 0.0 < keep <= 1.0
+    except (TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise UserError(f"train.route={list(r) if not isinstance(r, str) else r} is not [start, end, keep] with "
+                        f"0 <= start < end <= model.depth ({spec['depth']}) and 0 < keep <= 1, e.g. "
+                        "'train.route=[1,5,0.5]' (or null)")
+
+
 def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
                     conditioning: Callable = class_conditioning, mesh=None):
     """Build `train_step(state, batch) -> (state, metrics)`; batch leading axis = batch_size * grad_accum.
@@ -44,10 +63,12 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
     w_max = train_cfg.get("loss_weight_max", None)
     ema_decay, ema_warmup = float(train_cfg.ema_decay), bool(train_cfg.ema_warmup)
     ema_offset = float(train_cfg.get("ema_warmup_offset", 10))
+    route_cfg = train_cfg.get("route", None)   # [start, end, keep_fraction]: TREAD token routing, or null
 
-    def micro_loss(model, x_t, t, v, cond):
+    def micro_loss(model, x_t, t, v, cond, keep=None):
         m = cast_floats(model, compute_dtype)  # fp32 master -> compute dtype inside the graph: fp32 gradients
-        out = apply(m, x_t.astype(compute_dtype), t, *cond).astype(jnp.float32)
+        route = None if keep is None else (int(route_cfg[0]), int(route_cfg[1]), keep)
+        out = apply(m, x_t.astype(compute_dtype), t, *cond, route=route).astype(jnp.float32)
         v_hat = flow.to_velocity(out, x_t, t, pred, t_eps)
         if w_max is None:
             return jnp.mean(jnp.square(v_hat - v))
@@ -68,13 +89,20 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         eps = jax.random.normal(k_e, x.shape, jnp.float32)
         x_t, v = flow.interpolate(x, eps, t), flow.velocity_target(x, eps)
         cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
+        keep = None
+        if route_cfg is not None:   # per example, a random subset of the tokens goes through the routed blocks
+            m = state.params
+            n_tok = (m.input_size[0] // m.patch_size) * (m.input_size[1] // m.patch_size)
+            k_keep = max(1, round(float(route_cfg[2]) * n_tok))
+            keys = jax.random.split(jax.random.fold_in(key, 7), n)
+            keep = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, n_tok)[:k_keep]))(keys)
         if accum == 1:
-            loss, grads = grad_fn(state.params, x_t, t, v, cond)
+            loss, grads = grad_fn(state.params, x_t, t, v, cond, keep)
         else:
             # Strided split (micro-batch j = rows j, j + K, ...): each device's contiguous block of the sharded
             # batch contributes equally to every micro-batch, so splitting moves no data between devices.
             split = lambda a: jnp.swapaxes(a.reshape((n // accum, accum) + a.shape[1:]), 0, 1)
-            micro = sharding.constrain_batch(jax.tree.map(split, (x_t, t, v, cond)), mesh, axis=1)
+            micro = sharding.constrain_batch(jax.tree.map(split, (x_t, t, v, cond, keep)), mesh, axis=1)
             zeros = jax.tree.map(jnp.zeros_like, eqx.filter(state.params, eqx.is_inexact_array))
 
             def body(carry, mb):
