@@ -91,8 +91,8 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
         keep = None
         if route_cfg is not None:   # per example, a random subset of the tokens goes through the routed blocks
-            m = state.params
-            n_tok = (m.input_size[0] // m.patch_size) * (m.input_size[1] // m.patch_size)
+            h, w, p = state.params.input_size + (state.params.patch_size,)
+            n_tok = (h // p) * (w // p)
             k_keep = max(1, round(float(route_cfg[2]) * n_tok))
             keys = jax.random.split(jax.random.fold_in(key, 7), n)
             keep = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, n_tok)[:k_keep]))(keys)
