@@ -39,6 +39,13 @@ class DiTBlock(eqx.Module):
         return x
 
 
+def route_keep(key, batch: int, num_tokens: int, share: float) -> Array:
+    """The tokens each example sends through the routed blocks (train.route): `share` of them, a fresh random draw
+    per example, in position order. (batch, round(share * num_tokens)) int32."""
+    k = max(1, round(share * num_tokens))
+    return jax.vmap(lambda kk: jnp.sort(jax.random.permutation(kk, num_tokens)[:k]))(jax.random.split(key, batch))
+
+
 def run_blocks(blocks: eqx.Module, x: Array, c: Array, *, scan: bool, remat: bool | str, route=None) -> Array:
     """Apply stacked blocks in order, with lax.scan or an unrolled loop, optionally rematerialised.
 
@@ -107,6 +114,10 @@ class DiT(eqx.Module):
         return self.num_classes
 
     batched = True   # models.apply calls it on the whole batch (no vmap): 2-D matmuls, faster on CPU
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size[0] // self.patch_size) * (self.input_size[1] // self.patch_size)
 
     def __call__(self, x: Float[Array, "... h w c"], t: Float[Array, "..."],
                  y: Int[Array, "..."], route=None) -> Float[Array, "... h w c"]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from models import apply
+from models.dit import route_keep
 from training import flow, sharding
 from training.errors import UserError
 from training.state import TrainState
@@ -91,11 +92,7 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
         cond = conditioning(k_c, batch, float(train_cfg.cfg_p), null_cond)
         keep = None
         if route_cfg is not None:   # per example, a random subset of the tokens goes through the routed blocks
-            h, w, p = state.params.input_size + (state.params.patch_size,)
-            n_tok = (h // p) * (w // p)
-            k_keep = max(1, round(float(route_cfg[2]) * n_tok))
-            keys = jax.random.split(jax.random.fold_in(key, 7), n)
-            keep = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, n_tok)[:k_keep]))(keys)
+            keep = route_keep(jax.random.fold_in(key, 7), n, state.params.num_tokens, float(route_cfg[2]))
         if accum == 1:
             loss, grads = grad_fn(state.params, x_t, t, v, cond, keep)
         else:
