@@ -86,20 +86,30 @@ def profile_ops(run, top: int, reps: int = 5) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
+            t0 = time.perf_counter()
             for _ in range(reps):
                 out = run()
             jax.block_until_ready(out)
+            wall = time.perf_counter() - t0
         trace = json.load(gzip.open(next(Path(d).rglob("*perfetto_trace.json.gz"))))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    total = collections.Counter()
-    for e in events:   # skip the host-side wrappers (Python frames, the executor's own spans, thread-pool waits)
-        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt")):
+    total, per_thread, n_ops = collections.Counter(), collections.Counter(), 0
+    skip = ("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt", "ThreadpoolListener", "end: ", "Wait for")
+    for e in events:   # skip the host-side wrappers (Python frames, the executor's own spans, thread-pool markers)
+        if e.get("ph") == "X" and not e["name"].startswith(skip):
             total[e["name"]] += e.get("dur", 0)
+            per_thread[e.get("tid")] += e.get("dur", 0)
+            n_ops += 1
     kinds = collections.Counter()   # summed by kind: "ynn_fusion.233" and "ynn_fusion.8" are both "ynn_fusion"
     for name, dur in total.items():
         kinds[re.sub(r"\.\d+$", "", name)] += dur
     ms = lambda c, n: {k: round(v / reps / 1000, 2) for k, v in c.most_common(n)}
-    return {"top_ops_ms_per_step": ms(total, top), "op_kinds_ms_per_step": ms(kinds, 20)}
+    # Busy time of the threads that ran ops: against step_time_s it says how idle each core is (a chain of
+    # single-threaded elementwise ops leaves the other core waiting; development_log.md, twenty-fourth session).
+    return {"top_ops_ms_per_step": ms(total, top), "op_kinds_ms_per_step": ms(kinds, 20),
+            "profiled_step_ms": round(wall / reps * 1000, 1),
+            "thread_busy_ms_per_step": sorted(ms(per_thread, 4).values(), reverse=True),
+            "ops_per_step": round(n_ops / reps)}
 
 
 def main(argv):
