@@ -73,10 +73,11 @@ def apply(model, x, t, *cond, route=None):
     import jax.numpy as jnp
 
     t = jnp.broadcast_to(t, x.shape[:1])
-    if route is not None:   # token routing (training only): the class DiT on a whole batch
-        return model(x, t, *cond, route=route)
+    route_kw = {} if route is None else {"route": route}   # token routing (training only): the class DiT takes it
     if getattr(model, "batched", False):
-        return model(x, t, *cond)
+        return model(x, t, *cond, **route_kw)
+    if route is not None:
+        raise ValueError(f"token routing needs a model that takes the whole batch; {type(model).__name__} does not")
     return jax.vmap(model)(x, t, *cond)
 
 

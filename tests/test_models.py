@@ -183,3 +183,5 @@ def test_token_routing_skips_the_routed_blocks_and_keeping_all_is_the_full_model
     scanned = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(3), a.shape),
                            build_model({**spec, "scan_blocks": True}, key=jax.random.PRNGKey(0)))
     np.testing.assert_allclose(apply(scanned, x, t, y, route=(1, depth, keep)), mid, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="token routing needs a model that takes the whole batch"):
+        apply(lambda xx, tt, yy: xx, x, t, y, route=(0, depth, keep))   # a per-example model cannot route
