@@ -10,7 +10,8 @@ from models import build_model, model_spec
 from training.cli import compose
 from training.optim import make_optimizer
 from training.state import init_state, split_keys
-from training.step import make_train_step
+from training.errors import UserError
+from training.step import check_route, make_train_step
 
 B, K, STEPS = 8, 4, 2
 
@@ -19,6 +20,7 @@ def _train(batch_size: int, accum: int, batches, extra=()):
     cfg = compose("config", ["model=tiny", "model.depth=2", "train.precision=float32", f"train.batch_size={batch_size}",
                              f"train.grad_accum={accum}", "optim.warmup_steps=1", "train.steps=10", *extra])
     spec = model_spec(cfg.model, {"shape": [8, 8, 4], "num_classes": 10})
+    check_route(cfg.train, spec)   # as training.loop.run does before building the step
     model_key, train_key = split_keys(0)
     optimizer, schedule = make_optimizer(cfg.train, cfg.optim)
     state = init_state(build_model(spec, key=model_key), optimizer, train_key)
@@ -77,27 +79,12 @@ def test_ema_follows_its_warm_up_schedule():
 def test_token_routing_in_the_step():
     """train.route: keeping every token is the unrouted step; keeping half changes the loss, deterministically,
     and a route the model cannot take is one user error."""
-    from training.errors import UserError
-    from training.step import check_route
-
     rng = np.random.default_rng(2)
-    batch = {"x": jnp.asarray(rng.standard_normal((B, 8, 8, 4)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, B), jnp.int32)}
+    batch = {"x": rng.standard_normal((B, 8, 8, 4)).astype(np.float32),
+             "label": rng.integers(0, 10, B).astype(np.int32)}
 
-    def loss_with(route):
-        cfg = compose("config", ["model=tiny", "model.depth=2", "optim.warmup_steps=1", "train.steps=10",
-                                 f"train.route={route}"])
-        spec = model_spec(cfg.model, {"shape": [8, 8, 4], "num_classes": 10})
-        check_route(cfg.train, spec)
-        model_key, train_key = split_keys(0)
-        optimizer, schedule = make_optimizer(cfg.train, cfg.optim)
-        state = init_state(build_model(spec, key=model_key), optimizer, train_key)
-        step = make_train_step(cfg.train, optimizer, schedule, 10)
-        losses = []
-        for _ in range(5):   # zero-init output, then adaLN-Zero: the blocks act from step 3 on, so later losses see the route
-            state, m = step(state, batch)
-            losses.append(float(m["loss"]))
-        return losses
+    def loss_with(route):   # 5 steps: zero-init output, then adaLN-Zero: the blocks act from step 3 on
+        return _train(B, 1, [batch] * 5, (f"train.route={route}",))[1]
 
     plain = loss_with("null")
     assert loss_with("[0,2,1.0]") == pytest.approx(plain, rel=1e-6, abs=0)
