@@ -5,6 +5,7 @@
     python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 top_ops=20   # + where the time goes
     python bench/throughput.py model=small_text shape=32,32,3 batch=64 text=16,384        # stage 2: 16 caption tokens
     python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 optim=muon  # configs/optim/<name>.yaml
+    python bench/throughput.py model=small shape=28,28,1 classes=10 batch=128 optim=muon split=true  # + the update alone
 
 The optimizer is AdamW unless `optim=muon` is given (stage 1's default is Muon: +11% step time on the small preset).
 
@@ -129,6 +130,7 @@ def main(argv):
     if "grad_accum" in args:
         train["grad_accum"] = int(args.pop("grad_accum"))
     top_ops = int(args.pop("top_ops", 0))
+    split = parse(args.pop("split", "false"))   # also time the optimizer update (+ apply) alone, on the step's grads
     text = [int(v) for v in args.pop("text", "16,384").split(",")]   # text models: caption tokens, feature width
     if args:
         raise SystemExit(f"error: unknown arguments {sorted(args)}")
@@ -174,6 +176,19 @@ def main(argv):
         return m["loss"]
 
     ops = profile_ops(run, top_ops) if top_ops else None
+    update_s = None
+    if split:   # the optimizer's share of the step (Muon: its Newton-Schulz dots); the rest is forward + backward
+        import equinox as eqx
+
+        params = eqx.filter(holder[0].params, eqx.is_inexact_array)
+        grads = jax.tree.map(lambda a: 1e-3 * jnp.ones_like(a), params)
+        update = eqx.filter_jit(lambda g, s, p: eqx.apply_updates(p, opt.update(g, s, p)[0]))
+        jax.block_until_ready(update(grads, holder[0].opt_state, params))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = update(grads, holder[0].opt_state, params)
+        jax.block_until_ready(out)
+        update_s = (time.perf_counter() - t0) / steps
     fl = forward_flops(spec)
     train_flops = 3 * fl["forward_flops"] * total
     mem = None
@@ -188,7 +203,7 @@ def main(argv):
            "tflops_per_s": train_flops / dt / 1e12, "mfu_vs_989": train_flops / dt / 1e12 / PEAK_BF16_TFLOPS,
            "peak_device_memory_GB": None if mem is None else mem / 1e9, "compile_s": compile_s,
            "forward_gflops_per_image": fl["forward_flops"] / 1e9, "flops_formula": fl["formula"],
-           "loss": float(met["loss"]), **(ops or {})}
+           "loss": float(met["loss"]), **(ops or {}), **({} if update_s is None else {"optimizer_update_s": update_s})}
     print(json.dumps(out))
 
 
