@@ -62,7 +62,8 @@ def _builtin_items(name: str, resolution: int | None, channels: int) -> tuple[di
 
     items = {s: _Items(len(d[s][0]), loader(d[s][0]), [int(v) for v in d[s][1]],
                        [f"{name}/{s}/{i}" for i in range(len(d[s][0]))]) for s in ("train", "test")}
-    return items, d["class_names"], d["source"], res
+    # The split joins the source: the resume plan then never mixes two cuts, and meta's encoder records it (pixels_split)
+    return items, d["class_names"], f'{d["source"]}; split: {d["split_rule"]}', res
 
 
 def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, str, str]:
@@ -144,7 +145,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     - `sample`: store a posterior sample instead of the posterior mean.
     - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
     """
-    from data.builtin import BUILTIN_NAMES
+    from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS
 
     if dtype not in ("float16", "float32"):
         raise UserError(f"latent dtype must be float16 or float32, got {dtype!r}")
@@ -266,6 +267,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
                layout=layout)
     if is_builtin:
         enc["pixels"] = str(source)   # the pixel data set these latents came from (evaluation decodes against it)
+        enc["pixels_split"] = BUILTIN_SPLITS[str(source)]   # ... and how it was cut (its test images must be unseen)
     meta = {"format_version": META_FORMAT_VERSION, "name": out_dir.name, "source": src_desc, "encoder": enc,
             "shape": list(latent_shape), "dtype": dtype, "num_classes": len(class_names),
             "class_names": list(class_names), "splits": meta_splits, "channel_mean": mean.tolist(),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data.builtin import BUILTIN_NAMES, load_builtin
+from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builtin_copy, load_builtin
 from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, write_meta
 from data.records import ALLOWED_DTYPES, encode_record
 from training.errors import UserError
@@ -67,12 +67,14 @@ def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_sha
 
 
 def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: str, encoder=None,
-                   num_shards: dict | int | None = None, text: dict | None = None, text_meta: dict | None = None) -> dict:
+                   num_shards: dict | int | None = None, text: dict | None = None, text_meta: dict | None = None,
+                   split_rule: str | None = None) -> dict:
     """Write `splits` {split: (x (N,H,W,C), y (N,))} into `out_dir` as shards + meta.json; returns the meta.
 
     num_shards: per split (dict) or for all splits (int); default one shard per RECORDS_PER_SHARD records.
     text (stage 2): {split: {"text", "mask", "caption"}} cached caption features; text_meta goes to meta["text"]
-    ({"encoder", "dim", "max_tokens", ...}).
+    ({"encoder", "dim", "max_tokens", ...}). split_rule: how train and test were cut (built-ins: BUILTIN_SPLITS),
+    kept in meta["split_rule"].
     """
     out_dir = Path(out_dir)
     shape, dtype = _check_splits(splits, class_names)
@@ -96,21 +98,35 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
             "shape": list(shape), "dtype": dtype, "num_classes": len(class_names), "class_names": list(class_names),
             "splits": meta_splits, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
             "shift": shift, "scale": scale}
+    if split_rule is not None:
+        meta["split_rule"] = split_rule
     if text is not None:
         meta["text"] = dict(text_meta or {})
     write_meta(out_dir, meta)
     return meta
 
 
+def builtin_split_of(meta: dict) -> str:
+    """How a prepared copy of a built-in set was cut (copies from before meta recorded it: LEGACY_SPLITS)."""
+    return meta.get("split_rule", LEGACY_SPLITS.get(meta.get("name"), ""))
+
+
 def ensure_prepared(name: str, root) -> tuple[dict, Path]:
-    """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use."""
+    """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use, and again when the copy there was
+    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost)."""
     out_dir = Path(root) / name
     if (out_dir / META_FILE).exists():
-        return load_meta(out_dir), out_dir
-    if name not in BUILTIN_NAMES:
+        meta = load_meta(out_dir)
+        if not is_builtin_copy(name, meta) or builtin_split_of(meta) == BUILTIN_SPLITS[name]:
+            return meta, out_dir
+        print(f"{out_dir} holds the old split of {name} ({builtin_split_of(meta)}); re-preparing it with "
+              f"{BUILTIN_SPLITS[name]}", flush=True)
+    elif name not in BUILTIN_NAMES:
         raise UserError(f"no prepared data set at {out_dir}: run `python prepare_data.py data={name}` "
                         f"(built-in: {', '.join(BUILTIN_NAMES)})")
-    print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
+    else:
+        print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
     d = load_builtin(name)
-    prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"])
+    prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
+                   split_rule=d["split_rule"])
     return load_meta(out_dir), out_dir

@@ -17,7 +17,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data import builtin
 from data.builtin import load_builtin
 from data.loader import load_split, make_iterator
-from data.meta import channel_stats, load_meta, to_model, to_stored, to_uint8, write_meta
+from data.meta import META_FILE, channel_stats, load_meta, to_model, to_stored, to_uint8, write_meta
 from data.prepare import ensure_prepared, prepare_arrays
 from data.records import FORMAT_VERSION, RecordError, decode_record, encode_record
 from training.errors import UserError
@@ -174,6 +174,15 @@ def test_digits_builtin():
     frac = np.bincount(yte, minlength=10) / (np.bincount(ytr, minlength=10) + np.bincount(yte, minlength=10))
     assert np.all(np.abs(frac - 0.2) < 0.02)                      # stratified
     np.testing.assert_array_equal(load_builtin("digits")["test"][0], xte)   # deterministic
+    assert d["split_rule"] == builtin.BUILTIN_SPLITS["digits"]
+    # Drawn from the whole file, not a block of it: the file groups writers, so a block would test on unseen hands.
+    xf, yf = builtin.digits_in_file_order()
+    pos = {xf[i].tobytes(): i for i in range(len(xf))}
+    for c in range(10):
+        where = np.sort([pos[im.tobytes()] for im in xte[yte == c]])
+        of_class = np.flatnonzero(yf == c)
+        half = of_class[len(of_class) // 2]
+        assert 0.25 < np.mean(where < half) < 0.75, (c, where)
 
 
 def test_unknown_builtin_lists_names():
@@ -371,6 +380,23 @@ def test_ensure_prepared(tmp_path, monkeypatch, capsys):
     assert ensure_prepared("digits", tmp_path) == (meta, d)
     b = next(make_iterator(meta, d, "train", batch_size=64, seed=0, hflip=True))
     assert b["x"].shape == (64, 8, 8, 1) and b["x"].min() == -1 and b["x"].max() == 1
+
+
+def test_a_builtin_copy_cut_the_old_way_is_re_prepared(tmp_path, capsys):
+    meta, d = ensure_prepared("digits", tmp_path)
+    assert meta["split_rule"] == builtin.BUILTIN_SPLITS["digits"]
+    # A copy prepared before meta.json recorded its split rule: the test split was a file-order tail (other writers).
+    old = {k: v for k, v in meta.items() if k != "split_rule"}
+    (d / META_FILE).write_text(json.dumps(old))
+    capsys.readouterr()
+    again, _ = ensure_prepared("digits", tmp_path)
+    assert "holds the old split of digits" in capsys.readouterr().out
+    assert again["split_rule"] == builtin.BUILTIN_SPLITS["digits"] and again["splits"] == meta["splits"]
+    # A user's own set that happens to be called digits is theirs: never rewritten.
+    mine = tmp_path / "mine" / "digits"
+    x = np.zeros((4, 8, 8, 1), np.uint8)
+    prepare_arrays(mine, "digits", {"train": (x, np.arange(4) % 2)}, ["a", "b"], "/home/me/scans")
+    assert ensure_prepared("digits", tmp_path / "mine")[0]["splits"]["train"]["num_records"] == 4
 
 
 def test_float_data_is_standardised(tmp_path):

@@ -129,6 +129,19 @@ def test_fd_set_size_is_capped_by_the_test_split(evaluator, digits):
     assert np.isfinite(one_class["fd"]) and one_class["cond_acc"] > 0.8
 
 
+def test_each_draw_scores_its_own_generated_subset(evaluator, digits, monkeypatch):
+    x, y = digits[2]   # 297 images against a 500-image test split: n_fd = 250, so 47 would sit out of a single subset
+    calls, real = [], ev_mod.frechet_distance
+    monkeypatch.setattr(ev_mod, "frechet_distance", lambda a, b: calls.append(a) or real(a, b))
+    evaluator.evaluate(x, y)
+    gen = calls[0::2]   # each draw: FD(generated, A), then the floor FD(B, A)
+    assert len(gen) == ev_mod._REF_DRAWS and all(len(g) == 250 for g in gen)
+    assert len({row.tobytes() for g in gen for row in g}) > 280   # several subsets, not one reused five times
+    calls.clear()
+    evaluator.evaluate(x[:200], y[:200])   # fewer than n_fd: every draw scores all of them
+    assert all(len({row.tobytes() for row in g}) == 200 for g in calls[0::2])
+
+
 def test_frechet_distance_formula():
     f = np.random.RandomState(0).randn(500, 16)
     assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-8)
@@ -163,8 +176,10 @@ def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root
     # A latent set names the pixel set it encodes; training's end-of-run evaluation and sample.py (evaluate=true)
     # both come through evaluator_for, which must score decoded samples with that set's classifier (sample.py
     # used to refuse latent runs after sampling).
+    from data.builtin import BUILTIN_SPLITS
+
     lat = {"name": "digits_lat", "dtype": "float16", "num_classes": 10,
-           "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}
+           "encoder": {"type": "AutoencoderKL", "pixels": "digits", "pixels_split": BUILTIN_SPLITS["digits"]}}
     ev = evaluator_for(lat, tmp_path / "digits_lat", digits_root, epochs=1)
     assert (Path(digits_root) / "digits" / "classifier" / "classifier.json").is_file()
     assert not (tmp_path / "digits_lat").exists()
@@ -174,3 +189,6 @@ def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
     with pytest.raises(UserError, match="decoded"):   # latents that name no pixel set still get the one line
         evaluator_for({**lat, "encoder": {"type": "AutoencoderKL"}}, tmp_path, digits_root, epochs=1)
+    # Latents encoded from the old file-order cut: their training images overlap today's test split. Refused.
+    with pytest.raises(UserError, match="re-encode"):
+        evaluator_for({**lat, "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}, tmp_path, digits_root, epochs=1)

@@ -166,7 +166,8 @@ class Evaluator:
 
     def evaluate(self, images, labels) -> dict:
         """cond_acc, real_acc, acc_ratio, fd, fd_floor, fd_ratio, n (images scored for accuracy) and n_fd (size of the
-        generated subset and of each real set in both FDs: min(n, len(test) // 2))."""
+        generated subset and of each real set in both FDs: min(n, len(test) // 2); when n is larger, each of the
+        _REF_DRAWS draws takes its own random subset of the generated images)."""
         images, labels = np.asarray(images), np.asarray(labels)
         if images.dtype != np.uint8 or images.shape[1:] != self.x_test.shape[1:] or images.ndim != 4:
             raise UserError(f"evaluate() wants uint8 images (N, {', '.join(map(str, self.x_test.shape[1:]))}), "
@@ -178,8 +179,11 @@ class Evaluator:
         rs = np.random.RandomState(self.seed)   # fixed: the same N and labels always give the same real sets
         n_fd = min(len(images), len(self.y_test) // 2)
         sub = np.sort(rs.permutation(len(images))[:n_fd])   # all images unless the test split is too small
+        rs_gen = np.random.RandomState(self.seed + 1)       # own stream: the real draws stay as they were
         fds, floors = [], []
-        for _ in range(_REF_DRAWS):
+        for k in range(_REF_DRAWS):
+            if k and n_fd < len(images):   # each draw scores its own generated subset: same mean, less noise, and
+                sub = np.sort(rs_gen.permutation(len(images))[:n_fd])   # no generated image left unscored
             a, b = self._two_real_sets(np.bincount(labels[sub], minlength=self.num_classes), rs)
             fds.append(frechet_distance(f_gen[sub], self.f_test[a]))
             floors.append(frechet_distance(self.f_test[b], self.f_test[a]))
@@ -201,12 +205,20 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
     """The Evaluator that scores a run's samples: the data set's own or, for latents of a built-in set (meta's
     encoder names its `pixels`), the pixel set's, since samples are decoded before scoring. Training's end-of-run
     evaluation and sample.py both come here, so they cannot score a run differently."""
+    from data.builtin import LEGACY_SPLITS
     from data.loader import load_split
-    from data.prepare import ensure_prepared
+    from data.prepare import builtin_split_of, ensure_prepared
 
-    pixels = (meta.get("encoder") or {}).get("pixels")
+    enc = meta.get("encoder") or {}
+    pixels = enc.get("pixels")
     if pixels:
-        meta, data_dir = ensure_prepared(pixels, root)
+        pix_meta, data_dir = ensure_prepared(pixels, root)
+        cut = enc.get("pixels_split", LEGACY_SPLITS.get(pixels))
+        if cut != builtin_split_of(pix_meta):
+            raise UserError(f"{meta.get('name')} was encoded from {pixels} split as '{cut}', but {pixels} is now split "
+                            f"as '{builtin_split_of(pix_meta)}', so its test images may be in these latents' training "
+                            f"set: re-encode it (`python prepare_data.py source={pixels} vae=... out=...`)")
+        meta = pix_meta
     return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
 
 
