@@ -1,5 +1,5 @@
-"""How real *training* images score on the project's metric, as if a generator had produced them: the best a generator
-that learns its training distribution can expect. Prints JSON. Used for the issue-3 analysis in development_log.md.
+"""How real *training* images score on the project's metric, as if a generator had produced them: what a generator
+that reproduced its training images would score. Prints JSON. Used for the issue-3 analysis in development_log.md.
 
     python bench/metric_calibration.py data=digits [n=1000] [draws=20] [root=prepared] [split=prepared]
 
@@ -62,7 +62,8 @@ def main(argv):
                       "classifier_test_acc": round(ev.real_acc, 4),
                       "train_images_fd_ratio": {"mean": round(float(ratios.mean()), 3),
                                                 "median": round(float(np.median(ratios)), 3),
-                                                "min": round(float(ratios.min()), 3), "max": round(float(ratios.max()), 3),
+                                                "min": round(float(ratios.min()), 3),
+                                                "max": round(float(ratios.max()), 3),
                                                 "share_at_most_2": round(float(np.mean(ratios <= 2)), 2)},
                       "ratios": [round(float(v), 2) for v in ratios]}))
 

@@ -19,9 +19,9 @@ from training.errors import UserError
 BUILTIN_NAMES = ("fashion_mnist", "digits")
 BUILTIN_SPLITS = {"fashion_mnist": "official 60000/10000",
                   "digits": "stratified random 20% test, seed 0"}
-# What copies prepared before meta.json recorded `split_rule` hold. Digits' old test split was the last 20% of each class
-# in file order: sklearn's file groups writers, so that held out other writers (real train digits scored 1.8x the FD
-# floor, one draw in four over 2x; development_log.md, twenty-sixth session).
+# What copies prepared before meta.json recorded `split_rule` hold. Digits' old test split was the last 20% of each
+# class in file order: sklearn's file groups writers, so that held out other writers (real train digits scored 1.8x
+# the FD floor, one draw in four over 2x; development_log.md, twenty-sixth session).
 LEGACY_SPLITS = {"fashion_mnist": "official 60000/10000", "digits": "last 20% of each class in file order"}
 _SOURCE_PREFIX = {"fashion_mnist": "Fashion-MNIST IDX files in ", "digits": "sklearn.datasets.load_digits "}
 

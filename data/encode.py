@@ -62,7 +62,7 @@ def _builtin_items(name: str, resolution: int | None, channels: int) -> tuple[di
 
     items = {s: _Items(len(d[s][0]), loader(d[s][0]), [int(v) for v in d[s][1]],
                        [f"{name}/{s}/{i}" for i in range(len(d[s][0]))]) for s in ("train", "test")}
-    # The split joins the source: the resume plan then never mixes two cuts, and meta's encoder records it (pixels_split)
+    # The split joins the source, so the resume plan never mixes two cuts (meta's encoder records it: pixels_split)
     return items, d["class_names"], f'{d["source"]}; split: {d["split_rule"]}', res
 
 

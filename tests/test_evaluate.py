@@ -191,4 +191,5 @@ def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root
         evaluator_for({**lat, "encoder": {"type": "AutoencoderKL"}}, tmp_path, digits_root, epochs=1)
     # Latents encoded from the old file-order cut: their training images overlap today's test split. Refused.
     with pytest.raises(UserError, match="re-encode"):
-        evaluator_for({**lat, "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}, tmp_path, digits_root, epochs=1)
+        evaluator_for({**lat, "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}, tmp_path, digits_root,
+                      epochs=1)

@@ -182,8 +182,8 @@ class Evaluator:
         rs_gen = np.random.RandomState(self.seed + 1)       # own stream: the real draws stay as they were
         fds, floors = [], []
         for k in range(_REF_DRAWS):
-            if k and n_fd < len(images):   # each draw scores its own generated subset: same mean, less noise, and
-                sub = np.sort(rs_gen.permutation(len(images))[:n_fd])   # no generated image left unscored
+            if k and n_fd < len(images):   # each draw scores its own generated subset: the same expectation, less
+                sub = np.sort(rs_gen.permutation(len(images))[:n_fd])   # noise, and most generated images scored
             a, b = self._two_real_sets(np.bincount(labels[sub], minlength=self.num_classes), rs)
             fds.append(frechet_distance(f_gen[sub], self.f_test[a]))
             floors.append(frechet_distance(self.f_test[b], self.f_test[a]))
