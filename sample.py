@@ -22,6 +22,7 @@ def main(cfg):
     from omegaconf import OmegaConf
 
     from data.meta import load_meta
+    from data.prepare import data_mismatch
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
@@ -55,7 +56,13 @@ def main(cfg):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
     # The evaluator first (it may train the classifier once): a data set it cannot score fails before sampling.
-    evaluator = evaluator_for(meta, data_dir, run_cfg.data.root) if cfg.evaluate and prompts is None else None
+    evaluator = None
+    if cfg.evaluate and prompts is None:
+        moved = data_mismatch(saved, meta)
+        if moved:   # its test split may hold images the run trained on, or be another set: the scores would mislead
+            raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
+                            f"evaluation here would mislead; sample with evaluate=false, or train again")
+        evaluator = evaluator_for(meta, data_dir, run_cfg.data.root)
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(cfg.ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(template, step)

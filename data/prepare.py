@@ -111,6 +111,32 @@ def builtin_split_of(meta: dict) -> str:
     return meta.get("split_rule", LEGACY_SPLITS.get(meta.get("name"), ""))
 
 
+def data_identity(meta: dict) -> dict:
+    """What a run's checkpoints record about the data set they were trained on (saved with the config), so that a
+    resume or an evaluation on a different copy is refused: counts, shape and how train and test were cut."""
+    enc = meta.get("encoder") or {}
+    if enc.get("pixels"):   # latents of a built-in set: the cut of the pixel set they were encoded from
+        rule = enc.get("pixels_split", LEGACY_SPLITS.get(enc["pixels"], ""))
+    else:
+        rule = builtin_split_of(meta)
+    return {"name": meta.get("name"), "shape": list(meta.get("shape", [])), "dtype": meta.get("dtype"),
+            "num_classes": meta.get("num_classes"), "split_rule": rule,
+            "records": {s: int(v.get("num_records", 0)) for s, v in sorted(meta.get("splits", {}).items())}}
+
+
+def data_mismatch(saved_config: dict, meta: dict) -> str | None:
+    """None when a run (its saved config) was trained on this copy of the data, else what differs, in words. Runs
+    saved before the identity was recorded are checked on the split rule alone (digits' changed; LEGACY_SPLITS)."""
+    now = data_identity(meta)
+    was = saved_config.get("data_identity")
+    if was is None:
+        name = (saved_config.get("data") or {}).get("name")
+        old_rule = LEGACY_SPLITS.get(name, now["split_rule"]) if name == now["name"] else now["split_rule"]
+        was = {**now, "split_rule": old_rule}
+    diff = [k for k in now if was.get(k) != now[k]]
+    return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
+
+
 def ensure_prepared(name: str, root) -> tuple[dict, Path]:
     """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use, and again when the copy there was
     cut differently from today's split (it is derived from files the machine keeps, so nothing is lost)."""

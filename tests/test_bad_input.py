@@ -160,6 +160,57 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     assert not Path(ck).exists()
 
 
+def sample_cli(monkeypatch, capsys, args, fails=True) -> str:
+    """sample.py <args> in-process: the single error line (exit 2), or stdout when fails=False."""
+    import sample
+
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    capsys.readouterr()
+    if not fails:
+        cli.main("sample", sample.main)
+        return capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main("sample", sample.main)
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_resume_and_evaluation_need_the_data_the_run_saw(monkeypatch, capsys, data_copy, tmp_path):
+    from data.builtin import BUILTIN_SPLITS, load_builtin
+    from data.prepare import prepare_arrays
+
+    root, d, _, _ = data_copy
+    ck = tmp_path / "ck"
+    ok_cli(monkeypatch, tiny_overrides(str(root), str(ck), steps=2, **{"train.ckpt_every": 2}))
+    saved, step = read_config(str(ck))
+    assert saved["data_identity"]["split_rule"] == BUILTIN_SPLITS["digits"]
+    b = load_builtin("digits")
+    # The set re-prepared from other files (10 training images fewer): the saved data position would index into
+    # other records, and the test split may not be the one the run was kept from.
+    prepare_arrays(d, "digits", {"train": (b["train"][0][:-10], b["train"][1][:-10]), "test": b["test"]},
+                   b["class_names"], b["source"], split_rule=b["split_rule"])
+    before = snapshot(ck)
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(ck), steps=4, **{"train.is_restore": True}))
+    assert "another copy of digits" in line and "records" in line, line
+    sample_args = [f"ckpt_dir={ck}", "num_samples=4", f"out={tmp_path / 's.npz'}"]
+    line = sample_cli(monkeypatch, capsys, sample_args + ["evaluate=true"])
+    assert "another copy of digits" in line and "evaluate=false" in line, line
+    assert snapshot(ck) == before
+    # A run saved before checkpoints recorded their data trained digits on the old file-order split: refused too.
+    prepare_arrays(d, "digits", {"train": b["train"], "test": b["test"]}, b["class_names"], b["source"],
+                   split_rule=b["split_rule"])
+    config_file = ck / str(step) / "config" / "metadata"
+    old = json.loads(config_file.read_text())
+    del old["data_identity"]
+    config_file.write_text(json.dumps(old))
+    line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(ck), steps=4, **{"train.is_restore": True}))
+    assert "last 20% of each class in file order" in line, line
+    assert "file order" in sample_cli(monkeypatch, capsys, sample_args + ["evaluate=true"])
+    assert "wrote" in sample_cli(monkeypatch, capsys, sample_args, fails=False)   # sampling alone is fine
+
+
 def test_resume_with_autoguidance_needs_its_weak_checkpoint(monkeypatch, capsys, digits_root, tmp_path):
     """A run started with plain guidance has no checkpoint at the weak step: resuming it with guidance=auto is refused
     at start, not after training when the final evaluation would look for it."""

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
+from data.prepare import data_identity, data_mismatch
 from models import ARCH_KEYS, build_model, forward_flops, param_count
 from training import distributed, flow, sharding
 from training.sampling import check_sampler
@@ -74,6 +75,7 @@ def run(cfg, task: Task) -> dict:
     is_main = jax.process_index() == 0
     config = OmegaConf.to_container(cfg, resolve=True)
     config["model_spec"] = task.spec
+    config["data_identity"] = data_identity(task.meta)   # a resume or an evaluation on other data is refused
     mesh = sharding.make_mesh(cfg.mesh)
     global_batch = int(tc.batch_size) * int(tc.grad_accum)
     if global_batch % mesh.size or global_batch % jax.process_count():
@@ -115,6 +117,11 @@ def run(cfg, task: Task) -> dict:
                                 f"drop is_restore to start a new run, or point train.ckpt_dir at an existing one")
             saved, _ = read_config(tc.ckpt_dir, latest)
             check_same_model(saved, task.spec, tc.ckpt_dir)
+            moved = data_mismatch(saved, task.meta)
+            if moved:   # the data iterator's saved position would index into other records: not a resume
+                raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained on another copy of "
+                                f"{task.meta.get('name')} ({moved}): resume on the data it was trained on, or start a "
+                                f"new run in another train.ckpt_dir")
             was, now = state_layout(saved.get("optim", {})), state_layout(cfg.optim)
             if was != now:   # a different optimizer state: it cannot be restored
                 raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained with {was}: resume with {was}, "
