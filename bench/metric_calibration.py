@@ -21,16 +21,11 @@ from training.evaluate import Evaluator, default_epochs, evaluator_for, train_cl
 
 
 def digits_cut(rule: str):
-    """(x_train, y_train, x_test, y_test) of sklearn digits with 20% of each class as test, picked by `rule`."""
-    from data.builtin import digits_in_file_order
+    """(x_train, y_train, x_test, y_test) of sklearn digits cut by data.builtin.digits_test_mask's `rule`."""
+    from data.builtin import digits_in_file_order, digits_test_mask
 
     x, y = digits_in_file_order()
-    rs, test = np.random.RandomState(0), np.zeros(len(y), bool)
-    for c in range(10):
-        idx = np.flatnonzero(y == c)
-        k = round(0.2 * len(idx))
-        test[{"random": lambda: rs.permutation(idx)[:k], "file_order": lambda: idx[len(idx) - k:],
-              "first": lambda: idx[:k]}[rule]()] = True
+    test = digits_test_mask(y, rule)
     return x[~test], y[~test], x[test], y[test]
 
 

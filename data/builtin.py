@@ -79,14 +79,22 @@ def digits_in_file_order() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None], d.target.astype(np.int64)   # 0..16 -> 0..255
 
 
-def _digits(test_fraction: float = 0.2) -> dict:
-    x, y = digits_in_file_order()
-    # Stratified and deterministic, but random within each class: the file is grouped by writer, so a file-order cut
-    # would test on writers the generator never saw (LEGACY_SPLITS). Train keeps file order.
+def digits_test_mask(y: np.ndarray, rule: str = "random", test_fraction: float = 0.2) -> np.ndarray:
+    """Which of the file-order digits are test: `test_fraction` of each class, picked at random (seed 0; the rule in
+    use), or the class's last / first ones in file order (the old rule, LEGACY_SPLITS, and its mirror; kept for
+    bench/metric_calibration.py). The file is grouped by writer, so a file-order cut tests on unseen writers."""
     rs, test = np.random.RandomState(0), np.zeros(len(y), bool)
     for c in range(10):
         idx = np.flatnonzero(y == c)
-        test[rs.permutation(idx)[:round(test_fraction * len(idx))]] = True
+        k = round(test_fraction * len(idx))
+        test[{"random": lambda: rs.permutation(idx)[:k], "file_order": lambda: idx[len(idx) - k:],
+              "first": lambda: idx[:k]}[rule]()] = True
+    return test
+
+
+def _digits() -> dict:
+    x, y = digits_in_file_order()
+    test = digits_test_mask(y)   # train keeps file order
     return {"train": (x[~test], y[~test]), "test": (x[test], y[test]), "class_names": [str(c) for c in range(10)],
             "source": _SOURCE_PREFIX["digits"] + "(8x8, values 0..16 scaled to 0..255)",
             "split_rule": BUILTIN_SPLITS["digits"]}

@@ -106,33 +106,34 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
     return meta
 
 
-def builtin_split_of(meta: dict) -> str:
-    """How a prepared copy of a built-in set was cut (copies from before meta recorded it: LEGACY_SPLITS)."""
+def split_rule_of(meta: dict) -> str:
+    """How a prepared set's train and test were cut: its own `split_rule`, or for latents of a built-in set the rule of
+    the pixel set they were encoded from. Sets prepared before meta recorded it: what that built-in held then
+    (LEGACY_SPLITS)."""
+    enc = meta.get("encoder") or {}
+    if enc.get("pixels"):
+        return enc.get("pixels_split", LEGACY_SPLITS.get(enc["pixels"], ""))
     return meta.get("split_rule", LEGACY_SPLITS.get(meta.get("name"), ""))
 
 
 def data_identity(meta: dict) -> dict:
     """What a run's checkpoints record about the data set they were trained on (saved with the config), so that a
     resume or an evaluation on a different copy is refused: counts, shape and how train and test were cut."""
-    enc = meta.get("encoder") or {}
-    if enc.get("pixels"):   # latents of a built-in set: the cut of the pixel set they were encoded from
-        rule = enc.get("pixels_split", LEGACY_SPLITS.get(enc["pixels"], ""))
-    else:
-        rule = builtin_split_of(meta)
     return {"name": meta.get("name"), "shape": list(meta.get("shape", [])), "dtype": meta.get("dtype"),
-            "num_classes": meta.get("num_classes"), "split_rule": rule,
+            "num_classes": meta.get("num_classes"), "split_rule": split_rule_of(meta),
             "records": {s: int(v.get("num_records", 0)) for s, v in sorted(meta.get("splits", {}).items())}}
 
 
 def data_mismatch(saved_config: dict, meta: dict) -> str | None:
     """None when a run (its saved config) was trained on this copy of the data, else what differs, in words. Runs
-    saved before the identity was recorded are checked on the split rule alone (digits' changed; LEGACY_SPLITS)."""
+    saved before the identity was recorded are checked on the split rule alone: a built-in set's copies then held
+    LEGACY_SPLITS (only digits' differs from today's)."""
     now = data_identity(meta)
     was = saved_config.get("data_identity")
     if was is None:
-        name = (saved_config.get("data") or {}).get("name")
-        old_rule = LEGACY_SPLITS.get(name, now["split_rule"]) if name == now["name"] else now["split_rule"]
-        was = {**now, "split_rule": old_rule}
+        was = dict(now)
+        if (saved_config.get("data") or {}).get("name") == now["name"] and now["name"] in LEGACY_SPLITS:
+            was["split_rule"] = LEGACY_SPLITS[now["name"]]
     diff = [k for k in now if was.get(k) != now[k]]
     return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
 
@@ -143,9 +144,9 @@ def ensure_prepared(name: str, root) -> tuple[dict, Path]:
     out_dir = Path(root) / name
     if (out_dir / META_FILE).exists():
         meta = load_meta(out_dir)
-        if not is_builtin_copy(name, meta) or builtin_split_of(meta) == BUILTIN_SPLITS[name]:
+        if not is_builtin_copy(name, meta) or split_rule_of(meta) == BUILTIN_SPLITS[name]:
             return meta, out_dir
-        print(f"{out_dir} holds the old split of {name} ({builtin_split_of(meta)}); re-preparing it with "
+        print(f"{out_dir} holds the old split of {name} ({split_rule_of(meta)}); re-preparing it with "
               f"{BUILTIN_SPLITS[name]}", flush=True)
     elif name not in BUILTIN_NAMES:
         raise UserError(f"no prepared data set at {out_dir}: run `python prepare_data.py data={name}` "

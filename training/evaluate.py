@@ -207,18 +207,17 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
     """The Evaluator that scores a run's samples: the data set's own or, for latents of a built-in set (meta's
     encoder names its `pixels`), the pixel set's, since samples are decoded before scoring. Training's end-of-run
     evaluation and sample.py both come here, so they cannot score a run differently."""
-    from data.builtin import LEGACY_SPLITS
     from data.loader import load_split
-    from data.prepare import builtin_split_of, ensure_prepared
+    from data.prepare import ensure_prepared, split_rule_of
 
     enc = meta.get("encoder") or {}
     pixels = enc.get("pixels")
     if pixels:
         pix_meta, data_dir = ensure_prepared(pixels, root)
-        cut = enc.get("pixels_split", LEGACY_SPLITS.get(pixels))
-        if cut != builtin_split_of(pix_meta):
+        cut, now = split_rule_of(meta), split_rule_of(pix_meta)
+        if cut != now:
             raise UserError(f"{meta.get('name')} was encoded from {pixels} split as '{cut}', but {pixels} is now split "
-                            f"as '{builtin_split_of(pix_meta)}', so its test images may be in these latents' training "
+                            f"as '{now}', so its test images may be in these latents' training "
                             f"set: re-encode it (`python prepare_data.py source={pixels} vae=... out=...`)")
         meta = pix_meta
     return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
