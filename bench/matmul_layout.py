@@ -4,8 +4,9 @@
 
 Times (ms, jitted, on the default device) the gradient of an MLP block gelu(a @ W1) @ W2 with its activations laid out
 as (B*N, D) and as (B, N, D) -- what a vmapped per-example model hands XLA -- and the small preset's forward and
-gradient called on the batch vs vmapped, and the GFLOP/s of the largest matmul alone (fp32, and with bf16 inputs). On XLA:CPU the (B, N, D)
-weight gradients (two contracting axes) ran at about half speed (development_log.md, sixth session).
+gradient called on the batch vs vmapped, and the GFLOP/s of the largest matmul alone (fp32, and with bf16 inputs).
+On XLA:CPU the (B, N, D) weight gradients (two contracting axes) ran at about half speed (development_log.md, sixth
+session).
 """
 
 import json
@@ -44,13 +45,13 @@ def main(argv):
            "mlp_grad_2d_ms": ms(grad, w1, w2, x2, reps=reps),
            "mlp_grad_3d_ms": ms(grad, w1, w2, x2.reshape(b, n, d), reps=reps)}
     # The model's largest matmul alone ((B*N, D) x (D, 4D)): the FLOP rate that bounds the train step on this CPU.
-    out["matmul_gflops"] = round(2 * b * n * d * 4 * d / ms(lambda x, w: x @ w, x2, w1, reps=5 * reps) / 1e6, 1)
+    gflops = lambda f, x, w: round(2 * b * n * d * 4 * d / ms(f, x, w, reps=5 * reps) / 1e6, 1)
+    out["matmul_gflops"] = gflops(lambda x, w: x @ w, x2, w1)
     # The same matmul with bf16 inputs: bf16 out (what train.precision=bfloat16 runs) and fp32 accumulate/out
     # (AVX512-BF16's dot product where the CPU has it; development_log.md, twenty-fourth session).
     xb, wb = x2.astype(jnp.bfloat16), w1.astype(jnp.bfloat16)
-    out["matmul_gflops_bf16_out"] = round(2 * b * n * d * 4 * d / ms(lambda x, w: x @ w, xb, wb, reps=5 * reps) / 1e6, 1)
-    f32_out = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
-    out["matmul_gflops_bf16_in_f32_out"] = round(2 * b * n * d * 4 * d / ms(f32_out, xb, wb, reps=5 * reps) / 1e6, 1)
+    out["matmul_gflops_bf16_out"] = gflops(lambda x, w: x @ w, xb, wb)
+    out["matmul_gflops_bf16_in_f32_out"] = gflops(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), xb, wb)
     spec = dict(input_size=(28, 28), in_channels=1, num_classes=10, hidden_size=d, depth=6, num_heads=d // 32,
                 patch_size=7, mlp_ratio=4.0, scan_blocks=False)
     model = build_model(spec, key=jax.random.PRNGKey(0))
