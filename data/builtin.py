@@ -83,12 +83,15 @@ def digits_test_mask(y: np.ndarray, rule: str = "random", test_fraction: float =
     """Which of the file-order digits are test: `test_fraction` of each class, picked at random (seed 0; the rule in
     use), or the class's last / first ones in file order (the old rule, LEGACY_SPLITS, and its mirror; kept for
     bench/metric_calibration.py). The file is grouped by writer, so a file-order cut tests on unseen writers."""
+    if rule not in ("random", "file_order", "first"):
+        raise ValueError(f"unknown digits split rule {rule!r}: random | file_order | first")
     rs, test = np.random.RandomState(0), np.zeros(len(y), bool)
     for c in range(10):
         idx = np.flatnonzero(y == c)
         k = round(test_fraction * len(idx))
-        test[{"random": lambda: rs.permutation(idx)[:k], "file_order": lambda: idx[len(idx) - k:],
-              "first": lambda: idx[:k]}[rule]()] = True
+        if rule == "random":
+            idx = rs.permutation(idx)
+        test[idx[len(idx) - k:] if rule == "file_order" else idx[:k]] = True
     return test
 
 
