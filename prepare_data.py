@@ -2,6 +2,7 @@
 
     python prepare_data.py data=fashion_mnist
     python prepare_data.py data=digits data.root=/fast/disk
+    python prepare_data.py data=emoji                       # a captioned stage-2 set, with its text features
     python prepare_data.py source=<folder> vae=<dir|hub id|sd3|sdxl|sd> resolution=256 out=<dir>   # VAE latents
     python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 """
@@ -17,15 +18,26 @@ def main(cfg):
     import shutil
     from pathlib import Path
 
+    from data.builtin import BUILTIN_NAMES
     from data.prepare import ensure_prepared
+    from training.errors import UserError
 
     if cfg.get("source") or cfg.get("vae"):
         return encode_latents(cfg)
     target = Path(cfg.data.root) / cfg.data.name
     if cfg.force and (target / "meta.json").exists():
+        if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # e.g. latents: not rebuilt from a name
+            raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data config; "
+                            f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
+                            f"command that made it (latents: prepare_data.py source=... vae=... out={target} force=true)")
         (target / "meta.json").unlink()  # meta.json is written last, so removing it marks the set as incomplete
         shutil.rmtree(target / "classifier", ignore_errors=True)
-    meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
+    if cfg.data.get("kind") is not None:   # a captioned stage-2 config (emoji, fashion_mnist_text, folder)
+        from data.captions import ensure_prepared_text
+
+        meta, data_dir = ensure_prepared_text(cfg.data)
+    else:
+        meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
     counts = ", ".join(f"{s}: {v['num_records']}" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {data_dir}: shape {meta['shape']} {meta['dtype']}, {meta['num_classes']} classes, "
           f"{counts}")

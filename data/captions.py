@@ -8,6 +8,7 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 (stored float16) + mask + the caption string in every record, and meta["text"] = {encoder, dim, max_tokens}.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]
             raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
         try:
             im = Image.open(folder / file).convert("RGB")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
             raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
         s = min(im.size)
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
@@ -88,16 +89,47 @@ def _load(dc) -> dict:
     raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder")
 
 
+def _request(dc) -> dict:
+    """What a captioned set is made from. Stored in meta["text"]["request"] so that `data.name` pointing at a copy
+    prepared from another folder, captions file, size, limit or encoder is refused instead of silently reused (the
+    folder config keeps one name, `my_captions`, for every folder)."""
+    opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
+    req = {"kind": str(dc.kind), "size": int(dc.size),
+           "limit": None if dc.get("limit") is None else int(dc.limit), "text_encoder": str(dc.text_encoder),
+           "text_encoder_path": opt_path(dc.get("text_encoder_path")), "max_tokens": int(dc.max_tokens)}
+    if req["kind"] == "folder":
+        captions = Path(str(dc.captions_file))
+        req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
+                   captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None)
+    return req
+
+
+def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
+    """Refuse a prepared captioned set that was made from another request. Sets prepared before the request was
+    recorded, or by other code (prepare_arrays with text directly), are taken as they are: training reads the token
+    count and encoder from their meta, not from the config."""
+    if not meta.get("text"):
+        raise UserError(f"{out_dir} holds a data set without captions: pick another data.name for stage 2")
+    was = meta["text"].get("request")
+    if was is None:
+        return
+    now = _request(dc)
+    diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if was.get(k) != now[k]]
+    if diff:
+        raise UserError(f"{out_dir} was prepared from something else ({'; '.join(diff)}): pick a new data.name, or "
+                        f"rebuild it (`python prepare_data.py data=<this config> <your overrides> force=true`)")
+
+
 def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
-    """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use."""
+    """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use;
+    a copy prepared from another request (_request) is refused."""
     from data.prepare import prepare_arrays
     from data.text import get_encoder
 
     out_dir = Path(dc.root) / dc.name
     if (out_dir / META_FILE).exists():
         meta = load_meta(out_dir)
-        if not meta.get("text"):
-            raise UserError(f"{out_dir} holds a data set without captions: pick another data.name for stage 2")
+        _check_reuse(meta, dc, out_dir)
         return meta, out_dir
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     d = _load(dc)
@@ -110,7 +142,7 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
             splits[split] = (x, y)
             text[split] = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
-                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16"}
+                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
     prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
     return load_meta(out_dir), out_dir
 

@@ -36,11 +36,56 @@ def write_meta(dir, meta: dict) -> None:
         raise
 
 
+def prepare_hint(dir, meta: dict | None = None) -> str:
+    """How to prepare the data set in `dir` (again), by what it is: `prepare_data.py data=<name>` rebuilds the
+    built-ins and the captioned sets of a data config, but latents only come from the encode command that made them."""
+    from data.builtin import BUILTIN_NAMES
+
+    dir, meta = Path(dir), meta or {}
+    vae = (meta.get("encoder") or {}).get("vae") if isinstance(meta.get("encoder"), dict) else None
+    if vae:
+        return (f"rerun the `python prepare_data.py source=... vae={vae} out={dir}` command that encoded it (it redoes "
+                f"what is missing; force=true redoes everything)")
+    if dir.name in BUILTIN_NAMES:
+        return f"run `python prepare_data.py data={dir.name}`"
+    return (f"prepare it again with what made it: `python prepare_data.py data=<config>` for the built-ins "
+            f"({', '.join(BUILTIN_NAMES)}) and captioned sets, `python prepare_data.py source=... vae=... out={dir}` "
+            f"for latents")
+
+
+def _bad_field(meta: dict) -> str | None:
+    """The first meta.json field whose type or shape is wrong, in words (None: all fine). Only what the loader, the
+    model and the evaluator read; a hand-edited or foreign file fails here in one line instead of deep inside them."""
+    from data.records import ALLOWED_DTYPES
+
+    shape, splits = meta["shape"], meta["splits"]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(v) and v > 0 for v in shape)):
+        return f"shape {shape!r} is not [height, width, channels] of positive integers"
+    if meta["dtype"] not in ALLOWED_DTYPES:
+        return f"dtype {meta['dtype']!r} is not one of {', '.join(ALLOWED_DTYPES)}"
+    if not (is_int(meta["num_classes"]) and meta["num_classes"] >= 1):
+        return f"num_classes {meta['num_classes']!r} is not a positive integer"
+    if not isinstance(meta["class_names"], list):
+        return "class_names is not a list"
+    for key in ("shift", "scale"):
+        v = meta[key]
+        if not (isinstance(v, list) and len(v) == shape[-1] and all(isinstance(a, (int, float)) for a in v)):
+            return f"{key} {v!r} is not a list of {shape[-1]} numbers (one per channel)"
+    if not isinstance(splits, dict):
+        return "splits is not a mapping of split names"
+    for name, sp in splits.items():
+        if not (isinstance(sp, dict) and isinstance(sp.get("files"), list) and is_int(sp.get("num_records"))
+                and all(isinstance(f, str) for f in sp["files"])):
+            return f"split {name!r} is not {{files: [shard names], num_records: int}}"
+    return None
+
+
 def load_meta(dir) -> dict:
     """Read and sanity-check `<dir>/meta.json`; every problem is a one-line UserError."""
     dir = Path(dir)
     path = dir / META_FILE
-    hint = f"run `python prepare_data.py data={dir.name}`"
+    hint = prepare_hint(dir)
     if not dir.is_dir():
         raise UserError(f"no prepared data set at {dir}: {hint}")
     if not path.is_file():
@@ -51,6 +96,7 @@ def load_meta(dir) -> dict:
         raise UserError(f"cannot read {path} ({type(e).__name__}): {hint}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a JSON object: {hint}")
+    hint = prepare_hint(dir, meta)
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise UserError(f"{path} has no valid format_version: {hint}")
@@ -60,6 +106,9 @@ def load_meta(dir) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: {hint}")
+    bad = _bad_field(meta)
+    if bad:
+        raise UserError(f"{path}: {bad}: {hint}")
     return meta
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builtin_copy, load_builtin
-from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, write_meta
+from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, prepare_hint, write_meta
 from data.records import ALLOWED_DTYPES, encode_record
 from training.errors import UserError
 
@@ -118,10 +118,15 @@ def split_rule_of(meta: dict) -> str:
 
 def data_identity(meta: dict) -> dict:
     """What a run's checkpoints record about the data set they were trained on (saved with the config), so that a
-    resume or an evaluation on a different copy is refused: counts, shape and how train and test were cut."""
-    return {"name": meta.get("name"), "shape": list(meta.get("shape", [])), "dtype": meta.get("dtype"),
-            "num_classes": meta.get("num_classes"), "split_rule": split_rule_of(meta),
-            "records": {s: int(v.get("num_records", 0)) for s, v in sorted(meta.get("splits", {}).items())}}
+    resume or an evaluation on a different copy is refused: counts, shape, how train and test were cut, and for
+    latents the autoencoder and its scaling (the same images re-encoded by another VAE are other data)."""
+    ident = {"name": meta.get("name"), "shape": list(meta.get("shape", [])), "dtype": meta.get("dtype"),
+             "num_classes": meta.get("num_classes"), "split_rule": split_rule_of(meta),
+             "records": {s: int(v.get("num_records", 0)) for s, v in sorted(meta.get("splits", {}).items())}}
+    enc = meta.get("encoder") or {}
+    if enc.get("vae"):
+        ident["encoder"] = {"vae": enc.get("vae"), "shift": meta.get("shift"), "scale": meta.get("scale")}
+    return ident
 
 
 def data_mismatch(saved_config: dict, meta: dict) -> str | None:
@@ -134,7 +139,8 @@ def data_mismatch(saved_config: dict, meta: dict) -> str | None:
         was = dict(now)
         if (saved_config.get("data") or {}).get("name") == now["name"] and now["name"] in LEGACY_SPLITS:
             was["split_rule"] = LEGACY_SPLITS[now["name"]]
-    diff = [k for k in now if was.get(k) != now[k]]
+    # keys recorded by later code (encoder) are not held against runs saved before them
+    diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ("encoder",))]
     return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
 
 
@@ -149,8 +155,7 @@ def ensure_prepared(name: str, root) -> tuple[dict, Path]:
         print(f"{out_dir} holds the old split of {name} ({split_rule_of(meta)}); re-preparing it with "
               f"{BUILTIN_SPLITS[name]}", flush=True)
     elif name not in BUILTIN_NAMES:
-        raise UserError(f"no prepared data set at {out_dir}: run `python prepare_data.py data={name}` "
-                        f"(built-in: {', '.join(BUILTIN_NAMES)})")
+        raise UserError(f"no prepared data set at {out_dir}: {prepare_hint(out_dir)}")
     else:
         print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
     d = load_builtin(name)

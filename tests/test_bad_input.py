@@ -281,3 +281,22 @@ def test_checkpoint_dir_under_a_file(monkeypatch, capsys, digits_root, tmp_path)
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(f / "ck")))
     assert "not writable" in line and "train.ckpt_dir" in line
     assert f.read_text() == "x"
+
+
+def test_prepare_force_keeps_sets_it_cannot_rebuild(monkeypatch, capsys, data_copy):
+    """`prepare_data.py force=true` on a set that is not a built-in (e.g. latents, rebuilt only by their encode
+    command) is refused before meta.json goes, instead of leaving a set that nothing can prepare again."""
+    import prepare_data
+
+    root, d, _, _ = data_copy
+    mine = root / "mine"
+    shutil.copytree(d, mine)
+    before = snapshot(mine)
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "data=digits", "data.name=mine", f"data.root={root}",
+                                      "force=true"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main("prepare", prepare_data.main)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "force=true" in err, err
+    assert snapshot(mine) == before

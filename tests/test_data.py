@@ -129,14 +129,40 @@ def test_meta_round_trip_and_errors(tmp_path):
     write_meta(tmp_path / "s", {**meta, "format_version": 99})
     with pytest.raises(UserError, match="upgrade"):
         load_meta(tmp_path / "s")
-    with pytest.raises(UserError, match=r"python prepare_data.py data=nothere"):
-        load_meta(tmp_path / "nothere")
+    with pytest.raises(UserError, match=r"python prepare_data.py data=digits"):   # a built-in: by its name
+        load_meta(tmp_path / "digits")
+    with pytest.raises(UserError, match=r"prepare_data.py data=<config>.*source=\.\.\. vae=\.\.\. out="):
+        load_meta(tmp_path / "nothere")   # anything else: the commands that make sets, not a config that is not there
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match=r"prepare_data.py data=empty"):
+    with pytest.raises(UserError, match=r"no meta.json"):
         load_meta(tmp_path / "empty")
     (tmp_path / "empty" / "meta.json").write_text("{not json")
     with pytest.raises(UserError):
         load_meta(tmp_path / "empty")
+    # fields of the wrong type or shape fail in one line naming the field, not deep inside the loader or the model
+    for field, value in [("dtype", "uint4"), ("num_classes", "ten"), ("shape", 64), ("shift", [1.0, 2.0]),
+                         ("splits", {"train": {"num_records": 3}}), ("num_classes", True)]:
+        write_meta(tmp_path / "s", {**meta, field: value})
+        with pytest.raises(UserError, match=rf"meta.json: {field}|meta.json: split"):
+            load_meta(tmp_path / "s")
+    # a latent set names the encode command that made it, with its VAE
+    write_meta(tmp_path / "lat", {**meta, "encoder": {"vae": "sd3"}})
+    (tmp_path / "lat" / "meta.json").write_text((tmp_path / "lat" / "meta.json").read_text().replace('"format_version": 1', '"format_version": 0'))
+    with pytest.raises(UserError, match=r"vae=sd3 out=.*lat"):
+        load_meta(tmp_path / "lat")
+
+
+def test_data_identity_names_the_autoencoder():
+    from data.prepare import data_identity, data_mismatch
+
+    meta = {"name": "lat", "shape": [4, 4, 4], "dtype": "float16", "num_classes": 2, "shift": [0.0] * 4,
+            "scale": [0.5] * 4, "splits": {"train": {"num_records": 8}}, "encoder": {"vae": "sd3"}}
+    saved = {"data_identity": data_identity(meta)}
+    assert data_mismatch(saved, meta) is None
+    assert "encoder" in data_mismatch(saved, {**meta, "encoder": {"vae": "sdxl"}})     # re-encoded by another VAE
+    assert "encoder" in data_mismatch(saved, {**meta, "scale": [0.25] * 4})
+    old = {"data_identity": {k: v for k, v in data_identity(meta).items() if k != "encoder"}}
+    assert data_mismatch(old, meta) is None   # runs saved before the encoder was recorded are not refused for it
 
 
 def test_model_space_maps():

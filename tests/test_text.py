@@ -109,3 +109,16 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
     np.testing.assert_array_equal(batch["mask"], t["mask"])
     np.testing.assert_allclose(batch["text"], t["text"])
     assert batch["x"][0, 0, 0, 0] == 1.0 and batch["x"][1, 0, 0, 2] == 1.0   # model space [-1, 1]
+    # the same data.name asked for another folder, an edited captions file or another token count is refused, not
+    # silently reused (the folder config keeps one name for every folder); the same request is reused as it is
+    assert ensure_prepared_text(dc, encoder=minilm)[0] == meta
+    other = tmp_path / "other"
+    other.mkdir()
+    for change in ({"max_tokens": 8}, {"folder": str(other)}):
+        with pytest.raises(UserError, match="prepared from something else") as e:
+            ensure_prepared_text(OmegaConf.merge(dc, change), encoder=minilm)
+        assert str(next(iter(change))) in str(e.value)
+    (tmp_path / "c.jsonl").write_text("\n".join(rows[:2]))
+    with pytest.raises(UserError, match="captions_sha256"):
+        ensure_prepared_text(dc, encoder=minilm)
+    assert (d / "meta.json").is_file()   # nothing the user had is removed
