@@ -5,10 +5,11 @@ resize + centre-crop -> optionally also the horizontally flipped image (stored a
 in batches (data/vae.py, whose docstring defines the latent convention) -> float16/float32 records
 {"x": (h, w, c), "label"} -> written by data.prepare's atomic shard writer, then renamed to its final name.
 
-Resume: `<out>/.prepare-state.json` holds a fingerprint of the plan (source files, VAE, resolution, flip, dtype,
-shard size) and, per finished shard, its record/skip counts and channel statistics. A re-run with the same plan
-skips the finished shards and starts at the first unfinished one; the shards it writes are bitwise identical to an
-uninterrupted run's (same batches, same order). A different plan starts over. meta.json is written last.
+Resume: `<out>/.prepare-state.json` holds a fingerprint of the plan (source files with their labels and captions,
+class names, VAE, resolution, flip, dtype, shard size) and, per finished shard, its record/skip counts and channel
+statistics. A re-run with the same plan skips the finished shards that are still intact and encodes the rest (an
+interrupted run, or a finished set that lost a shard); the shards it writes are bitwise identical to an uninterrupted
+run's (same batches, same order). A different plan starts over. meta.json is written last.
 
 Corrupt images are skipped with a warning and counted (per split in meta.json, `skipped`); the run continues.
 """
@@ -70,21 +71,26 @@ def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, s
     from data.folders import load_image, scan_source
 
     src = scan_source(source)
-    root = Path(source).expanduser().resolve()
+    root = Path(source).expanduser()
     items = {}
     for split, sp in src.splits.items():
         files = list(sp.files)
+        # The id is the path as listed under the source folder, symlinks not followed: a subset built from links to
+        # files elsewhere is still readable, and two links to one file stay two examples. Size and mtime (of the
+        # target) catch an edited image.
         items[split] = _Items(len(files), lambda i, f=files: load_image(f[i], resolution, channels), list(sp.labels),
-                              [f"{p.resolve().relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                              [f"{Path(os.path.relpath(p, root)).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                for p in files], sp.captions)
-    return items, src.class_names, str(root), src.layout
+    return items, src.class_names, str(root.resolve()), src.layout
 
 
 def _fingerprint(plan: dict, items: dict) -> str:
+    """Hash of the plan and every example (id, label, caption): an edited captions.jsonl or labels file is a new
+    plan (captions would otherwise stay stale in captions-<split>.jsonl)."""
     h = hashlib.sha256(json.dumps(plan, sort_keys=True).encode())
     for split in sorted(items):
         h.update(split.encode()), h.update(json.dumps(items[split].ids).encode())
-        h.update(json.dumps(items[split].labels).encode())
+        h.update(json.dumps(items[split].labels).encode()), h.update(json.dumps(items[split].captions).encode())
     return h.hexdigest()
 
 
@@ -120,6 +126,41 @@ def _combine(stats: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     if mean is None:
         raise UserError("every training image was skipped as undecodable: nothing to encode")
     return mean, np.sqrt(m2 / n)
+
+
+def _shard_intact(path: Path, records: int) -> bool:
+    """The finished shard is there and holds the records the state counted (reads only its index)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not path.is_file():
+        return False
+    try:   # a truncated or overwritten file: not ok(), or an exception (from close(), even)
+        reader = ArrayRecordReader(str(path))
+        try:
+            return reader.ok() and reader.num_records() == records
+        finally:
+            reader.close()
+    except Exception:
+        return False
+
+
+def _load_meta_or_none(out_dir: Path) -> dict | None:
+    try:
+        return load_meta(out_dir)
+    except UserError:   # unreadable: it is simply written again
+        return None
+
+
+def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
+    """meta.json lists exactly the planned shards with the counts the state holds (else it is written again)."""
+    planned = {}
+    for split, i, n, _ in jobs:
+        planned.setdefault(split, []).append(shard_name(split, i, n))
+    want = {split: {"files": names, "num_records": sum(state["shards"][nm]["records"] for nm in names)}
+            for split, names in planned.items()}
+    have = meta.get("splits")
+    return isinstance(have, dict) and set(have) == set(want) and all(
+        isinstance(have[s], dict) and {k: have[s].get(k) for k in ("files", "num_records")} == want[s] for s in want)
 
 
 def _save_state(out_dir: Path, state: dict) -> None:
@@ -162,10 +203,16 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         items, class_names, src_desc, layout = _folder_items(source, int(resolution), vae.in_channels)
     resolution = int(resolution)
     latent_shape = vae.latent_shape(resolution, resolution)
-    plan = {"version": 1, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),
+    # Version 2: captions and class names joined the fingerprint. A set prepared under version 1 therefore no
+    # longer matches and is re-encoded once, from scratch (its old captions may be stale; nothing tells).
+    plan = {"version": 2, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),
             "dtype": dtype, "sample": bool(sample), "seed": int(seed), "shard_size": int(shard_size),
-            "batch_size": int(batch_size), "vae": _vae_identity(vae)}
+            "batch_size": int(batch_size), "vae": _vae_identity(vae), "class_names": list(class_names)}
     fp = _fingerprint(plan, items)
+    jobs = []   # (split, shard index, n shards, example indices)
+    for split, it in items.items():
+        n = max(1, math.ceil(it.n / shard_size))
+        jobs += [(split, i, n, idx) for i, idx in enumerate(np.array_split(np.arange(it.n), n))]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -173,24 +220,27 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    if state.get("fingerprint") == fp and (out_dir / META_FILE).exists():
-        print(f"{out_dir} is already prepared with this source, VAE and settings", flush=True)
-        return load_meta(out_dir)
-    (out_dir / META_FILE).unlink(missing_ok=True)
     if state.get("fingerprint") != fp:   # a different plan: nothing can be reused
+        (out_dir / META_FILE).unlink(missing_ok=True)
         for old in out_dir.glob("*-of-*.array_record"):
             old.unlink()
         state = {"fingerprint": fp, "shards": {}}
         _save_state(out_dir, state)
+    # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
+    done = {name for name, info in state["shards"].items() if _shard_intact(out_dir / name, info["records"])}
+    if (out_dir / META_FILE).exists():
+        meta = _load_meta_or_none(out_dir)
+        if meta is not None and len(done) == len(jobs) and _meta_agrees(meta, state, jobs):
+            print(f"{out_dir} is already prepared with this source, VAE and settings", flush=True)
+            return meta
+        print(f"{out_dir} was prepared with these settings but " + (
+            f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"
+            if len(done) < len(jobs) else "its meta.json does not match the shards: writing it again"), flush=True)
+        (out_dir / META_FILE).unlink()
     for junk in list(out_dir.glob(".*.tmp-*")) + list(out_dir.glob(".work-*")):   # leftovers of an interruption
         shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
 
     np_dtype = np.dtype(dtype)
-    jobs = []   # (split, shard index, n shards, example indices)
-    for split, it in items.items():
-        n = max(1, math.ceil(it.n / shard_size))
-        jobs += [(split, i, n, idx) for i, idx in enumerate(np.array_split(np.arange(it.n), n))]
-    done = {name for name in state["shards"] if (out_dir / name).is_file()}
     todo_images = sum(len(j[3]) for j in jobs if shard_name(j[0], j[1], j[2]) not in done)
     if done:
         print(f"resuming: {len(done)} of {len(jobs)} shards already written", flush=True)

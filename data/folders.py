@@ -8,9 +8,11 @@ Accepted layouts (anything else is a one-line UserError naming what was found an
 3. Flat folder + captions: images in `<dir>` and `captions.jsonl` (`{"file": ..., "caption": ...}` per line);
    one class ("all"), the caption travels with each record.
 
-Splits: if `<dir>` holds sub-folders named `train` and optionally `val`/`validation`/`test`, each is read as its own
-layout (ImageNet's `train/` + `val/`); otherwise the whole folder is the `train` split. Keys `file_name`/`image` and
-`text` are accepted for `file` and `caption` (Hugging Face `metadata.jsonl` style).
+Splits: if `<dir>` holds sub-folders named `train` and optionally one of `val`/`validation`/`test`, each is read as its
+own layout (ImageNet's `train/` + `val/`; the held-out one becomes the `test` split); otherwise the whole folder is the
+`train` split. More than one held-out folder (say `val/` and `test/`) is refused: which one to evaluate on is the
+user's call, not a silent pick. Keys `file_name`/`image` and `text` are accepted for `file` and `caption` (Hugging
+Face `metadata.jsonl` style). Integer labels are ASCII digits; any other label (even '²') makes all labels names.
 
 `load_image` reads, converts (alpha composited over white), resizes the shorter side and centre-crops (ADM's
 `center_crop_arr`); a file that cannot be decoded returns None so the caller can skip and count it.
@@ -18,6 +20,7 @@ layout (ImageNet's `train/` + `val/`); otherwise the whole folder is the `train`
 
 import csv
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,15 +144,25 @@ def _scan(d: Path) -> tuple[str, list[Path], list, list | None]:
     raise UserError(f"source folder {d} has a layout this project does not read: found {_describe(d)}; {ACCEPTED}")
 
 
+def _is_int_label(v) -> bool:
+    # ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() then rejects (or reads as another number).
+    if isinstance(v, int):
+        return not isinstance(v, bool)   # JSON true/false are names, not class ids
+    return isinstance(v, str) and re.fullmatch(r"-?[0-9]+", v.strip()) is not None
+
+
 def scan_source(source) -> Source:
     """Recognise the layout of `source` and list its examples (sorted, so the order is reproducible)."""
     root = Path(source).expanduser()
     if not root.is_dir():
         raise UserError(f"source {root} is not a folder ({ACCEPTED})")
     subs = {s.name.lower(): s for s in _subdirs(root)}
-    split_dirs = {SPLIT_DIRS[n]: subs[n] for n in SPLIT_DIRS if n in subs}
-    if "train" in split_dirs and not _images(root):
-        dirs = split_dirs
+    if "train" in subs and not _images(root):
+        held_out = [subs[n] for n in SPLIT_DIRS if n in subs and SPLIT_DIRS[n] == "test"]
+        if len(held_out) > 1:
+            raise UserError(f"{root} has several held-out folders ({', '.join(p.name for p in held_out)}): keep one "
+                            "of them (it becomes the test split) and move the others out")
+        dirs = {SPLIT_DIRS[n]: subs[n] for n in SPLIT_DIRS if n in subs}
     else:
         dirs = {"train": root}
     scanned = {split: _scan(d) for split, d in dirs.items()}
@@ -162,8 +175,7 @@ def scan_source(source) -> Source:
         splits = {s: Split(f, [0] * len(f), c) for s, (_, f, _, c) in scanned.items()}
     else:
         raw = [v for (_, _, labels, _) in scanned.values() for v in labels]
-        if all(isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit()) for v in raw) \
-                and layout == "labels":
+        if layout == "labels" and all(_is_int_label(v) for v in raw):
             ids = {s: [int(v) for v in labels] for s, (_, _, labels, _) in scanned.items()}
             k = max(max(v) for v in ids.values()) + 1
             if min(min(v) for v in ids.values()) < 0:
@@ -190,7 +202,8 @@ def load_image(path: Path, resolution: int, channels: int) -> np.ndarray | None:
                 bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, rgba)
             im = im.convert("L" if channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # DecompressionBombError (over twice PIL's pixel limit) is no OSError, but it is an unusable image all the same
         warnings.warn(f"skipping {path}: cannot decode it as an image ({type(e).__name__})", stacklevel=2)
         return None
     while min(im.size) >= 2 * resolution:   # ADM center_crop_arr: box-downsample by 2 first

@@ -12,7 +12,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data.meta import to_model
+from data.meta import prepare_hint, to_model
 from data.records import ALLOWED_DTYPES, RecordError, decode_record
 from training.errors import UserError
 
@@ -22,7 +22,7 @@ def _shard_paths(meta: dict, data_dir, split: str) -> tuple[list[str], list[int]
     data_dir = Path(data_dir)
     if split not in meta["splits"]:
         raise UserError(f"data set {meta['name']!r} has no split {split!r}; it has {', '.join(meta['splits'])}")
-    hint = f"re-prepare it (delete {data_dir} and run `python prepare_data.py data={meta['name']}`)"
+    hint = f"re-prepare it: {prepare_hint(data_dir, meta)}"
     paths, counts = [], []
     for f in meta["splits"][split]["files"]:
         p = data_dir / f
@@ -67,11 +67,12 @@ class _Source(grain.sources.ArrayRecordDataSource):
 class _Decode:
     """Record bytes -> {"x": stored array (H,W,C), "label": int32}, checked against meta.json (picklable for workers)."""
 
-    def __init__(self, meta: dict, paths: list[str], counts: list[int]):
+    def __init__(self, meta: dict, paths: list[str], counts: list[int], caption: bool = False):
         self.shape, self.dtype, self.k = tuple(meta["shape"]), ALLOWED_DTYPES[meta["dtype"]], int(meta["num_classes"])
         self.paths, self.counts = paths, counts
         t = meta.get("text")  # stage 2: cached caption features (token states + padding mask) ride along
         self.text_shape = (int(t["max_tokens"]), int(t["dim"])) if t else None
+        self.caption = caption   # load_text also wants the caption string (never batched: strings do not stack)
 
     def __call__(self, index: int, raw: bytes) -> dict:
         try:
@@ -88,11 +89,16 @@ class _Decode:
                         not isinstance(mask, np.ndarray) or mask.shape != self.text_shape[:1]:
                     raise RecordError(f"'text' should be {self.text_shape} and 'mask' {self.text_shape[:1]}, got "
                                       f"{getattr(text, 'shape', text)!r} and {getattr(mask, 'shape', mask)!r}")
+            if self.caption and not isinstance(rec.get("caption"), str):
+                raise RecordError(f"'caption' should be a string, got {type(rec.get('caption')).__name__}")
         except RecordError as e:
             raise RecordError(f"bad record {index} ({_locate(index, self.paths, self.counts)}): {e}") from None
+        out = {"x": x, "label": np.int32(label)}
         if self.text_shape is not None:
-            return {"x": x, "label": np.int32(label), "text": text, "mask": mask.astype(bool)}
-        return {"x": x, "label": np.int32(label)}
+            out.update(text=text, mask=mask.astype(bool))
+        if self.caption:
+            out["caption"] = rec["caption"]
+        return out
 
 
 def _random_hflip(rec: dict, rng: np.random.Generator) -> dict:
@@ -131,6 +137,11 @@ def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: in
         raise UserError(f"process_index {process_index} must lie in [0, {process_count})")
     if not 0 <= int(seed) < 2**32:
         raise UserError(f"data seed must lie in [0, 2**32), got {seed}")
+    if hflip and meta.get("encoder"):
+        # Mirroring a latent (or any encoder's features) is not the latent of the mirrored image.
+        raise UserError(f"data set {meta['name']!r} holds encoded latents, which cannot be flipped on the fly: set "
+                        "data.hflip=false (to train on flipped images, encode them with `prepare_data.py ... "
+                        "hflip=true`)")
     ds = _records(meta, data_dir, split)
     # Equal-sized disjoint slices (dropping at most process_count-1 records) keep every process in lockstep.
     ds = ds[: len(ds) // process_count * process_count][process_index::process_count]
@@ -157,27 +168,37 @@ def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: in
     return iter(it_ds)
 
 
+def _read_shards(meta: dict, data_dir, split: str, caption: bool = False):
+    """(number of records, iterator of decoded + validated records in stored order) of a whole split; a corrupt shard
+    or a bad record is a one-line UserError."""
+    paths, counts = _shard_paths(meta, data_dir, split)
+    decode = _Decode(meta, paths, counts, caption)
+
+    def records():
+        i = 0
+        for path in paths:
+            # Sequential read_all per shard: ~3x faster than random access through grain for a full pass.
+            reader = ArrayRecordReader(path)
+            try:
+                raws = reader.read_all()
+            except Exception as e:
+                raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:120]}): the shard is corrupt, "
+                                "re-prepare the data set") from None
+            finally:
+                reader.close()
+            for raw in raws:
+                yield decode(i, raw)
+                i += 1
+    return sum(counts), records()
+
+
 def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All records of a split in stored order: (x in stored dtype (N,H,W,C), labels int64 (N,))."""
-    paths, counts = _shard_paths(meta, data_dir, split)
-    decode = _Decode(meta, paths, counts)
-    x = np.empty((sum(counts), *meta["shape"]), ALLOWED_DTYPES[meta["dtype"]])
-    y = np.empty(len(x), np.int64)
-    i = 0
-    for path in paths:
-        # Sequential read_all per shard: ~3x faster than random access through grain for a full pass.
-        reader = ArrayRecordReader(path)
-        try:
-            raws = reader.read_all()
-        except Exception as e:
-            raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:120]}): the shard is corrupt, "
-                            "re-prepare the data set") from None
-        finally:
-            reader.close()
-        for raw in raws:   # into preallocated arrays: no list of N small arrays
-            rec = decode(i, raw)
-            x[i], y[i] = rec["x"], rec["label"]
-            i += 1
+    n, records = _read_shards(meta, data_dir, split)
+    x = np.empty((n, *meta["shape"]), ALLOWED_DTYPES[meta["dtype"]])
+    y = np.empty(n, np.int64)
+    for i, rec in enumerate(records):   # into preallocated arrays: no list of N small arrays
+        x[i], y[i] = rec["x"], rec["label"]
     return x, y
 
 
@@ -186,15 +207,8 @@ def load_text(meta: dict, data_dir, split: str) -> dict:
     "caption" [N str]} (for sample grids and the stage-2 metric)."""
     if not meta.get("text"):
         raise UserError(f"data set {meta['name']!r} has no captions (prepare a captioned set for stage 2)")
-    paths, _ = _shard_paths(meta, data_dir, split)
+    _, records = _read_shards(meta, data_dir, split, caption=True)
     text, mask, caption = [], [], []
-    for path in paths:
-        reader = ArrayRecordReader(path)
-        try:
-            raws = reader.read_all()
-        finally:
-            reader.close()
-        for raw in raws:
-            rec = decode_record(raw)
-            text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])
+    for rec in records:
+        text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])
     return {"text": np.stack(text).astype(np.float32), "mask": np.stack(mask).astype(bool), "caption": caption}

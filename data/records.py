@@ -21,27 +21,52 @@ ALLOWED_DTYPES = {n: np.dtype(n).newbyteorder("<") for n in (
     "bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64")}
 ALLOWED_DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
 
+# Limits of a record, enforced by both encode_record (so a bad caption fails at preparation, not mid-training) and
+# decode_record (through msgpack's limits, so that a hostile header cannot make it allocate huge containers).
 _MAX_NDIM = 8
 _MAX_BYTES = 1 << 30          # one record larger than 1 GiB is certainly garbage
+_MAX_STR_BYTES = 1 << 16      # UTF-8 bytes of one string (a caption or a field name)
+_MAX_FIELDS = 255             # named fields per record (the version field 'v' makes 256 map entries)
+_INT_RANGE = (-(1 << 63), (1 << 64) - 1)   # what msgpack can store: int64 and uint64
 _ARRAY_KEYS = {"dtype", "shape", "data"}
-# Limits handed to msgpack so that a hostile header cannot make it allocate huge containers.
-_UNPACK_LIMITS = dict(max_str_len=1 << 16, max_bin_len=_MAX_BYTES, max_array_len=_MAX_NDIM,
-                      max_map_len=256, max_ext_len=0)
+_UNPACK_LIMITS = dict(max_str_len=_MAX_STR_BYTES, max_bin_len=_MAX_BYTES, max_array_len=_MAX_NDIM,
+                      max_map_len=_MAX_FIELDS + 1, max_ext_len=0)
 
 
 class RecordError(UserError):
-    """A record could not be decoded (corrupt, foreign or written by a newer version of this project)."""
+    """A record could not be decoded (corrupt, foreign or written by a newer version of this project), or a value
+    does not fit a record (encode_record)."""
+
+
+def _check_str(s: str, what: str) -> None:
+    try:
+        n = len(s.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RecordError(f"{what} is not valid text (it holds a lone surrogate): fix it") from None
+    if n > _MAX_STR_BYTES:
+        raise RecordError(f"{what} is {n} bytes of UTF-8 ({s[:40]!r}...); a record holds strings of at most "
+                          f"{_MAX_STR_BYTES} bytes: shorten it")
 
 
 def encode_record(arrays: dict[str, np.ndarray], **scalars) -> bytes:
-    """Serialise named arrays plus scalar fields (int, float, str, bool) into one record."""
+    """Serialise named arrays plus scalar fields (int, float, str, bool) into one record. Anything decode_record
+    would reject (too many fields, too many dims, too long a string, an int msgpack cannot hold) is a RecordError."""
     if "v" in arrays or "v" in scalars or set(arrays) & set(scalars):
         raise RecordError("record field names must be unique and must not be 'v'")
+    if len(arrays) + len(scalars) > _MAX_FIELDS:
+        raise RecordError(f"a record holds at most {_MAX_FIELDS} fields, got {len(arrays) + len(scalars)}")
+    for name in [*arrays, *scalars]:
+        if not isinstance(name, str):
+            raise RecordError(f"record field names must be strings, got {name!r}")
+        _check_str(name, "a record field name")
     rec = {"v": FORMAT_VERSION}
     for name, a in arrays.items():
         a = np.asarray(a)
         if a.dtype.name not in ALLOWED_DTYPES:
             raise RecordError(f"array {name!r} has dtype {a.dtype}; records hold only {sorted(ALLOWED_DTYPES)}")
+        if a.ndim > _MAX_NDIM or a.nbytes > _MAX_BYTES or any(d > _MAX_BYTES for d in a.shape):
+            raise RecordError(f"array {name!r} of shape {a.shape} ({a.nbytes} bytes) does not fit a record "
+                              f"(at most {_MAX_NDIM} dims and {_MAX_BYTES} bytes)")
         a = a.astype(ALLOWED_DTYPES[a.dtype.name], copy=False)   # little-endian; tobytes() writes C order
         rec[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tobytes()}
     for name, s in scalars.items():
@@ -49,6 +74,10 @@ def encode_record(arrays: dict[str, np.ndarray], **scalars) -> bytes:
             s = s.item()      # numpy scalars -> the Python scalar msgpack knows
         if not isinstance(s, (bool, int, float, str)):
             raise RecordError(f"scalar {name!r} must be an int, float, str or bool, got {type(s).__name__}")
+        if isinstance(s, int) and not _INT_RANGE[0] <= s <= _INT_RANGE[1]:
+            raise RecordError(f"scalar {name!r} = {s} does not fit a record's 64-bit integer")
+        if isinstance(s, str):
+            _check_str(s, f"scalar {name!r}")
         rec[name] = s
     return msgpack.packb(rec, use_bin_type=True)
 

@@ -106,3 +106,98 @@ def test_empty_and_unknown_layouts_are_clear_errors(vae, tmp_path):
         _prep(tmp_path / "dirs", vae, tmp_path / "o")
     with pytest.raises(UserError, match="not a folder"):
         _prep(tmp_path / "missing", vae, tmp_path / "o")
+
+
+def test_val_and_test_together_are_refused(tmp_path):
+    from data.folders import scan_source
+
+    for split in ("train", "val", "test"):
+        write_images(tmp_path / "s" / split / "cat", ["1.png"])
+    with pytest.raises(UserError, match=r"several held-out folders \(val, test\)") as e:
+        scan_source(tmp_path / "s")
+    assert "\n" not in str(e.value)
+    (tmp_path / "s" / "val" / "cat" / "1.png").unlink(), (tmp_path / "s" / "val" / "cat").rmdir()
+    (tmp_path / "s" / "val").rmdir()
+    assert {k: len(v.files) for k, v in scan_source(tmp_path / "s").splits.items()} == {"train": 1, "test": 1}
+
+
+def test_only_ascii_digit_labels_are_class_ids(tmp_path):
+    from data.folders import scan_source
+
+    write_images(tmp_path / "c", ["a.png", "b.png", "c.png"])
+    (tmp_path / "c" / "labels.csv").write_text("file,label\na.png,1\nb.png,²\nc.png,1\n", encoding="utf-8")
+    src = scan_source(tmp_path / "c")     # '²'.isdigit() is True, but it is a name: every label is then a name
+    assert src.class_names == ["1", "²"] and src.splits["train"].labels == [0, 1, 0]
+    (tmp_path / "c" / "labels.csv").write_text("file,label\na.png,2\nb.png, 0\nc.png,2\n")
+    src = scan_source(tmp_path / "c")
+    assert src.class_names == ["0", "1", "2"] and src.splits["train"].labels == [2, 0, 2]
+
+
+def test_decompression_bomb_is_a_skipped_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from data.folders import load_image
+
+    write_images(tmp_path, ["big.png"])                 # 12 x 10 = 120 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # over twice the limit: PIL raises DecompressionBombError
+    with pytest.warns(UserWarning, match="big.png: cannot decode it as an image \\(DecompressionBombError\\)"):
+        assert load_image(tmp_path / "big.png", 8, 3) is None
+
+
+def test_symlinked_images_outside_the_source(vae, tmp_path):
+    """A subset built from links to a pool elsewhere; two links to one file stay two examples."""
+    from data.loader import load_split
+
+    write_images(tmp_path / "pool", ["0.png", "1.png"], seed=3)
+    for cls, target in (("a", "0.png"), ("b", "1.png"), ("b", "0.png")):
+        (tmp_path / "subset" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "subset" / cls / f"link-{target}").symlink_to(tmp_path / "pool" / target)
+    meta = _prep(tmp_path / "subset", vae, tmp_path / "o")
+    assert meta["class_names"] == ["a", "b"] and meta["splits"]["train"]["num_records"] == 3
+    x, y = load_split(meta, tmp_path / "o", "train")
+    assert y.tolist() == [0, 1, 1] and np.array_equal(x[0], x[1]) and not np.array_equal(x[0], x[2])
+
+
+def test_a_lost_shard_is_re_encoded_alone(vae, tmp_path, capsys):
+    write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(5)])
+    write_images(tmp_path / "s" / "b", [f"{i}.png" for i in range(4)], seed=1)
+    meta = _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=3)
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.array_record")}
+    assert len(shards) == 3
+    written = []
+    assert _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=3, on_shard=written.append) == meta
+    assert written == [] and "already prepared" in capsys.readouterr().out
+    lost, damaged = sorted(shards)[0], sorted(shards)[2]
+    (tmp_path / "o" / lost).unlink()
+    (tmp_path / "o" / damaged).write_bytes(shards[damaged][:-20])     # truncated: its index is gone
+    assert _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=3, on_shard=written.append) == meta
+    assert sorted(written) == [lost, damaged] and "2 of 3 shards are missing or damaged" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.array_record")} == shards   # bitwise
+
+
+def test_edited_captions_and_class_names_re_prepare(vae, tmp_path):
+    write_images(tmp_path / "c", ["p.png", "q.png"], size=(8, 8))
+    caps = tmp_path / "c" / "captions.jsonl"
+    caps.write_text('{"file": "p.png", "caption": "a red cat"}\n{"file": "q.png", "caption": "two dogs"}\n')
+    _prep(tmp_path / "c", vae, tmp_path / "o")
+    caps.write_text('{"file": "p.png", "caption": "a blue cat"}\n{"file": "q.png", "caption": "two dogs"}\n')
+    _prep(tmp_path / "c", vae, tmp_path / "o")
+    out = [json.loads(l)["caption"] for l in (tmp_path / "o" / "captions-train.jsonl").read_text().splitlines()]
+    assert out == ["a blue cat", "two dogs"]
+
+    write_images(tmp_path / "l", ["x.png", "y.png"])
+    (tmp_path / "l" / "labels.csv").write_text("file,label\nx.png,cat\ny.png,dog\n")
+    assert _prep(tmp_path / "l", vae, tmp_path / "ol")["class_names"] == ["cat", "dog"]
+    (tmp_path / "l" / "labels.csv").write_text("file,label\nx.png,cat\ny.png,dogs\n")   # same ids, new name
+    assert _prep(tmp_path / "l", vae, tmp_path / "ol")["class_names"] == ["cat", "dogs"]
+
+
+def test_latents_refuse_on_the_fly_flips(vae, tmp_path):
+    from data.loader import make_iterator
+
+    write_images(tmp_path / "s" / "a", ["1.png", "2.png"])
+    meta = _prep(tmp_path / "s", vae, tmp_path / "o")
+    assert next(make_iterator(meta, tmp_path / "o", "train", batch_size=2, seed=0))["x"].shape == (2, 4, 4, 4)
+    with pytest.raises(UserError, match="cannot be flipped on the fly: set data.hflip=false") as e:
+        make_iterator(meta, tmp_path / "o", "train", batch_size=2, seed=0, hflip=True)
+    assert "\n" not in str(e.value)
