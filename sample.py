@@ -32,25 +32,22 @@ def main(cfg):
     from training.tracking import make_grid, save_png
 
     saved, step = read_config(cfg.ckpt_dir, cfg.step)
+    stage = int(saved.get("stage", 1))
+    if stage == 2 and cfg.evaluate:   # the classifier scores class-conditional samples; captions have their own check
+        raise UserError(f"evaluate=true scores class-conditional runs; {cfg.ckpt_dir} is a stage-2 (text) run: "
+                        f"sample with evaluate=false, or run python -m training.text_eval {cfg.ckpt_dir}")
     run_cfg = OmegaConf.create(saved)
     spec = saved["model_spec"]
+    sampler = sampler_for(cfg, run_cfg, step)
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
     meta = load_meta(data_dir)
-    sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale",
-              "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol", "chunk"):
-        if cfg[k] is not None:
-            sampler[k] = cfg[k]
-    if sampler.get("guide_ckpt_dir") and sampler.get("guidance") != "auto":
-        raise UserError(f"guide_ckpt_dir is autoguidance's weak model, but guidance={sampler.get('guidance')}: "
-                        f"add guidance=auto")
     k = spec["num_classes"]
     prompts = None
-    if int(saved.get("stage", 1)) == 2:  # text-conditional: prompt= one string or a list (default: training captions)
+    if stage == 2:  # text-conditional: prompt= one string or a list (default: training captions)
         from data.captions import prompt_conds
         labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)
     else:
-        labels = np.asarray(cfg.labels, np.int32) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
+        labels = class_labels(cfg.labels, k) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
         conds = labels
     if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
@@ -88,6 +85,41 @@ def main(cfg):
         print("evaluation: " + json.dumps(res), flush=True)
         out.with_suffix(".eval.json").write_text(json.dumps(res, indent=1))
     return images, labels
+
+
+def sampler_for(cfg, run_cfg, step: int):
+    """The run's saved sampler with this command's overrides, checked before anything slow (evaluator, weights)."""
+    from training.errors import UserError
+    from training.generate import check_weak_step
+    from training.sampling import check_sampler
+
+    sampler = run_cfg.sampler
+    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale",
+              "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol", "chunk"):
+        if cfg[k] is not None:
+            sampler[k] = cfg[k]
+    if sampler.get("guide_ckpt_dir") and sampler.get("guidance") != "auto":
+        raise UserError(f"guide_ckpt_dir is autoguidance's weak model, but guidance={sampler.get('guidance')}: "
+                        f"add guidance=auto")
+    check_sampler(sampler)
+    check_weak_step(sampler, run_cfg.train, step)   # the weak EMA of this run must come before the sampled one
+    return sampler
+
+
+def class_labels(value, num_classes: int):
+    """labels=3 or labels=[0,3,3]: class ids (N,) int32. A fraction or a string is refused, not truncated to an id."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from training.errors import UserError
+
+    raw = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+    arr = np.atleast_1d(np.asarray(raw))
+    whole = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(arr == np.round(arr)))
+    if arr.ndim != 1 or not whole or (arr.size and (arr.min() < 0 or arr.max() >= num_classes)):
+        raise UserError(f"labels={raw} must be class ids, whole numbers in [0, {num_classes}): e.g. labels=3 or "
+                        f"labels=[0,1,2]")
+    return arr.astype(np.int32)
 
 
 if __name__ == "__main__":

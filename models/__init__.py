@@ -6,6 +6,7 @@ that was trained.
 """
 
 import inspect
+import numbers
 from typing import Any
 
 import equinox as eqx
@@ -38,18 +39,43 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
             from training.errors import UserError
             raise UserError(f"model.{key}={spec[key]!r} unknown: use one of "
                             + ", ".join("null" if a is None else str(a).lower() for a in allowed))
-    if spec["hidden_size"] % spec["num_heads"]:
-        from training.errors import UserError
-        raise UserError(f"model.hidden_size={spec['hidden_size']} is not divisible by model.num_heads={spec['num_heads']}")
-    if h % spec["patch_size"] or w % spec["patch_size"]:
-        from training.errors import UserError
-        raise UserError(f"the data ({h}x{w}) is not divisible by model.patch_size={spec['patch_size']}: pick another patch size")
+    check_attention_impl(spec.get("attention_impl"))
+    check_shape(spec, h, w)
     return spec
+
+
+def check_shape(spec: dict, h: int, w: int) -> None:
+    """Sizes the model cannot be built with, named now rather than as a ZeroDivisionError or an assert mid-run."""
+    from training.errors import UserError
+
+    for key in ("hidden_size", "num_heads", "patch_size", "depth"):
+        value = spec.get(key, 1)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise UserError(f"model.{key}={value!r} must be a whole number >= 1")
+    d, heads, p = spec["hidden_size"], spec["num_heads"], spec["patch_size"]
+    if d % heads:
+        raise UserError(f"model.hidden_size={d} is not divisible by model.num_heads={heads}: pick sizes that are")
+    if d % 4:   # the 2-D sin-cos positions give a quarter of the channels to each of sin/cos of row/column
+        raise UserError(f"model.hidden_size={d} must be a multiple of 4 (2-D sin-cos positional embedding)")
+    if h % p or w % p:
+        raise UserError(f"the data ({h}x{w}) is not divisible by model.patch_size={p}: pick another patch size")
+
+
+def check_attention_impl(impl) -> None:
+    """`cudnn` forces cuDNN's kernel, which only a GPU has: JAX would say so only at the first step."""
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        from training.errors import UserError
+        raise UserError(f"model.attention_impl=cudnn needs a GPU, and JAX runs on {jax.default_backend()} here: "
+                        "use model.attention_impl=auto (cuDNN where it applies) or xla")
 
 
 def build_model(spec: dict[str, Any], *, key) -> DiT:
     kw = {k: v for k, v in spec.items() if k != "name"}
     kw["input_size"] = tuple(kw["input_size"])
+    if kw.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+        # A spec saved by a GPU run, rebuilt here to sample from: cuDNN's kernel would fail at the first call, and the
+        # kernel does not change the function (not an ARCH_KEY). A new run is refused instead (model_spec).
+        kw["attention_impl"] = "xla"
     if kw.get("mixing") is not None:  # stage 2: text-conditional (models/mmdit.py)
         from models.mmdit import TextDiT as cls
     else:

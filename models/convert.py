@@ -28,11 +28,15 @@ def check_compatible(s1: DiT, s2: TextDiT) -> None:
     pairs = {"patch embedding": (s1.patch_embed.weight.shape, s2.patch_embed.weight.shape),
              "blocks": (s1.blocks.attn.qkv.weight.shape, s2.blocks.attn.qkv.weight.shape),
              "MLP": (s1.blocks.mlp.fc1.weight.shape, s2.blocks.mlp.fc1.weight.shape),
+             # equal widths can still split into other heads: the copied QKV weights and QK-norm scales are per head
+             "num_heads": (s1.blocks.attn.num_heads, s2.blocks.attn.num_heads),
+             "head dim": (s1.blocks.attn.q_scale.shape[-1], s2.blocks.attn.q_scale.shape[-1]),
              "input size": (s1.input_size, s2.input_size), "patch size": (s1.patch_size, s2.patch_size)}
     bad = [f"{k}: stage 1 {a} vs stage 2 {b}" for k, (a, b) in pairs.items() if a != b]
     if bad:
         raise UserError("train.init_from checkpoint does not match the stage-2 model (" + "; ".join(bad) +
-                        "): use the stage-1 run's model preset and a data set of the same image shape")
+                        "): use the stage-1 run's model preset (hidden size, depth, heads, patch size) and a data set "
+                        "of the same image shape")
 
 
 def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
@@ -45,10 +49,13 @@ def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
     w_i, b_i = s1.blocks.ada.weight, s1.blocks.ada.bias          # (depth, D, 6D), (depth, 6D)
     w, b = w_i.mean(0), b_i.mean(0)
     table = (jnp.einsum("d,ide->ie", u, w_i) + b_i) - (u @ w + b)  # E_i = S_i - S_bar
-    where = lambda m: (m.patch_embed, m.t_mlp1, m.t_mlp2, m.t_ada.weight, m.t_ada.bias, m.blocks.attn, m.blocks.mlp,
+    # The attention's arrays, not the module: its static fields (head count, kernel) stay those of the stage-2 spec.
+    a1 = s1.blocks.attn
+    where = lambda m: (m.patch_embed, m.t_mlp1, m.t_mlp2, m.t_ada.weight, m.t_ada.bias, m.blocks.attn.qkv,
+                       m.blocks.attn.proj, m.blocks.attn.q_scale, m.blocks.attn.k_scale, m.blocks.mlp,
                        m.blocks.table, m.final_ada, m.final)
-    return eqx.tree_at(where, s2, (s1.patch_embed, s1.t_mlp1, t_mlp2, w, b, s1.blocks.attn, s1.blocks.mlp, table,
-                                   s1.final_ada, s1.final))
+    return eqx.tree_at(where, s2, (s1.patch_embed, s1.t_mlp1, t_mlp2, w, b, a1.qkv, a1.proj, a1.q_scale, a1.k_scale,
+                                   s1.blocks.mlp, table, s1.final_ada, s1.final))
 
 
 def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:

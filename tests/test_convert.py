@@ -65,6 +65,21 @@ def test_seed_fold_bugs_would_fail():
     np.testing.assert_allclose(s2(x, t, text, mask, True), want, atol=2e-5)
 
 
+@pytest.mark.parametrize("mixing", ["cross", "joint"])
+def test_a_stage1_run_with_other_heads_is_refused(mixing):
+    """Same width, other heads: the copied attention would keep stage 1's head count under a spec that names stage 2's
+    (cross) or fail to broadcast its QK-norm scales (joint). One line instead; the kernel choice stays stage 2's."""
+    from training.errors import UserError
+
+    text = {"mixing": mixing, "text_dim": 12, "max_tokens": 6}
+    s1 = build_model({**BASE, "num_heads": 2}, key=jax.random.PRNGKey(0))
+    with pytest.raises(UserError, match=r"num_heads: stage 1 2 vs stage 2 4; head dim: stage 1 16 vs stage 2 8"):
+        stage1_to_stage2(s1, build_model({**BASE, **text}, key=jax.random.PRNGKey(3)))
+    s1 = build_model({**BASE, "attention_impl": "xla"}, key=jax.random.PRNGKey(0))
+    s2 = stage1_to_stage2(s1, build_model({**BASE, **text, "attention_impl": "auto"}, key=jax.random.PRNGKey(3)))
+    assert s2.blocks.attn.impl == "auto" and s2.blocks.attn.num_heads == 4
+
+
 def test_init_from_a_stage1_checkpoint(digits_text_root, digits_root, tmp_path):
     import train_stage1
     import train_stage2

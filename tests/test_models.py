@@ -185,3 +185,31 @@ def test_token_routing_skips_the_routed_blocks_and_keeping_all_is_the_full_model
     np.testing.assert_allclose(apply(scanned, x, t, y, route=(1, depth, keep)), mid, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="token routing needs a model that takes the whole batch"):
         apply(lambda xx, tt, yy: xx, x, t, y, route=(0, depth, keep))   # a per-example model cannot route
+
+
+def test_model_sizes_that_cannot_build_are_one_user_error():
+    """Sizes the model cannot run with are named when the spec is made, not met at the first step as a
+    ZeroDivisionError or the sin-cos embedding's assert."""
+    for over, needle in (({"hidden_size": 30, "num_heads": 3}, "hidden_size=30 must be a multiple of 4"),
+                         ({"hidden_size": 36, "num_heads": 8}, "hidden_size=36 is not divisible by model.num_heads=8"),
+                         ({"num_heads": 0}, "num_heads=0 must be a whole number >= 1"),
+                         ({"patch_size": 0}, "patch_size=0 must be a whole number >= 1"),
+                         ({"hidden_size": 32.5}, "hidden_size=32.5 must be a whole number")):
+        with pytest.raises(UserError, match=needle):
+            spec_for("tiny", **over)
+    assert spec_for("tiny", hidden_size=36, num_heads=3)["hidden_size"] == 36   # 12 per head, 36 % 4 == 0: fine
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a GPU has cuDNN: nothing to refuse")
+def test_cudnn_attention_without_a_gpu():
+    """A new run asking for cuDNN's kernel on a machine without one is refused up front; a GPU run's saved spec
+    still builds here (to sample from) with XLA's kernel, which computes the same function."""
+    with pytest.raises(UserError, match="attention_impl=cudnn needs a GPU.*use model.attention_impl=auto .* or xla"):
+        spec_for("tiny", attention_impl="cudnn")
+    spec = spec_for("tiny")
+    model = build_model({**spec, "attention_impl": "cudnn"}, key=jax.random.PRNGKey(0))
+    assert model.blocks.attn.impl == "xla"
+    model = jax.tree.map(lambda a: a + 0.05, model)
+    x, t, y = jnp.ones((8, 8, 1)), jnp.float32(0.4), jnp.int32(2)
+    want = jax.tree.map(lambda a: a + 0.05, build_model(spec, key=jax.random.PRNGKey(0)))(x, t, y)
+    np.testing.assert_allclose(model(x, t, y), want, rtol=1e-6, atol=1e-7)

@@ -164,6 +164,80 @@ def test_sampler_is_deterministic_and_chunked():
     np.testing.assert_array_equal(run(0, 3)[:3], run(0, 3)[:3])
 
 
+def test_bad_chunk_or_steps_are_one_user_error():
+    """chunk -1 used to write fewer images than labels (a misaligned npz), chunk 0 and steps 0 crashed."""
+    run = lambda **kw: sample(GaussianShift(), np.arange(4, dtype=np.int32), jax.random.PRNGKey(0), null_cond=9,
+                              shape=(2,), sampler_cfg=sampler_cfg(**{"steps": 4, **kw}))
+    for kw in ({"chunk": -1}, {"chunk": 0}, {"chunk": 2.5}, {"steps": 0}, {"steps": True}):
+        with pytest.raises(UserError, match=f"sampler.{next(iter(kw))}=.* must be a whole number >= 1"):
+            run(**kw)
+    assert run(chunk=3).shape == (4, 2)
+
+
+def test_an_adaptive_solve_over_its_step_cap_is_one_user_error():
+    """A tolerance fp32 cannot reach makes tsit5 take its 16 * steps + 64 = 80 steps: one line saying what to loosen,
+    not diffrax's runtime error."""
+    with pytest.raises(UserError, match=r"tsit5 needed more than 80 steps at rtol=1e-12.*loosen sampler.rtol/atol"):
+        sample(GaussianShift(), np.array([0, 1], np.int32), jax.random.PRNGKey(0), null_cond=9, shape=(2,),
+               sampler_cfg=sampler_cfg(solver="tsit5", steps=1, rtol=1e-12, atol=1e-12))
+
+
+def test_sample_py_labels_are_whole_class_ids():
+    from sample import class_labels
+
+    np.testing.assert_array_equal(class_labels(3, 10), [3])          # a scalar used to be a TypeError
+    np.testing.assert_array_equal(class_labels(OmegaConf.create({"l": [1, 2.0]}).l, 10), [1, 2])
+    for bad in ([1.7, 2], [0, 10], [-1], "a", [[1, 2]], [True]):   # 1.7 used to become class 1
+        with pytest.raises(UserError, match="must be class ids, whole numbers in \\[0, 10\\)"):
+            class_labels(bad, 10)
+
+
+def test_autoguidance_from_the_same_run_needs_an_earlier_step():
+    from training.generate import check_weak_step
+
+    auto = lambda **kw: OmegaConf.create({"guidance": "auto", "guide_step": None, "guide_fraction": 0.5, **kw})
+    tc = OmegaConf.create({"steps": 16})
+    check_weak_step(auto(), tc, 16)                         # step 8 of 16
+    check_weak_step(auto(guide_step=3), tc, 4)
+    check_weak_step(OmegaConf.create({"guidance": "cfg"}), tc, 1)
+    check_weak_step(auto(guide_step=8, guide_ckpt_dir="/other/run"), tc, 4)   # another run: weaker by itself
+    for sampler, step in ((auto(guide_step=8), 4), (auto(guide_step=4), 4), (auto(), 8)):
+        with pytest.raises(UserError, match=f"is not before the sampled step {step}: pass guide_step=.*guidance=cfg"):
+            check_weak_step(sampler, tc, step)
+
+
+def fake_run(path, step: int, config: str = "config", **over) -> str:
+    """A checkpoint directory holding only the saved config of `step`: enough for what sample.py checks before it
+    reads data or weights."""
+    import json
+
+    from omegaconf import OmegaConf as OC
+
+    saved = OC.to_container(compose(config, [f"{k}={v}" for k, v in over.items()]), resolve=True)
+    saved["model_spec"] = {"num_classes": 10}
+    (path / str(step) / "config").mkdir(parents=True)
+    (path / str(step) / "config" / "metadata").write_text(json.dumps(saved))
+    return str(path)
+
+
+def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsys):
+    import sample
+    from training import cli
+
+    stage1 = fake_run(tmp_path / "s1", 4, **{"train.steps": 16, "sampler.guidance": "auto"})
+    stage2 = fake_run(tmp_path / "s2", 4, config="stage2")
+    for args, needle in (([f"ckpt_dir={stage1}", "chunk=-1"], "sampler.chunk=-1 must be a whole number >= 1"),
+                         ([f"ckpt_dir={stage1}", "steps=0"], "sampler.steps=0 must be"),
+                         ([f"ckpt_dir={stage1}", "guide_step=8"], "guide_step=8 is not before the sampled step 4"),
+                         ([f"ckpt_dir={stage1}"], "guide_step=8 is not before"),   # guide_fraction 0.5 of 16
+                         ([f"ckpt_dir={stage2}", "evaluate=true"], "evaluate=true scores class-conditional runs")):
+        monkeypatch.setattr("sys.argv", ["sample.py", *args])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main("sample", sample.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (args, err)
+
+
 def test_balanced_labels():
     y = balanced_labels(25, 10)
     assert np.bincount(y).tolist() == [3] * 5 + [2] * 5 and (np.diff(y) >= 0).all()

@@ -127,3 +127,40 @@ def test_printed_flops_count_the_text_path(mixing):
     xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
     ours = forward_flops(spec)["forward_flops"]
     assert abs(ours - xla) / xla < 0.15, (ours, xla)
+
+
+def test_weak_model_from_another_run_is_checked_on_the_text_inputs():
+    """A stage-2 strong model has no num_classes: the weak run is compared on what the TextDiT takes instead."""
+    from omegaconf import OmegaConf
+
+    from training.errors import UserError
+    from training.generate import check_weak_run
+
+    spec = {**SPEC, "mixing": "cross"}
+    strong = build_model(spec, key=jax.random.PRNGKey(0))
+    tc = OmegaConf.create({"prediction": "v", "t_eps": 0.05})
+    saved = lambda **over: {"model_spec": {**spec, **over}, "train": {"prediction": "v", "t_eps": 0.05}}
+    check_weak_run(saved(mixing="joint", hidden_size=16, num_classes=3), strong, tc, "/weak")  # same inputs: fine
+    with pytest.raises(UserError, match=r"max_tokens 6 vs 8"):
+        check_weak_run(saved(max_tokens=6), strong, tc, "/weak")
+    with pytest.raises(UserError, match=r"conditioning class labels vs captions"):
+        check_weak_run(saved(mixing=None), strong, tc, "/weak")
+
+
+def test_text_eval_mistakes_end_in_one_line(tmp_path, capsys):
+    import json
+
+    from training import text_eval
+
+    stage1 = tmp_path / "s1"
+    (stage1 / "2" / "config").mkdir(parents=True)
+    (stage1 / "2" / "config" / "metadata").write_text(json.dumps({"model_spec": {"num_classes": 10}}))
+    for argv, needle in (([], "name the stage-2 run's checkpoint directory first"),
+                         ([str(tmp_path / "absent")], "no checkpoint directory"),
+                         ([str(stage1), "steps"], "'steps' is not key=value with one of the keys"),
+                         ([str(stage1), "steps=four"], "steps must be a whole number"),
+                         ([str(stage1)], "is a class-conditional (stage-1) run")):
+        with pytest.raises(SystemExit) as exit_:
+            text_eval.run(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)

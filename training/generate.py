@@ -76,15 +76,42 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
         return ckpt.restore_weights(template, step)
 
 
+def check_weak_step(sampler_cfg, train_cfg, step: int) -> None:
+    """Autoguidance from this run's own checkpoints guides away from an EARLIER EMA: from a later one it would guide
+    away from a stronger model, and from the same step it is plain guidance with extra cost. Another run's weak
+    model (guide_ckpt_dir) may be at any step: it is weaker by its size or training, not by its step."""
+    weak = guide_step(sampler_cfg, train_cfg)
+    if weak is None or sampler_cfg.get("guide_ckpt_dir", None) or weak < int(step):
+        return
+    raise UserError(f"sampler.guidance=auto guides away from an earlier EMA of the run, but guide_step={weak} is not "
+                    f"before the sampled step {step}: pass guide_step=<a step before {step}>, or guidance=cfg")
+
+
+def model_inputs(model) -> dict:
+    """The inputs a model takes, from its static fields: images, and class ids (the DiT) or caption features of a
+    width and length (the TextDiT; it has no num_classes)."""
+    mine = {"input_size": list(model.input_size), "in_channels": model.in_channels}
+    if getattr(model, "mixing", None) is not None:
+        return {**mine, "conditioning": "captions", "text_dim": model.text_dim, "max_tokens": model.max_tokens}
+    return {**mine, "conditioning": "class labels", "num_classes": model.num_classes}
+
+
+def spec_inputs(spec: dict) -> dict:
+    """`model_inputs` of the model a saved spec builds (without building it)."""
+    mine = {"input_size": list(spec.get("input_size") or []), "in_channels": spec.get("in_channels")}
+    if spec.get("mixing") is not None:
+        return {**mine, "conditioning": "captions", "text_dim": spec.get("text_dim"),
+                "max_tokens": spec.get("max_tokens")}
+    return {**mine, "conditioning": "class labels", "num_classes": spec.get("num_classes")}
+
+
 def check_weak_run(saved: dict, strong, train_cfg, where) -> None:
     """A weak model from another run must take the same inputs and predict the same quantity as the strong one."""
-    spec, tc = saved["model_spec"], saved.get("train", {})
-    mine = {"input_size": list(strong.input_size), "in_channels": strong.in_channels,
-            "num_classes": strong.num_classes, "prediction": train_cfg.prediction, "t_eps": float(train_cfg.t_eps)}
-    theirs = {"input_size": list(spec.get("input_size") or []), "in_channels": spec.get("in_channels"),
-              "num_classes": spec.get("num_classes"), "prediction": tc.get("prediction"),
+    tc = saved.get("train", {})
+    mine = {**model_inputs(strong), "prediction": train_cfg.prediction, "t_eps": float(train_cfg.t_eps)}
+    theirs = {**spec_inputs(saved["model_spec"]), "prediction": tc.get("prediction"),
               "t_eps": float(tc.get("t_eps", -1))}
-    bad = [f"{k} {theirs[k]} vs {mine[k]}" for k in mine if theirs[k] != mine[k]]
+    bad = [f"{k} {theirs.get(k)} vs {mine[k]}" for k in mine if theirs.get(k) != mine[k]]
     if bad:
         raise UserError(f"guide_ckpt_dir={where} holds a run that does not match this one ({'; '.join(bad)}): "
                         f"train the weak model on the same data with the same train.prediction")

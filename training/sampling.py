@@ -9,6 +9,7 @@ than `chunk` run chunk by chunk through one compiled function, so memory is boun
 of samples (the JiT reproduction crashed sampling 50k images at once).
 """
 
+import numbers
 from typing import Callable
 
 import diffrax
@@ -141,13 +142,19 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
         x = sol.ys[-1]
         return x + (1.0 - t_last) * v(jnp.float32(t_last), x, args)
     if solver in ADAPTIVE:
-        (controller, dt0), max_steps = (diffrax.PIDController(rtol=rtol, atol=atol), 1.0 / steps), 16 * steps + 64
+        (controller, dt0), max_steps = (diffrax.PIDController(rtol=rtol, atol=atol), 1.0 / steps), adaptive_cap(steps)
     else:
         (controller, dt0), max_steps = fixed(1.0), steps + 1
     sol = diffrax.diffeqsolve(diffrax.ODETerm(v), SOLVERS[solver](), t0=0.0, t1=1.0, dt0=dt0, y0=x0,
                               args=args, saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
                               max_steps=max_steps)
     return sol.ys[-1]
+
+
+def adaptive_cap(steps: int) -> int:
+    """The most steps an adaptive solver may take (`steps` sets its first one, 1/steps): a bound on the time a too
+    tight rtol/atol can cost, which `sample` reports as a UserError."""
+    return 16 * steps + 64
 
 
 def check_sampler(sampler_cfg):
@@ -158,6 +165,10 @@ def check_sampler(sampler_cfg):
     training one."""
     if sampler_cfg.solver not in SOLVERS:
         raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
+    for key in ("steps", "chunk"):   # chunk < 1 would drop images (labels kept), steps 0 divide by zero
+        value = sampler_cfg.get(key, None)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise UserError(f"sampler.{key}={value!r} must be a whole number >= 1")
     intervals = {}
     for name in ("cfg", "guide"):
         interval = sampler_cfg.get(f"{name}_interval", None)   # absent in configs saved before it existed
@@ -192,11 +203,11 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     set. It decides how far the last steps go: with 32 Euler steps and t_eps 0.05 the last one moves 1/32 / 0.05 =
     62.5% of the way to the clean estimate, and that partial step is worth a lot of FD (development_log.md).
     weak: the weaker model for sampler_cfg.guidance = "auto" (training.checkpoint: an earlier EMA of the run)."""
+    intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
     cfg_scale = float(sampler_cfg.cfg_scale)
-    intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
     t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
 
     @eqx.filter_jit
@@ -218,7 +229,16 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
         y = tuple(c[start:start + chunk] for c in conds)
         pad = chunk - len(y[0])
         y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
-        out.append(np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))[:chunk - pad])
+        try:
+            x = np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))
+        except eqx.EquinoxRuntimeError as err:   # raised by diffrax inside the solve, seen when its result is read
+            if "maximum number of solver steps" not in str(err):
+                raise
+            raise UserError(f"sampler.solver={sampler_cfg.solver} needed more than "
+                            f"{adaptive_cap(int(sampler_cfg.steps))} steps at rtol={sampler_cfg.rtol}, "
+                            f"atol={sampler_cfg.atol}: loosen sampler.rtol/atol (e.g. 1e-3) or raise sampler.steps "
+                            f"(the cap grows with it)") from None
+        out.append(x[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
 
 

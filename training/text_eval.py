@@ -6,6 +6,7 @@ image is among the k nearest. Written to <ckpt_dir>/eval-step<step>.json with a 
 """
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 
 from data.emoji import topk_hits
+from training.errors import UserError
 from training.generate import generate, load_weak, text_conds
 from training.tracking import make_grid, save_png
 
@@ -39,6 +41,27 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
     return res
 
 
+KEYS = {"step": int, "num_samples": int, "cfg_scale": float, "steps": int}
+USAGE = "usage: python -m training.text_eval <ckpt_dir> [step=N] [num_samples=N] [cfg_scale=X] [steps=N]"
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict]:
+    """<ckpt_dir> key=value ...: the run's directory and the known keys, typed; anything else one UserError."""
+    if not argv or "=" in argv[0]:
+        raise UserError(f"name the stage-2 run's checkpoint directory first: {USAGE}")
+    kv = {}
+    for arg in argv[1:]:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in KEYS:
+            raise UserError(f"{arg!r} is not key=value with one of the keys {', '.join(KEYS)}: {USAGE}")
+        try:
+            kv[key] = KEYS[key](value)
+        except ValueError:
+            what = "a whole number" if KEYS[key] is int else "a number"
+            raise UserError(f"{arg}: {key} must be {what}: {USAGE}") from None
+    return argv[0], kv
+
+
 def main(argv: list[str]) -> dict:
     """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
     Keys: step, num_samples, cfg_scale, steps (sampler)."""
@@ -48,14 +71,21 @@ def main(argv: list[str]) -> dict:
     from data.meta import load_meta
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
+    from training.generate import check_weak_step
+    from training.sampling import check_sampler
 
-    ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
+    ckpt_dir, kv = parse_args(argv)
     saved, step = read_config(ckpt_dir, kv.get("step"))
+    if saved.get("model_spec", {}).get("mixing") is None:
+        raise UserError(f"{ckpt_dir} is a class-conditional (stage-1) run: text_eval checks stage-2 runs; score "
+                        f"stage 1 with python sample.py ckpt_dir={ckpt_dir} evaluate=true")
     cfg = OmegaConf.create(saved)
     cfg.train.ckpt_dir = ckpt_dir   # the run may have moved: read the weak model (autoguidance) and write results here
-    cfg.eval.num_samples = int(kv.get("num_samples", cfg.eval.num_samples))
-    cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))
-    cfg.sampler.steps = int(kv.get("steps", cfg.sampler.steps))
+    cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
+    cfg.sampler.cfg_scale = kv.get("cfg_scale", cfg.sampler.cfg_scale)
+    cfg.sampler.steps = kv.get("steps", cfg.sampler.steps)
+    check_sampler(cfg.sampler)
+    check_weak_step(cfg.sampler, cfg.train, step)
     with Checkpointer(ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     data_dir = Path(cfg.data.root) / cfg.data.name
@@ -64,7 +94,15 @@ def main(argv: list[str]) -> dict:
                         load_split(meta, data_dir, "train")[0], cfg, step)
 
 
-if __name__ == "__main__":
-    import sys
+def run(argv: list[str]) -> None:
+    """The command line: a user mistake ends in one line and exit code 2, as in every script (training/cli.py's
+    `main`, which composes a Hydra config and so cannot take this positional directory)."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
-    main(sys.argv[1:])
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
