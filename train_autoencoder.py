@@ -86,6 +86,17 @@ def main(cfg):
                         "change block_out_channels (one entry per down block)")
     if any(ch % int(cfg.norm_num_groups) for ch in cfg.block_out_channels):
         raise UserError(f"every block_out_channels entry must be divisible by norm_num_groups={cfg.norm_num_groups}")
+    if int(cfg.steps) < 1:
+        raise UserError(f"steps={cfg.steps} must be >= 1")
+    out = Path(cfg.out)
+    try:   # an unusable out path should fail now, not after 12-14 minutes of training
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the autoencoder to out={out} ({type(e).__name__}): pick a writable "
+                        f"directory") from None
     model = build_autoencoder(cfg, c)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"autoencoder: {n_params / 1e6:.2f}M parameters, {h}x{w}x{c} -> {h // down}x{w // down}x"
@@ -106,35 +117,39 @@ def main(cfg):
     gen = torch.Generator().manual_seed(int(cfg.seed))
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
     stop = []   # SIGTERM / Ctrl-C: stop training early, then still calibrate, save and evaluate
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
-    model.train()
-    order, pos, step, run_loss = rs.permutation(len(x_train)), 0, 0, []
-    while step < steps and not stop:
-        if pos + int(cfg.batch_size) > len(order):
-            order, pos = rs.permutation(len(x_train)), 0
-        x = to_t(x_train[order[pos:pos + int(cfg.batch_size)]])
-        pos += int(cfg.batch_size)
-        post = model.encode(x).latent_dist
-        rec = model.decode(post.sample(generator=gen)).sample
-        mse = torch.mean((rec - x) ** 2)
-        kl = post.kl().mean() / post.mean[0].numel()      # per latent element
-        loss = mse + float(cfg.kl_weight) * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        run_loss.append(mse.item())
-        if step % int(cfg.log_every) == 0 or step == steps:
-            el = time.perf_counter() - t0
-            print(f"step {step}/{steps}  mse {np.mean(run_loss):.5f}  kl {kl.item():.2f}  "
-                  f"{step * int(cfg.batch_size) / el:.0f} img/s  {el / 60:.1f} min "
-                  f"(process CPU {(time.process_time() - c0) / 60:.1f} min)", flush=True)
-            run_loss = []
-        if used() > budget_s:
-            print(f"stopping at step {step}: max_minutes={cfg.max_minutes} of CPU time used", flush=True)
-            break
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        model.train()
+        order, pos, step, run_loss = rs.permutation(len(x_train)), 0, 0, []
+        while step < steps and not stop:
+            if pos + int(cfg.batch_size) > len(order):
+                order, pos = rs.permutation(len(x_train)), 0
+            x = to_t(x_train[order[pos:pos + int(cfg.batch_size)]])
+            pos += int(cfg.batch_size)
+            post = model.encode(x).latent_dist
+            rec = model.decode(post.sample(generator=gen)).sample
+            mse = torch.mean((rec - x) ** 2)
+            kl = post.kl().mean() / post.mean[0].numel()      # per latent element
+            loss = mse + float(cfg.kl_weight) * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss.append(mse.item())
+            if step % int(cfg.log_every) == 0 or step == steps:
+                el = time.perf_counter() - t0
+                print(f"step {step}/{steps}  mse {np.mean(run_loss):.5f}  kl {kl.item():.2f}  "
+                      f"{step * int(cfg.batch_size) / el:.0f} img/s  {el / 60:.1f} min "
+                      f"(process CPU {(time.process_time() - c0) / 60:.1f} min)", flush=True)
+                run_loss = []
+            if used() > budget_s:
+                print(f"stopping at step {step}: max_minutes={cfg.max_minutes} of CPU time used", flush=True)
+                break
+    finally:   # restored: a Ctrl-C during calibration and scoring interrupts as usual
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
 
@@ -150,7 +165,6 @@ def main(cfg):
     rec = vae.decode(vae.encode(x_test, batch_size=500), chunk=500)
     eval_s = time.perf_counter() - t1
     psnr = psnr_uint8(rec, x_test)
-    out = Path(cfg.out)
     model.save_pretrained(str(out))
     report = {"data": cfg.data.name, "parameters": n_params, "steps": step, "train_seconds": train_s,
               "train_cpu_seconds": train_cpu_s,

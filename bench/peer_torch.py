@@ -5,7 +5,8 @@
     python bench/peer_torch.py model=tiny shape=8,8,4 classes=10 batch=8 steps=2 device=cpu   # smoke run on CPU
 
 The peer is diffusers' `DiTTransformer2DModel` (AdaLN-Zero DiT, SDPA attention) with the flow-matching loss of
-training/flow.py's convention (x_t = (1 - t) x + t noise, target v = noise - x), bf16 autocast, fused AdamW,
+diffusers' reversed-time convention (x_t = (1 - t) x + t noise, target v = noise - x; training/flow.py runs t the
+other way, the same loss), bf16 autocast, fused AdamW,
 global-norm clipping and an EMA update (both on by default, as in our step; `clip=false ema=false` drops them).
 FLOPs use the same analytic count as bench/throughput.py (models.forward_flops), so MFU compares like with like.
 """

@@ -95,7 +95,8 @@ def profile_ops(run, top: int, reps: int = 5) -> dict:
         trace = json.load(gzip.open(next(Path(d).rglob("*perfetto_trace.json.gz"))))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     total, per_thread, n_ops = collections.Counter(), collections.Counter(), 0
-    skip = ("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt", "ThreadpoolListener", "end: ", "Wait for")
+    skip = ("$", "ThunkExecutor", "SlinkyThreadPool", "PjRt", "ThreadpoolListener", "end: ", "Wait for", "PjitFunction",
+            "CommonPjRt")
     for e in events:   # skip the host-side wrappers (Python frames, the executor's own spans, thread-pool markers)
         if e.get("ph") == "X" and not e["name"].startswith(skip):
             total[e["name"]] += e.get("dur", 0)

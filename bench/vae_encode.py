@@ -1,6 +1,6 @@
 """VAE encoding throughput (images/s) of data/vae.py, on random images, for the development log.
 
-    python bench/vae_encode.py vae=tiny resolution=32            # stack.md's tiny AutoencoderKL (random weights)
+    python bench/vae_encode.py vae=tiny resolution=32            # a tiny AutoencoderKL (random weights)
     python bench/vae_encode.py vae=autoencoders/fashion_mnist resolution=28
     python bench/vae_encode.py vae=sd3-random resolution=256 device=cuda dtype=bfloat16 n=512 batch=64
 
@@ -28,7 +28,7 @@ def main(argv):
     from data.vae import load_vae
 
     name = args.get("vae", "tiny")
-    if name == "tiny":   # stack.md section 10: 658k parameters, 8x... 2x downsampling, 4 latent channels
+    if name == "tiny":   # the shared notes' tiny VAE: 658k parameters, 8x... 2x downsampling, 4 latent channels
         from diffusers import AutoencoderKL
 
         torch.manual_seed(0)

@@ -193,7 +193,10 @@ def test_train_autoencoder_saves_a_loadable_calibrated_vae(tmp_path):
     out = tmp_path / "ae"
     cfg = compose("autoencoder", ["data=digits", "steps=3", "batch_size=16", "block_out_channels=[16,32]",
                                   f"out={out}", "log_every=1", f"data.root={tmp_path / 'prepared'}"])
+    import signal
+    before = signal.getsignal(signal.SIGINT)
     report = train_autoencoder.main(cfg)
+    assert signal.getsignal(signal.SIGINT) is before   # its early-stop handler is put back: Ctrl-C works after it
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert _json.loads((out / "train_report.json").read_text())["test_psnr_db"] == report["test_psnr_db"]
     assert report["steps"] == 3 and report["latent_shape"] == [4, 4, 4] and 0 < report["test_psnr_db"] < 60
@@ -205,3 +208,14 @@ def test_train_autoencoder_saves_a_loadable_calibrated_vae(tmp_path):
     from data.builtin import load_builtin
     z = vae.encode(load_builtin("digits")["train"][0][:500])       # calibrated: stored latents ~ zero mean, unit std
     assert abs(z.mean()) < 0.2 and 0.7 < z.std() < 1.3
+
+
+def test_train_autoencoder_refuses_an_unwritable_out_before_training(tmp_path):
+    import train_autoencoder
+    from training.cli import compose
+
+    (tmp_path / "afile").write_text("")
+    for bad in (["out=" + str(tmp_path / "afile" / "ae")], ["steps=0", f"out={tmp_path / 'ae'}"]):
+        cfg = compose("autoencoder", ["data=digits", *bad, f"data.root={tmp_path / 'prepared'}"])
+        with pytest.raises(UserError, match="cannot write|steps=0"):
+            train_autoencoder.main(cfg)
