@@ -34,3 +34,22 @@ def test_unknown_key_is_refused():
 def test_sample_config_composes():
     cfg = compose("sample", ["ckpt_dir=/x", "num_samples=10", "cfg_scale=2.0"])
     assert cfg.num_samples == 10 and cfg.cfg_scale == 2.0
+
+
+@pytest.mark.parametrize("key,value", [("keep_ckpts", 0), ("keep_ckpts", -1), ("ckpt_every", 0), ("log_every", 0),
+                                       ("max_bad_steps", 0), ("sample_every", -1), ("log_every", 2.5)])
+def test_cadence_settings_are_checked_at_start(key, value, tmp_path):
+    """Values that divided by zero, let Orbax delete every checkpoint (keep_ckpts=0) or stopped a healthy run
+    (max_bad_steps=0): one line at start-up; sample_every=0 is "no grids" and passes."""
+    from training.checkpoint import Checkpointer
+    from training.errors import UserError
+    from training.settings import check_train_settings
+
+    cfg = compose("config", [f"train.{key}={value}"])
+    with pytest.raises(UserError, match=rf"train\.{key}={value} must be a whole number >= "):
+        check_train_settings(cfg.train)
+    check_train_settings(compose("config", ["train.sample_every=0"]).train)
+    if key == "keep_ckpts":   # the checkpointer refuses it too, before creating anything
+        with pytest.raises(UserError, match="keep_ckpts"):
+            Checkpointer(str(tmp_path / "ck"), keep=value)
+        assert not (tmp_path / "ck").exists()

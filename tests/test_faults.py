@@ -88,7 +88,9 @@ def test_old_checkpoints_leave_through_an_atomic_rename(digits_root, tmp_path):
     debris inside TRASH, which the next start removes before resuming."""
     from training.checkpoint import TRASH
     ckpt = tmp_path / "run"
-    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=6, **{"train.ckpt_every": 2, "train.keep_ckpts": 1}))
+    # Stopped at 6 of 8 steps (a resume may not change train.steps: it shapes the cosine).
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=8, **{"train.ckpt_every": 2, "train.keep_ckpts": 1,
+                                                                           "train.stop_at_step": 6}))
     assert rc == 0, s.output()
     assert complete_steps(ckpt) == [6]
     assert (ckpt / TRASH).is_dir() and not any((ckpt / TRASH).iterdir())   # renamed there by Orbax, emptied by us
@@ -123,7 +125,7 @@ def test_nan_batch_skips_the_update(digits_root):
     step = make_train_step(cfg.train, opt, sched, spec["num_classes"])
     batch = next(make_iterator(meta, f"{digits_root}/digits", "train", batch_size=32, seed=0))
     state, m = step(state, batch)  # one good step, so the optimizer state is not all zeros
-    assert int(m["skipped"]) == 0
+    assert int(m["skipped"]) == 0 and float(m["lr"]) == float(sched(0))
     copy = lambda s: jax.tree.map(lambda a: np.array(a) if isinstance(a, jax.Array) else a, s)
     before = copy(state)
     for i, bad in enumerate(({**batch, "x": np.full_like(batch["x"], np.nan)},
@@ -136,6 +138,51 @@ def test_nan_batch_skips_the_update(digits_root):
                 np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     state, m = step(state, batch)  # a good step resets the streak (not the total)
     assert int(m["skipped"]) == 0 and int(state.bad_steps) == 0 and int(state.skipped) == 2
+    # The skipped steps did not advance the optimizer's schedule: this was its 2nd update, at sched(1) (warm-up:
+    # half the peak), not sched(3) = the step counter's; the logged lr is the one used.
+    counts = {int(c) for c in jax.tree.leaves(before.opt_state)
+              if np.ndim(c) == 0 and np.issubdtype(np.asarray(c).dtype, np.integer)}
+    assert counts == {1}, counts   # the optimizer's own step counts before this update
+    assert float(m["lr"]) == float(sched(1)) != float(sched(3))
+
+
+def test_stop_flag_gives_the_signals_back():
+    """After the loop (final sampling, evaluation) Ctrl-C and SIGTERM act as before it, not as a request to
+    checkpoint that nobody reads any more."""
+    import signal
+
+    from training.loop import StopFlag
+
+    def mine(signum, frame):
+        pass
+    old = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = StopFlag()
+        assert all(signal.getsignal(s) == stop._handle for s in old)
+        stop.restore()
+        assert all(signal.getsignal(s) is mine for s in old)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_wandb_online_without_login_is_one_line(tmp_path, monkeypatch):
+    """wandb.mode=online with no API key: a UserError saying what to do, not wandb's UsageError traceback (the loop
+    starts the tracker inside the block that closes the checkpointer on any error)."""
+    from omegaconf import OmegaConf
+
+    from training.errors import UserError
+    from training.tracking import Tracker
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))            # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = OmegaConf.create({"mode": "online", "project": "p", "entity": None, "name": None, "dir": str(tmp_path)})
+    with pytest.raises(UserError) as e:
+        Tracker(cfg, {"a": 1})
+    msg = str(e.value)
+    assert "\n" not in msg and "wandb login" in msg and "wandb.mode=offline" in msg, msg
 
 
 def test_nan_streak_stops_the_run(digits_root, tmp_path):

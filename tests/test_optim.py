@@ -108,3 +108,53 @@ def test_unknown_optimizer_is_one_line():
     cfg.optim.name = "lion"
     with pytest.raises((ValueError, UserError), match="adamw | muon"):
         make_optimizer(cfg.train, cfg.optim)
+
+
+def test_decay_mask_decays_matrices_not_stacked_block_vectors():
+    """Stage 2's per-block vectors are (depth, k): the depth axis is not a matrix axis, so adaLN-single's tables, the
+    joint blocks' text gain and the learned null caption get no weight decay; every matrix still does, and stage 1's
+    mask is the one its measured runs used (the same ten matrices)."""
+    from training.cli import compose as comp
+
+    def mask_of(config, overrides, meta):
+        spec = model_spec(comp(config, overrides).model, meta)
+        params = eqx.filter(build_model(spec, key=split_keys(0)[0]), eqx.is_inexact_array)
+        return {jax.tree_util.keystr(k): (m, a.shape) for (k, a), m in
+                zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(decay_mask(params)))}
+
+    s1 = mask_of("config", [], {"shape": [28, 28, 1], "num_classes": 10})   # the default run: small, Fashion-MNIST
+    assert sorted(k for k, (m, _) in s1.items() if m) == sorted(
+        [".patch_embed.weight", ".t_mlp1.weight", ".t_mlp2.weight", ".final_ada.weight", ".final.weight"]
+        + [f".blocks.{n}.weight" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "ada")])
+    text = {"shape": [8, 8, 3], "num_classes": 10, "text": {"dim": 16, "max_tokens": 4}}
+    for mixing in ("cross", "joint"):
+        s2 = mask_of("stage2", [f"model.mixing={mixing}", "model.depth=2", "model.hidden_size=32",
+                                "model.num_heads=2"], text)
+        vectors = [".blocks.table", ".null_text"] + ([".blocks.txt_table", ".blocks.txt_gain"] if mixing == "joint" else [])
+        for k in vectors:
+            assert k in s2 and not s2[k][0], (k, s2.get(k))
+        matrices = [k for k, (_, shape) in s2.items() if k.endswith(".weight")]
+        assert matrices and all(s2[k][0] for k in matrices), s2
+        assert all(not m for k, (m, shape) in s2.items() if k.startswith(".blocks.") and len(shape) < 3)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warmup_zero_means_no_warmup_and_the_default_keeps_its_schedule(schedule):
+    import optax
+    from omegaconf import OmegaConf
+
+    from training.optim import lr_schedule
+
+    cfg = compose("config", [f"optim.schedule={schedule}"])
+    no_warmup = lr_schedule(1.0, 100, OmegaConf.merge(cfg.optim, {"warmup_steps": 0}))
+    assert float(no_warmup(0)) == 1.0 and float(no_warmup(1)) > 0.99
+    assert float(no_warmup(100)) == pytest.approx(1.0 if schedule == "constant" else cfg.optim.min_lr_ratio)
+    if schedule == "cosine":   # the default (warm-up 200 of 1600 steps): the schedule the measured runs used
+        lr, steps, w = float(cfg.train.lr), int(cfg.train.steps), int(cfg.optim.warmup_steps)
+        ref = optax.warmup_cosine_decay_schedule(0.0, lr, w, steps, end_value=lr * float(cfg.optim.min_lr_ratio))
+        got = lr_schedule(lr, steps, cfg.optim)
+        t = np.arange(0, steps + 50, 7)
+        np.testing.assert_array_equal(jax.vmap(got)(t), jax.vmap(ref)(t))
+        assert float(got(0)) == 0.0
+    with pytest.raises(UserError, match="warmup_steps"):
+        lr_schedule(1.0, 100, OmegaConf.merge(cfg.optim, {"warmup_steps": -1}))

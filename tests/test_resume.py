@@ -35,3 +35,161 @@ def test_resume_is_bitwise_exact(digits_root, tmp_path, optim, extra):
     # And training actually moved the weights (a resume that restored nothing would fail above, but be sure).
     init = build_model(read_config(straight)[0]["model_spec"], key=split_keys(0)[0])
     assert not np.array_equal(np.asarray(init.final.weight), np.asarray(a.params.final.weight))
+
+
+# ------------------------------------------------------------------------------------ overrides on resume
+
+def test_resume_settings_allow_list():
+    """Which overrides a resume may change: every key that shapes the run's math or data order is named with its
+    saved and new value; cadences, paths, tracking, sampling, evaluation and the mesh are free; a key an older
+    checkpoint's config lacks is unknown, not a change."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from training.errors import UserError
+    from training.settings import check_resume_settings, settings_changed
+
+    for name in ("config", "stage2"):
+        saved = OmegaConf.to_container(compose(name, []), resolve=True)
+        saved.update(model_spec={"depth": 6}, data_identity={"name": "x"}, run={"wandb_id": "abc"})
+
+        def changed(**over):
+            now = copy.deepcopy(saved)
+            for key, value in over.items():
+                group, leaf = key.split("__")
+                assert leaf in now[group] or name == "stage2", key   # a real key of the shipped config
+                now[group][leaf] = value
+            now["run"] = {"wandb_id": None}
+            return [k for k, _, _ in settings_changed(saved, now)]
+
+        must = dict(train__batch_size=7, train__grad_accum=2, train__seed=1, train__lr=1.0, train__steps=3,
+                    train__prediction="v", train__t_eps=0.2, train__time_sampling="uniform", train__time_mean=0.0,
+                    train__time_std=1.5, train__time_uniform_frac=0.3, train__time_stratified=True,
+                    train__loss_weight_max=5.0, train__cfg_p=0.3, train__ema_decay=0.5, train__ema_warmup=False,
+                    train__ema_warmup_offset=3, train__route=[1, 3, 0.5], train__precision="bfloat16",
+                    optim__weight_decay=0.3, optim__b2=0.5, optim__warmup_steps=7, optim__schedule="constant",
+                    optim__min_lr_ratio=0.5, optim__clip_norm=9.0, data__hflip=True, data__workers=3)
+        for key, value in must.items():
+            if key.split("__")[1] in saved[key.split("__")[0]]:   # stage 2 has no train.route
+                assert changed(**{key: value}) == [key.replace("__", ".")], key
+        free = dict(train__log_every=1, train__sample_every=0, train__ckpt_every=1, train__keep_ckpts=1,
+                    train__ckpt_dir="/elsewhere", train__progress=False, train__stop_at_step=3, train__max_bad_steps=2,
+                    train__is_restore=True, train__debug_nan_steps=[2], train__resume_changes=True,
+                    wandb__mode="disabled", sampler__steps=3, sampler__cfg_scale=9.0, eval__at_end=False,
+                    mesh__fsdp=2, distributed__timeout_s=9, data__root="/moved", model__remat=True)
+        assert changed(**free) == []
+    # An older checkpoint's config without a key (written before it existed) is not refused for it; nor is a key
+    # the current code no longer has.
+    saved = OmegaConf.to_container(compose("config", []), resolve=True)
+    old = copy.deepcopy(saved)
+    del old["train"]["time_stratified"]
+    old["train"]["retired_key"] = 1
+    now = copy.deepcopy(saved)
+    now["train"]["time_stratified"] = not saved["train"]["time_stratified"]
+    assert settings_changed(old, now) == []
+    # The refusal: one line, every changed key as `key: saved X -> now Y`, what to do.
+    now = copy.deepcopy(saved)
+    now["train"].update(batch_size=16, route=[1, 3, 0.5], loss_weight_max=None)
+    now["train"]["loss_weight_max"], saved["train"]["loss_weight_max"] = None, 4.0
+    tc = OmegaConf.create({"ckpt_dir": "ck", "resume_changes": False})
+    with pytest.raises(UserError) as e:
+        check_resume_settings(saved, now, tc, 40)
+    msg = str(e.value)
+    assert "\n" not in msg and "(step 40)" in msg and "resume without these overrides" in msg, msg
+    assert f"train.batch_size: saved {saved['train']['batch_size']} -> now 16" in msg, msg
+    assert "train.route: saved null -> now [1,3,0.5]" in msg and "train.loss_weight_max: saved 4.0 -> now null" in msg
+    assert "train.resume_changes=true" in msg
+    # The escape hatch lets them through (returned, to be recorded)...
+    tc.resume_changes = True
+    assert [k for k, _, _ in check_resume_settings(saved, now, tc, 40)] == [
+        "train.batch_size", "train.loss_weight_max", "train.route"]
+    # ...but not a new data.workers: the saved loader position cannot be read by another loader.
+    now["data"]["workers"] = saved["data"]["workers"] + 2
+    with pytest.raises(UserError, match=r"data\.workers: saved 0 -> now 2.*data\.workers cannot change on resume"):
+        check_resume_settings(saved, now, tc, 40)
+
+
+def _cli_error(monkeypatch, capsys, args) -> str:
+    """train_stage1.py <args> in-process: the single `error:` line (exit 2, no traceback)."""
+    import sys
+
+    from training import cli
+
+    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main("config", train_stage1.main)
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("WARNING:absl", "INFO:absl"))]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def _files(d) -> dict:
+    from pathlib import Path
+    return {str(p): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, capsys):
+    """The real loop: a resume with overrides that change the run is refused in one line before anything is restored
+    (nothing written); train.resume_changes=true goes on and records the change in the saved config; a damaged
+    latest checkpoint is named in one line, and moving it aside resumes from the previous one."""
+    import json
+    import shutil
+
+    ck = tmp_path / "run"
+    over = lambda **kw: tiny_overrides(digits_root, str(ck), steps=2 * N, **{"train.ckpt_every": 2, **kw})
+    r = train_stage1.main(compose("config", over(**{"train.stop_at_step": N})))
+    assert r["step"] == N and read_config(str(ck))[1] == N
+    before = _files(ck)
+    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.batch_size": 16,
+                                                   "train.seed": 1, "optim.weight_decay": 0.5}))
+    assert f"the checkpoint in {ck} (step {N}) was trained with other settings" in line, line
+    for pair in ("train.batch_size: saved 32 -> now 16", "train.seed: saved 0 -> now 1",
+                 "optim.weight_decay: saved 0.1 -> now 0.5"):
+        assert pair in line, line
+    assert "resume without these overrides" in line and "train.resume_changes=true" in line, line
+    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.resume_changes": True,
+                                                   "data.workers": 1}))
+    assert "data.workers: saved 0 -> now 1" in line and "cannot change on resume" in line, line
+    assert _files(ck) == before   # refused before anything was restored or written
+
+    # A config saved by code that did not record data.workers: the loop cannot tell, the restore itself refuses.
+    old = tmp_path / "old"
+    shutil.copytree(ck, old)
+    meta = old / str(N) / "config" / "metadata"
+    cfg = json.loads(meta.read_text())
+    del cfg["data"]["workers"]
+    meta.write_text(json.dumps(cfg))
+    line = _cli_error(monkeypatch, capsys, tiny_overrides(digits_root, str(old), steps=2 * N, **{
+        "train.ckpt_every": 2, "train.is_restore": True, "data.workers": 1}))
+    assert "data loader's saved position" in line and "data.workers" in line, line
+
+    # A damaged latest checkpoint (its array files truncated): named with the step before it; nothing deleted.
+    for f in (ck / str(N) / "params").rglob("ocdbt.process_0/d/*"):
+        with open(f, "r+b") as fh:
+            fh.truncate(16)
+    damaged = _files(ck)
+    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True}))
+    assert f"checkpoint {ck / str(N)} cannot be read" in line and f"out of {ck}" in line, line
+    assert f"the latest checkpoint is then step {N - 2}" in line, line
+    assert _files(ck) == damaged
+    shutil.move(str(ck / str(N)), str(tmp_path / f"damaged-{N}"))   # as the message says
+
+    # resume_changes=true: a longer run from step N - 2, knowingly; the saved config records it.
+    capsys.readouterr()
+    r = train_stage1.main(compose("config", over(**{"train.is_restore": True, "train.resume_changes": True,
+                                                    "train.steps": 3 * N, "train.stop_at_step": N})))
+    out = capsys.readouterr().out
+    assert r["step"] == N and f"resumed from {ck} at step {N - 2}" in out, out
+    assert f"train.steps: saved {2 * N} -> now {3 * N}" in out and "no longer the uninterrupted run" in out, out
+    saved, step = read_config(str(ck))
+    assert step == N and saved["train"]["steps"] == 3 * N
+    assert saved["run"]["resume_changes"] == [{"step": N - 2, "changes": {"train.steps": [2 * N, 3 * N]}}]
+    # From now on the run's settings are the new ones: a plain resume with them is exact again, and the history stays.
+    r = train_stage1.main(compose("config", over(**{"train.is_restore": True, "train.steps": 3 * N,
+                                                    "train.stop_at_step": N + 1})))
+    assert r["step"] == N + 1
+    assert read_config(str(ck))[0]["run"]["resume_changes"] == saved["run"]["resume_changes"]

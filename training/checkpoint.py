@@ -44,6 +44,8 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, *, create: bool = True, need_bytes: int = 0,
                  preserve: tuple[int, ...] = ()):
         """keep: the last `keep` steps stay; preserve: these steps stay too (autoguidance's weak model)."""
+        if isinstance(keep, bool) or int(keep) != keep or int(keep) < 1:   # Orbax: 0 deletes every checkpoint
+            raise UserError(f"train.keep_ckpts={keep} must be a whole number >= 1 (the last N checkpoints are kept)")
         self.directory = Path(directory).absolute()
         if create:
             self.check_writable()
@@ -171,26 +173,63 @@ class Checkpointer:
     def _restore(self, step: int, args):
         """manager.restore, with a checkpoint whose tree this code does not build named in one line. The model is
         rebuilt from the saved config, so a differing tree means another version of the code wrote it (a module
-        field added or removed), not a user's override."""
+        field added or removed), not a user's override. Any other failure to read the files (damaged or truncated
+        array files, a missing item: TensorStore's and Orbax's errors are of many types) is a damaged checkpoint:
+        one line naming it and the previous step, and nothing is deleted."""
         try:
             return self.manager.restore(step, args=args)
-        except ValueError as err:
+        except UserError:
+            raise
+        except (TypeError, AttributeError, NameError, ImportError):
+            raise   # our bug, not the files
+        except Exception as err:
             if "tree structures do not match" not in str(err):
-                raise
+                raise self._damaged(step, err) from err
             keys = re.findall(r"^(\S+):$", str(err), flags=re.M)
             named = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
                             f"builds from its saved config (differs at: {named}): {OTHER_VERSION}") from None
 
+    def _damaged(self, step: int, err: Exception) -> UserError:
+        chain, e = [], err
+        while e is not None and len(chain) < 20:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        first = lambda x: (str(x).strip().splitlines() or [type(x).__name__])[0]
+        # TensorStore's own message ("OUT_OF_RANGE: Error reading ...") sits deeper than Orbax's wrapper around it.
+        reason = next((first(x) for x in chain if re.match(r"[A-Z_]{4,}: ", first(x))), first(err))
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        then = (f"the latest checkpoint is then step {max(earlier)}" if earlier else
+                "there is no earlier checkpoint: a new run starts without train.is_restore")
+        return UserError(f"checkpoint {self.directory / str(step)} cannot be read, its files are damaged ({reason}): "
+                         f"move that directory out of {self.directory} (nothing was deleted) and run again; {then}")
+
     def _data_restore(self, step: int, data_iter) -> dict:
         """Grain keeps one iterator state per process; with another process count the data order cannot resume."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if (self.directory / str(step) / "data" / name).is_file():
+        path = self.directory / str(step) / "data" / name
+        if path.is_file():
+            self._check_data_state(step, path, data_iter)
             return {"data": grain.checkpoint.CheckpointRestore(data_iter)}
         if jax.process_index() == 0:
             print(f"note: checkpoint step {step} was written by a different number of processes: model, optimizer "
                   f"and counters are restored, the data iterator starts a fresh pass", flush=True)
         return {}
+
+    def _check_data_state(self, step: int, path: Path, data_iter) -> None:
+        """The saved iterator state must have this iterator's form: with another data.workers (0 vs > 0) Grain's
+        set_state fails with a KeyError deep inside; say what to do instead. (The loop refuses a changed data.workers
+        first; this guards the restore itself.)"""
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise self._damaged(step, err) from err
+        now = data_iter.get_state()
+        if isinstance(saved, dict) and isinstance(now, dict) and set(saved) != set(now):
+            raise UserError(f"the data loader's saved position in {path.parent} does not fit this data loader (it was "
+                            f"saved with another data.workers setting): resume with the data.workers the run was "
+                            f"trained with")
 
     def restore_weights(self, template_model, step: int | None = None, item: str = "ema"):
         """One saved set of weights of a step as a model like `template_model`: the EMA (what sampling uses) by

@@ -85,6 +85,11 @@ def initialize(cfg=None) -> bool:
         return True
     # CPU devices need a collectives backend to talk across processes (gloo; ignored by GPU computations)
     jax.config.update("jax_cpu_collectives_implementation", str(_get(cfg, "cpu_collectives", "gloo")))
+    # An unreachable coordinator is not an exception: after initialization_timeout JAX aborts the whole process from
+    # C++ (a DEADLINE_EXCEEDED check failure, exit by SIGABRT) and Python never sees it. Say first what is awaited.
+    print(f"process {kwargs['process_id'] if kwargs['process_id'] is not None else '?'}: joining the coordinator at "
+          f"{kwargs['coordinator_address'] or '(from Slurm)'} (waits up to distributed.timeout_s="
+          f"{kwargs['initialization_timeout']} s; if it is unreachable, JAX then aborts this process)", flush=True)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, TypeError) as err:

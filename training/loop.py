@@ -18,9 +18,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from data.prepare import data_identity, data_mismatch
-from models import ARCH_KEYS, build_model, forward_flops, param_count
+from models import build_model, forward_flops, param_count
 from training import distributed, flow, sharding
 from training.sampling import check_sampler
+from training.settings import check_resume_settings, check_same_model, check_train_settings, describe
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
 from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
@@ -50,23 +51,19 @@ class StopFlag:
 
     def __init__(self):
         self.signal = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """Give SIGTERM / SIGINT back to the handlers they had (after the loop: a Ctrl-C during the final sampling or
+        evaluation interrupts it, instead of being swallowed with a promise of a checkpoint)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # second Ctrl-C: the user really wants out
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal} received: finishing the current step and writing a checkpoint", flush=True)
-
-
-def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
-    old = saved.get("model_spec", {})
-    diff = [k for k in ARCH_KEYS if old.get(k) != spec.get(k)]
-    if diff:
-        pairs = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {spec.get(k)!r}" for k in diff)
-        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): "
-                        f"use the same model/data overrides, or another train.ckpt_dir")
 
 
 def run(cfg, task: Task) -> dict:
@@ -81,6 +78,7 @@ def run(cfg, task: Task) -> dict:
     if global_batch % mesh.size or global_batch % jax.process_count():
         raise UserError(f"batch {global_batch} (batch_size x grad_accum) must be divisible by the {mesh.size} devices "
                         f"and the {jax.process_count()} processes")
+    check_train_settings(tc)
     flow.check_objective(tc)
     check_route(tc, task.spec)
     check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
@@ -110,7 +108,7 @@ def run(cfg, task: Task) -> dict:
                         need_bytes=sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))
     try:  # a refusal here must still shut Orbax's background threads down, or they print at exit
         latest = ckpt.latest_step()
-        run_id = None
+        run_id, history = None, []
         if tc.is_restore:
             if latest is None:
                 raise UserError(f"train.is_restore=true but {tc.ckpt_dir} holds no checkpoint: "
@@ -130,20 +128,30 @@ def run(cfg, task: Task) -> dict:
                 raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
                                 f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "
                                 f"sampler.guide_step=<a step it holds: {sorted(ckpt.manager.all_steps())}>")
+            changed = check_resume_settings(saved, config, tc, latest)
             state = sharding.place(ckpt.restore(state, it, latest), mesh)
             run_id = saved.get("run", {}).get("wandb_id")
+            # The saved config records the settings in force from now on; the changes made on resume are kept with it.
+            history = list(saved.get("run", {}).get("resume_changes", []))
+            if changed:
+                history.append({"step": latest, "changes": {k: [a, b] for k, a, b in changed}})
+                if is_main:
+                    print(f"note: train.resume_changes=true: continuing from step {latest} with changed settings "
+                          f"({describe(changed)}); this is no longer the uninterrupted run", flush=True)
             print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
         elif latest is not None:
             raise UserError(f"{tc.ckpt_dir} already holds checkpoints (latest step {latest}): resume with "
                             f"train.is_restore=true, or choose a new train.ckpt_dir")
+        # W&B's start-up may fail (mode=online without a login): inside the try, so the checkpointer still closes.
+        tracker = Tracker(cfg.wandb, config, run_id=run_id) if is_main else None
     except BaseException:
         ckpt.close()
         raise
-    tracker = Tracker(cfg.wandb, config, run_id=run_id) if is_main else None
     config["run"] = {"wandb_id": tracker.run_id if tracker else None}
+    if history:
+        config["run"]["resume_changes"] = history
 
     step_fn = make_train_step(tc, optimizer, schedule, task.null_cond, task.conditioning, mesh=mesh)
-    stop = StopFlag()
     start, total = int(sharding.host_value(state.step)), int(tc.steps)
     sample_key = jax.random.PRNGKey(int(tc.seed) + 1)
     samples_dir = Path(tc.ckpt_dir) / "samples"
@@ -183,6 +191,7 @@ def run(cfg, task: Task) -> dict:
     streak, unchecked = _host(state.bad_steps), []
     check_every = max(1, min(int(tc.log_every), int(tc.max_bad_steps)))
     debug_nan = {int(s) for s in (tc.get("debug_nan_steps") or ())}
+    stop = StopFlag()
     try:
         while step < total and stop.signal is None:
             batch = sharding.global_batch(_next_batch(it, step, tc, debug_nan), mesh)
@@ -213,8 +222,11 @@ def run(cfg, task: Task) -> dict:
                 stop.signal = f"train.stop_at_step={int(tc.stop_at_step)}"
         save()  # no-op when this step was just saved
     finally:
-        bar.close()
-        ckpt.close()  # waits for asynchronous saves: the last checkpoint is complete before we exit
+        try:
+            bar.close()
+            ckpt.close()  # waits for asynchronous saves: the last checkpoint is complete before we exit
+        finally:   # only now: a SIGTERM while the last save completes must still let it complete
+            stop.restore()
     if stop.signal is not None:
         print(f"stopped by {stop.signal} at step {step}; checkpoint saved in {tc.ckpt_dir}: resume with "
               f"train.is_restore=true", flush=True)

@@ -21,23 +21,33 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def lr_schedule(lr: float, steps: int, optim_cfg):
+    """Linear warm-up over optim.warmup_steps (capped below train.steps) from 0 to `lr`, then cosine decay to
+    min_lr_ratio x lr at train.steps, or constant. warmup_steps=0: no warm-up, `lr` (cosine: the top of the cosine)
+    from step 0; warmup_steps > 0 keeps exactly the schedule it always had."""
+    if int(optim_cfg.warmup_steps) < 0:
+        raise UserError(f"optim.warmup_steps={int(optim_cfg.warmup_steps)} must be >= 0 (0: no warm-up)")
     warmup = min(int(optim_cfg.warmup_steps), max(steps - 1, 0))
     if optim_cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
                                     [warmup])
     if optim_cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
+        if warmup == 0:   # optax's warm-up schedule would still spend step 0 at lr 0 (a one-step ramp)
+            return optax.cosine_decay_schedule(lr, max(steps, 1), alpha=float(optim_cfg.min_lr_ratio))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
                                                   end_value=lr * float(optim_cfg.min_lr_ratio))
     raise UserError(f"unknown optim.schedule {optim_cfg.schedule!r}: use cosine or constant")
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: biases, norm scales and the stacked-block vectors (ndim counts the depth
-    axis, so we look at the trailing shape) are left alone, as is the class-embedding table."""
+    """Weight decay on matrices only: biases, norm scales, the class-embedding table and the learned null caption
+    are left alone. The transformer blocks are stacked (every leaf under `.blocks.` has a leading depth axis), so a
+    matrix there has ndim >= 3: the per-block vectors (biases, adaLN-single's tables `table` / `txt_table`, the joint
+    blocks' `txt_gain`) are (depth, k) and are not decayed."""
     def keep(path, a):
         name = jax.tree_util.keystr(path)
-        return a.ndim >= 2 and a.shape[-1] > 1 and "embed" not in name.replace("patch_embed", "") and \
-            not name.endswith("bias") and "scale" not in name
+        matrix_ndim = 3 if ".blocks." in name else 2
+        return a.ndim >= matrix_ndim and a.shape[-1] > 1 and "embed" not in name.replace("patch_embed", "") and \
+            not name.endswith("bias") and "scale" not in name and not name.endswith("null_text")
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

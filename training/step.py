@@ -127,7 +127,10 @@ def make_train_step(train_cfg, optimizer, schedule, null_cond: int,
             ema=keep(ema, state.ema), key=state.key,
             bad_steps=jnp.where(good, 0, state.bad_steps + 1), skipped=state.skipped + (~good).astype(jnp.int32))
         new_state = sharding.constrain(new_state, mesh)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": (~good).astype(jnp.int32)}
+        # The lr this update used: the optimizer's schedule runs on its own count, which skipped steps do not advance
+        # (their optimizer state is kept), so it is state.step - state.skipped, not state.step.
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
+                   "skipped": (~good).astype(jnp.int32)}
         return new_state, metrics
 
     return eqx.filter_jit(train_step, donate="all")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.errors import UserError
+
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*H, nrow*W, C) uint8 image, C in {1, 3} (grey stays grey)."""
@@ -36,9 +38,15 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(wandb_cfg.dir).mkdir(parents=True, exist_ok=True)  # W&B warns when its dir is missing
         self.wandb = wandb
-        self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
-                              dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
-                              resume="allow" if run_id else None)
+        try:
+            self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                                  dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
+                                  resume="allow" if run_id else None)
+        except wandb.errors.Error as err:   # no login (UsageError), no network or a bad entity (CommError) ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"W&B could not start a wandb.mode={wandb_cfg.mode} run ({first}): run `wandb login` "
+                            f"(or set WANDB_API_KEY), or train with wandb.mode=offline (sync later with `wandb sync`) "
+                            f"or wandb.mode=disabled") from None
         self.enabled = wandb_cfg.mode != "disabled"
 
     @property
