@@ -49,7 +49,7 @@ def prepare_hint(dir, meta: dict | None = None) -> str:
     if dir.name in BUILTIN_NAMES:   # force: a copy whose meta.json is there is otherwise taken as complete
         root = "" if dir.parent.name == "prepared" else f" data.root={dir.parent}"
         return f"run `python prepare_data.py data={dir.name}{root}{' force=true' if meta else ''}`"
-    return (f"prepare it again with what made it: `python prepare_data.py data=<config>` for the built-ins "
+    return (f"prepare it with the command that makes it: `python prepare_data.py data=<config>` for the built-ins "
             f"({', '.join(BUILTIN_NAMES)}) and captioned sets, `python prepare_data.py source=... vae=... out={dir}` "
             f"for latents")
 

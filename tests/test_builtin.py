@@ -71,7 +71,7 @@ def test_prepare_fashion_mnist(tmp_path):
 
 
 def test_ensure_prepared(tmp_path, monkeypatch, capsys):
-    with pytest.raises(UserError, match=r"python prepare_data.py data=mine"):
+    with pytest.raises(UserError, match=r"python prepare_data.py data=<config>.*source=\.\.\. vae=\.\.\."):
         ensure_prepared("mine", tmp_path)
     meta, d = ensure_prepared("digits", tmp_path)
     assert d == tmp_path / "digits" and "digits" in capsys.readouterr().out
