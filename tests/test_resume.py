@@ -193,3 +193,27 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
                                                     "train.stop_at_step": N + 1})))
     assert r["step"] == N + 1
     assert read_config(str(ck))[0]["run"]["resume_changes"] == saved["run"]["resume_changes"]
+
+    # Damaged bytes that still decode (TensorStore keeps no checksum of array data) show up as NaN or Inf, which a
+    # saved state never holds (non-finite updates are skipped): refused at restore in one line as well.
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from data.loader import make_iterator
+    from data.meta import load_meta
+    from training.checkpoint import Checkpointer
+    from training.errors import UserError
+
+    state, _ = restore_final(str(ck), digits_root)
+    saved, step = read_config(str(ck))
+    nan = eqx.tree_at(lambda s: (s.step, s.ema.final.weight), state,
+                      (jnp.asarray(step + 1), state.ema.final.weight.at[0, 0].set(jnp.nan)))
+    data_dir = f"{digits_root}/digits"
+    it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=32, seed=0)
+    with Checkpointer(str(ck), create=False) as c:
+        c.save(nan, it, saved, force=True)
+    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.steps": 3 * N}))
+    assert f"checkpoint {ck / str(step + 1)} cannot be read" in line and "non-finite values in ema" in line, line
+    with Checkpointer(str(ck), create=False) as c, pytest.raises(UserError, match="non-finite values in ema"):
+        c.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step + 1)

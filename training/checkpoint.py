@@ -163,6 +163,7 @@ class Checkpointer:
             train=ocp.args.StandardRestore(_abstract(train_t)),
             **self._data_restore(step, data_iter),
         ))
+        self._check_finite(step, {k: r[k] for k in ("params", "opt_state", "ema")})
         combine = lambda arrays, like: eqx.combine(arrays, eqx.filter(like, eqx.is_array, inverse=True))
         t = r["train"]
         return TrainState(step=jnp.asarray(t["step"]), params=combine(r["params"], template.params),
@@ -189,6 +190,21 @@ class Checkpointer:
             named = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
                             f"builds from its saved config (differs at: {named}): {OTHER_VERSION}") from None
+
+    def _check_finite(self, step: int, items: dict) -> None:
+        """A saved state is always finite (non-finite updates are skipped, never saved), so a NaN or Inf read back
+        means damaged array bytes that decoded without an error (TensorStore keeps no checksum of them): refuse them
+        now rather than resume into NaN weights. One reduction per leaf and one host transfer, at restore only."""
+        leaves = [(f"{name}{jax.tree_util.keystr(path)}", a) for name, tree in items.items()
+                  for path, a in jax.tree_util.tree_leaves_with_path(tree)
+                  if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
+        if not leaves:
+            return
+        ok = host_value(jnp.stack([jnp.all(jnp.isfinite(a)) for _, a in leaves]))
+        bad = [name for (name, _), good in zip(leaves, ok) if not good]
+        if bad:
+            raise self._damaged(step, ValueError(f"non-finite values in {', '.join(bad[:3])}"
+                                                 + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")))
 
     def _damaged(self, step: int, err: Exception) -> UserError:
         chain, e = [], err
@@ -237,6 +253,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         r = self._restore(step, ocp.args.Composite(
             **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))
+        self._check_finite(step, {item: r[item]})
         return eqx.combine(r[item], eqx.filter(template_model, eqx.is_array, inverse=True))
 
     def __enter__(self):
