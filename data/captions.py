@@ -96,7 +96,7 @@ def _request(dc) -> dict:
     opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
     req = {"kind": str(dc.kind), "size": int(dc.size),
            "limit": None if dc.get("limit") is None else int(dc.limit), "text_encoder": str(dc.text_encoder),
-           "text_encoder_path": opt_path(dc.get("text_encoder_path")), "max_tokens": int(dc.max_tokens)}
+           "max_tokens": int(dc.max_tokens)}   # not the encoder's path: weights that moved are the same encoder
     if req["kind"] == "folder":
         captions = Path(str(dc.captions_file))
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),

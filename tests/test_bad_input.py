@@ -215,7 +215,7 @@ def test_resume_with_autoguidance_needs_its_weak_checkpoint(monkeypatch, capsys,
     """A run started with plain guidance has no checkpoint at the weak step: resuming it with guidance=auto is refused
     at start, not after training when the final evaluation would look for it."""
     ck = str(tmp_path / "ck")
-    ok_cli(monkeypatch, tiny_overrides(digits_root, ck, steps=4))
+    ok_cli(monkeypatch, tiny_overrides(digits_root, ck, steps=8, **{"train.stop_at_step": 4}))
     before = snapshot(ck)
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck, steps=8, **{"train.is_restore": True,
                                                                                      "sampler.guidance": "auto",

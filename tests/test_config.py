@@ -37,7 +37,8 @@ def test_sample_config_composes():
 
 
 @pytest.mark.parametrize("key,value", [("keep_ckpts", 0), ("keep_ckpts", -1), ("ckpt_every", 0), ("log_every", 0),
-                                       ("max_bad_steps", 0), ("sample_every", -1), ("log_every", 2.5)])
+                                       ("max_bad_steps", 0), ("sample_every", -1), ("log_every", 2.5),
+                                       ("log_every", "inf")])
 def test_cadence_settings_are_checked_at_start(key, value, tmp_path):
     """Values that divided by zero, let Orbax delete every checkpoint (keep_ckpts=0) or stopped a healthy run
     (max_bad_steps=0): one line at start-up; sample_every=0 is "no grids" and passes."""

@@ -96,7 +96,7 @@ def test_resume_settings_allow_list():
     with pytest.raises(UserError) as e:
         check_resume_settings(saved, now, tc, 40)
     msg = str(e.value)
-    assert "\n" not in msg and "(step 40)" in msg and "resume without these overrides" in msg, msg
+    assert "\n" not in msg and "(step 40)" in msg and "resume with the run's own values" in msg, msg
     assert f"train.batch_size: saved {saved['train']['batch_size']} -> now 16" in msg, msg
     assert "train.route: saved null -> now [1,3,0.5]" in msg and "train.loss_weight_max: saved 4.0 -> now null" in msg
     assert "train.resume_changes=true" in msg
@@ -150,7 +150,8 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
     for pair in ("train.batch_size: saved 32 -> now 16", "train.seed: saved 0 -> now 1",
                  "optim.weight_decay: saved 0.1 -> now 0.5"):
         assert pair in line, line
-    assert "resume without these overrides" in line and "train.resume_changes=true" in line, line
+    assert "resume with the run's own values (optim.weight_decay=0.1 train.batch_size=32 train.seed=0" in line, line
+    assert "train.resume_changes=true" in line, line
     line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.resume_changes": True,
                                                    "data.workers": 1}))
     assert "data.workers: saved 0 -> now 1" in line and "cannot change on resume" in line, line

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from training.errors import OTHER_VERSION, UserError
+from training.errors import OTHER_VERSION, UserError, check_whole, first_line
 from training.sharding import host_value
 from training.state import TrainState
 
@@ -44,8 +44,7 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, *, create: bool = True, need_bytes: int = 0,
                  preserve: tuple[int, ...] = ()):
         """keep: the last `keep` steps stay; preserve: these steps stay too (autoguidance's weak model)."""
-        if isinstance(keep, bool) or int(keep) != keep or int(keep) < 1:   # Orbax: 0 deletes every checkpoint
-            raise UserError(f"train.keep_ckpts={keep} must be a whole number >= 1 (the last N checkpoints are kept)")
+        check_whole("train.keep_ckpts", keep, 1, "the last N checkpoints are kept")   # Orbax: 0 deletes every one
         self.directory = Path(directory).absolute()
         if create:
             self.check_writable()
@@ -211,10 +210,8 @@ class Checkpointer:
         while e is not None and len(chain) < 20:
             chain.append(e)
             e = e.__cause__ or e.__context__
-        first = lambda x: (str(x).strip().splitlines() or [type(x).__name__])[0]
         # TensorStore's own message ("OUT_OF_RANGE: Error reading ...") sits deeper than Orbax's wrapper around it.
-        reason = next((first(x) for x in chain if re.match(r"[A-Z_]{4,}: ", first(x))), first(err))
-        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        reason = next((first_line(x) for x in chain if re.match(r"[A-Z_]{4,}: ", first_line(x))), first_line(err))
         earlier = [s for s in self.manager.all_steps() if s < step]
         then = (f"the latest checkpoint is then step {max(earlier)}" if earlier else
                 "there is no earlier checkpoint: a new run starts without train.is_restore")

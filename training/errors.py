@@ -12,3 +12,20 @@ class UserError(Exception):
 # The end of every refusal of a checkpoint that another version of the code wrote (a parameter tree or a saved model
 # spec this code does not build): one wording, so the advice cannot drift between the places that detect it.
 OTHER_VERSION = "it was written by another version of the code; sample or resume it with that version"
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), cut to `limit` characters: what a
+    one-line refusal quotes of a library's error."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def check_whole(name: str, value, minimum: int = 1, meaning: str = "") -> int:
+    """`value` as an int if it is a whole number >= minimum (an int, not a bool or a float such as 4.0 or inf), else
+    one UserError naming the key: the shared rule for counts, cadences and sizes in configs."""
+    import numbers
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
+        return int(value)
+    raise UserError(f"{name}={value!r} must be a whole number >= {minimum}" + (f" ({meaning})" if meaning else ""))

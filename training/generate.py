@@ -90,10 +90,8 @@ def check_weak_step(sampler_cfg, train_cfg, step: int) -> None:
 def model_inputs(model) -> dict:
     """The inputs a model takes, from its static fields: images, and class ids (the DiT) or caption features of a
     width and length (the TextDiT; it has no num_classes)."""
-    mine = {"input_size": list(model.input_size), "in_channels": model.in_channels}
-    if getattr(model, "mixing", None) is not None:
-        return {**mine, "conditioning": "captions", "text_dim": model.text_dim, "max_tokens": model.max_tokens}
-    return {**mine, "conditioning": "class labels", "num_classes": model.num_classes}
+    return spec_inputs({k: getattr(model, k, None) for k in ("input_size", "in_channels", "mixing", "text_dim",
+                                                              "max_tokens", "num_classes")})
 
 
 def spec_inputs(spec: dict) -> dict:

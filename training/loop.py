@@ -124,11 +124,12 @@ def run(cfg, task: Task) -> dict:
             if was != now:   # a different optimizer state: it cannot be restored
                 raise UserError(f"the checkpoint in {tc.ckpt_dir} was trained with {was}: resume with {was}, "
                                 f"or start {now} in another train.ckpt_dir")
+            # Before the weak-step check: a changed train.steps moves the weak step too, and should be named as such.
+            changed = check_resume_settings(saved, config, tc, latest)
             if weak_step is not None and weak_step <= latest and weak_step not in ckpt.manager.all_steps():
                 raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
                                 f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "
                                 f"sampler.guide_step=<a step it holds: {sorted(ckpt.manager.all_steps())}>")
-            changed = check_resume_settings(saved, config, tc, latest)
             state = sharding.place(ckpt.restore(state, it, latest), mesh)
             run_id = saved.get("run", {}).get("wandb_id")
             # The saved config records the settings in force from now on; the changes made on resume are kept with it.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, muon
 
-from training.errors import UserError
+from training.errors import UserError, check_whole
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -24,9 +24,7 @@ def lr_schedule(lr: float, steps: int, optim_cfg):
     """Linear warm-up over optim.warmup_steps (capped below train.steps) from 0 to `lr`, then cosine decay to
     min_lr_ratio x lr at train.steps, or constant. warmup_steps=0: no warm-up, `lr` (cosine: the top of the cosine)
     from step 0; warmup_steps > 0 keeps exactly the schedule it always had."""
-    if int(optim_cfg.warmup_steps) < 0:
-        raise UserError(f"optim.warmup_steps={int(optim_cfg.warmup_steps)} must be >= 0 (0: no warm-up)")
-    warmup = min(int(optim_cfg.warmup_steps), max(steps - 1, 0))
+    warmup = min(check_whole("optim.warmup_steps", optim_cfg.warmup_steps, 0, "0: no warm-up"), max(steps - 1, 0))
     if optim_cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
                                     [warmup])

@@ -9,7 +9,6 @@ than `chunk` run chunk by chunk through one compiled function, so memory is boun
 of samples (the JiT reproduction crashed sampling 50k images at once).
 """
 
-import numbers
 from typing import Callable
 
 import diffrax
@@ -21,7 +20,7 @@ import numpy as np
 
 from models import apply
 from training import flow
-from training.errors import UserError
+from training.errors import UserError, check_whole
 from training.step import DTYPES, cast_floats
 
 SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
@@ -166,9 +165,7 @@ def check_sampler(sampler_cfg):
     if sampler_cfg.solver not in SOLVERS:
         raise UserError(f"unknown sampler.solver={sampler_cfg.solver!r}: one of {', '.join(SOLVERS)}")
     for key in ("steps", "chunk"):   # chunk < 1 would drop images (labels kept), steps 0 divide by zero
-        value = sampler_cfg.get(key, None)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise UserError(f"sampler.{key}={value!r} must be a whole number >= 1")
+        check_whole(f"sampler.{key}", sampler_cfg.get(key, None))
     intervals = {}
     for name in ("cfg", "guide"):
         interval = sampler_cfg.get(f"{name}_interval", None)   # absent in configs saved before it existed

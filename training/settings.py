@@ -4,7 +4,7 @@ changes the run's math or data order: a resumed run must be the uninterrupted on
 import json
 
 from models import ARCH_KEYS
-from training.errors import UserError
+from training.errors import UserError, check_whole
 
 
 def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
@@ -19,12 +19,14 @@ def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
 # Keys a resume may change freely: where and how often the run logs, samples and saves, how it is tracked, sampled,
 # evaluated and spread over devices, where the data and the weights it started from live, and how the model is computed
 # (not what it computes). Every other key (train.*, optim.*, data.*, new keys too) shapes the run's math or data order
-# and must match the checkpoint's saved config, or the resumed run is not the uninterrupted one.
+# and must match the checkpoint's saved config, or the resumed run is not the uninterrupted one. The device layout
+# (mesh.*, distributed.*) and model.scan_blocks / remat / attention_impl keep the function but not its rounding: a
+# resume that changes them continues the same run to within float error (~1e-7), not bit for bit.
 FREE_ON_RESUME = frozenset({
     "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts", "train.ckpt_dir", "train.progress",
     "train.stop_at_step", "train.max_bad_steps", "train.is_restore", "train.debug_nan_steps", "train.resume_changes",
-    "train.init_from",                   # stage 2: the initial weights, which the restore replaces
-    "data.root", "data.text_encoder_path",
+    "train.init_from", "train.init_fold_t",   # stage 2: how the initial weights were made; the restore replaces them
+    "data.root", "data.text_encoder_path",   # where files live
     "model.name", "model.scan_blocks", "model.remat", "model.attention_impl",   # how, not what (models.SPEC_KEYS)
 })
 FREE_GROUPS = ("wandb", "sampler", "eval", "mesh", "distributed")
@@ -73,16 +75,17 @@ def check_resume_settings(saved: dict, config: dict, tc, step: int) -> list[tupl
     changed = settings_changed(saved, config)
     if not changed:
         return []
+    # The run's own values as overrides: a checkpoint saved before a default changed resumes with them pasted in.
+    own = " ".join(f"{k}={_show(a)}" for k, a, _ in changed)
     head = (f"the checkpoint in {tc.ckpt_dir} (step {step}) was trained with other settings ({describe(changed)}): "
-            f"resume without these overrides")
+            f"resume with the run's own values ({own}: an exact resume continues with them)")
     never = [k for k, _, _ in changed if k in NEVER_ON_RESUME]
     if never:
         raise UserError(f"{head} ({', '.join(never)} cannot change on resume, even with train.resume_changes=true: "
                         + "; ".join(NEVER_ON_RESUME[k] for k in never) + ")")
     if not tc.get("resume_changes", False):
-        raise UserError(f"{head} (an exact resume continues with the run's own settings), or add "
-                        f"train.resume_changes=true to go on with the new ones (the result is then not the "
-                        f"uninterrupted run's)")
+        raise UserError(f"{head}, or add train.resume_changes=true to go on with the new ones (the result is then not "
+                        f"the uninterrupted run's)")
     return changed
 
 
@@ -93,10 +96,4 @@ def check_train_settings(tc) -> None:
              "max_bad_steps": (1, "non-finite steps in a row that stop the run"),
              "sample_every": (0, "steps between sample grids; 0: none during training")}
     for key, (minimum, meaning) in rules.items():
-        v = tc.get(key)
-        try:
-            ok = v is not None and not isinstance(v, bool) and int(v) == v and int(v) >= minimum
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise UserError(f"train.{key}={_show(v)} must be a whole number >= {minimum} ({meaning})")
+        check_whole(f"train.{key}", tc.get(key), minimum, meaning)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.errors import UserError
+from training.errors import UserError, first_line
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -43,8 +43,7 @@ class Tracker:
                                   dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
                                   resume="allow" if run_id else None)
         except wandb.errors.Error as err:   # no login (UsageError), no network or a bad entity (CommError) ...
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise UserError(f"W&B could not start a wandb.mode={wandb_cfg.mode} run ({first}): run `wandb login` "
+            raise UserError(f"W&B could not start a wandb.mode={wandb_cfg.mode} run ({first_line(err)}): run `wandb login` "
                             f"(or set WANDB_API_KEY), or train with wandb.mode=offline (sync later with `wandb sync`) "
                             f"or wandb.mode=disabled") from None
         self.enabled = wandb_cfg.mode != "disabled"
