@@ -15,7 +15,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 import train_stage1
 from conftest import tiny_overrides
 from data.records import decode_record, encode_record
-from faults_helpers import complete_steps, partial_saves
+from faults_helpers import complete_steps, partial_saves, run_cli
 from models import build_model
 from training import cli
 from training.checkpoint import Checkpointer, read_config
@@ -30,20 +30,6 @@ def snapshot(*dirs) -> dict:
             if p.is_file():
                 out[str(p)] = p.stat().st_size
     return out
-
-
-def run_cli(monkeypatch, capsys, args) -> str:
-    """train_stage1.py <args> in-process; returns the single stderr line after asserting exit code 2."""
-    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main("config", train_stage1.main)
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert exc.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def ok_cli(monkeypatch, args):

@@ -5,6 +5,7 @@ import pytest
 
 import train_stage1
 from conftest import assert_same_state, restore_final, tiny_overrides
+from faults_helpers import run_cli
 from models import build_model
 from training.checkpoint import read_config
 from training.cli import compose
@@ -110,23 +111,6 @@ def test_resume_settings_allow_list():
         check_resume_settings(saved, now, tc, 40)
 
 
-def _cli_error(monkeypatch, capsys, args) -> str:
-    """train_stage1.py <args> in-process: the single `error:` line (exit 2, no traceback)."""
-    import sys
-
-    from training import cli
-
-    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        cli.main("config", train_stage1.main)
-    err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("WARNING:absl", "INFO:absl"))]
-    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err, err
-    return lines[0]
-
-
 def _files(d) -> dict:
     from pathlib import Path
     return {str(p): p.stat().st_size for p in sorted(Path(d).rglob("*")) if p.is_file()}
@@ -144,7 +128,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
     r = train_stage1.main(compose("config", over(**{"train.stop_at_step": N})))
     assert r["step"] == N and read_config(str(ck))[1] == N
     before = _files(ck)
-    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.batch_size": 16,
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True, "train.batch_size": 16,
                                                    "train.seed": 1, "optim.weight_decay": 0.5}))
     assert f"the checkpoint in {ck} (step {N}) was trained with other settings" in line, line
     for pair in ("train.batch_size: saved 32 -> now 16", "train.seed: saved 0 -> now 1",
@@ -152,7 +136,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
         assert pair in line, line
     assert "resume with the run's own values (optim.weight_decay=0.1 train.batch_size=32 train.seed=0" in line, line
     assert "train.resume_changes=true" in line, line
-    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.resume_changes": True,
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True, "train.resume_changes": True,
                                                    "data.workers": 1}))
     assert "data.workers: saved 0 -> now 1" in line and "cannot change on resume" in line, line
     assert _files(ck) == before   # refused before anything was restored or written
@@ -164,7 +148,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
     cfg = json.loads(meta.read_text())
     del cfg["data"]["workers"]
     meta.write_text(json.dumps(cfg))
-    line = _cli_error(monkeypatch, capsys, tiny_overrides(digits_root, str(old), steps=2 * N, **{
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(old), steps=2 * N, **{
         "train.ckpt_every": 2, "train.is_restore": True, "data.workers": 1}))
     assert "data loader's saved position" in line and "data.workers" in line, line
 
@@ -173,7 +157,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
         with open(f, "r+b") as fh:
             fh.truncate(16)
     damaged = _files(ck)
-    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True}))
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True}))
     assert f"checkpoint {ck / str(N)} cannot be read" in line and f"out of {ck}" in line, line
     assert f"the latest checkpoint is then step {N - 2}" in line, line
     assert _files(ck) == damaged
@@ -214,7 +198,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
     it = make_iterator(load_meta(data_dir), data_dir, "train", batch_size=32, seed=0)
     with Checkpointer(str(ck), create=False) as c:
         c.save(nan, it, saved, force=True)
-    line = _cli_error(monkeypatch, capsys, over(**{"train.is_restore": True, "train.steps": 3 * N}))
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True, "train.steps": 3 * N}))
     assert f"checkpoint {ck / str(step + 1)} cannot be read" in line and "non-finite values in ema" in line, line
     with Checkpointer(str(ck), create=False) as c, pytest.raises(UserError, match="non-finite values in ema"):
         c.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step + 1)
