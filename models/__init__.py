@@ -6,7 +6,6 @@ that was trained.
 """
 
 import inspect
-import numbers
 from typing import Any
 
 import equinox as eqx
@@ -46,12 +45,10 @@ def model_spec(model_cfg, meta: dict) -> dict[str, Any]:
 
 def check_shape(spec: dict, h: int, w: int) -> None:
     """Sizes the model cannot be built with, named now rather than as a ZeroDivisionError or an assert mid-run."""
-    from training.errors import UserError
+    from training.errors import UserError, check_whole
 
     for key in ("hidden_size", "num_heads", "patch_size", "depth"):
-        value = spec.get(key, 1)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise UserError(f"model.{key}={value!r} must be a whole number >= 1")
+        check_whole(f"model.{key}", spec.get(key, 1))
     d, heads, p = spec["hidden_size"], spec["num_heads"], spec["patch_size"]
     if d % heads:
         raise UserError(f"model.hidden_size={d} is not divisible by model.num_heads={heads}: pick sizes that are")
