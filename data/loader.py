@@ -14,7 +14,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from data.meta import prepare_hint, to_model
 from data.records import ALLOWED_DTYPES, RecordError, decode_record
-from training.errors import UserError
+from training.errors import UserError, first_line
 
 
 def _shard_paths(meta: dict, data_dir, split: str) -> tuple[list[str], list[int]]:
@@ -31,7 +31,7 @@ def _shard_paths(meta: dict, data_dir, split: str) -> tuple[list[str], list[int]
         try:  # opens the file and reads its index: catches truncated or foreign files now rather than mid-training
             counts.append(len(grain.sources.ArrayRecordDataSource([str(p)])))
         except Exception as e:
-            raise UserError(f"shard {p} is not a readable ArrayRecord file ({str(e).splitlines()[0][:120]}): "
+            raise UserError(f"shard {p} is not a readable ArrayRecord file ({first_line(e, 120)}): "
                             f"{hint}") from None
         paths.append(str(p))
     if sum(counts) != meta["splits"][split]["num_records"]:
@@ -61,7 +61,7 @@ class _Source(grain.sources.ArrayRecordDataSource):
             return super().__getitem__(index)
         except Exception as e:
             raise UserError(f"cannot read {_locate(int(index), self.shard_paths, self.shard_counts)} "
-                            f"({str(e).splitlines()[0][:120]}): the shard is corrupt, re-prepare the data set") from None
+                            f"({first_line(e, 120)}): the shard is corrupt, re-prepare the data set") from None
 
 
 class _Decode:
@@ -182,7 +182,7 @@ def _read_shards(meta: dict, data_dir, split: str, caption: bool = False):
             try:
                 raws = reader.read_all()
             except Exception as e:
-                raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:120]}): the shard is corrupt, "
+                raise UserError(f"cannot read {path} ({first_line(e, 120)}): the shard is corrupt, "
                                 "re-prepare the data set") from None
             finally:
                 reader.close()

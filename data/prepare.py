@@ -116,6 +116,9 @@ def split_rule_of(meta: dict) -> str:
     return meta.get("split_rule", LEGACY_SPLITS.get(meta.get("name"), ""))
 
 
+ADDED_LATER = ("encoder",)   # data_identity keys that checkpoints written before 2026-12-05 do not hold
+
+
 def data_identity(meta: dict) -> dict:
     """What a run's checkpoints record about the data set they were trained on (saved with the config), so that a
     resume or an evaluation on a different copy is refused: counts, shape, how train and test were cut, and for
@@ -139,8 +142,8 @@ def data_mismatch(saved_config: dict, meta: dict) -> str | None:
         was = dict(now)
         if (saved_config.get("data") or {}).get("name") == now["name"] and now["name"] in LEGACY_SPLITS:
             was["split_rule"] = LEGACY_SPLITS[now["name"]]
-    # keys recorded by later code (encoder) are not held against runs saved before them
-    diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ("encoder",))]
+    # a key recorded only by later code is not held against a run saved before it
+    diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ADDED_LATER)]
     return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import UserError
+from training.errors import UserError, first_line
 
 ENCODERS = ("minilm", "t5gemma")
 
@@ -73,7 +73,7 @@ def t5gemma(path: str) -> TextEncoder:
         model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         where = "directory" if Path(path).exists() else "Hugging Face cache entry"
-        raise UserError(f"cannot load T5Gemma from {path} ({where}; {str(e).splitlines()[0][:120]}): put the "
+        raise UserError(f"cannot load T5Gemma from {path} ({where}; {first_line(e, 120)}): put the "
                         "model there (save_pretrained or huggingface-cli download on a machine with internet)") from None
     dim = int(model.config.encoder.hidden_size)
     return TextEncoder("t5gemma", model, tok, dim, f"T5Gemma encoder from {path}")

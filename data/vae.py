@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import UserError
+from training.errors import UserError, first_line
 
 _SD_ARCH = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
@@ -165,7 +165,7 @@ def _build(name: str):
         try:
             return AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=_LOW_MEM)
         except (OSError, ValueError, EnvironmentError) as e:
-            raise UserError(f"cannot load the VAE in {path} ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"cannot load the VAE in {path} ({first_line(e, 160)})") from None
     if key.startswith((".", "/", "~")) or os.sep in key and key.count("/") != 1:
         raise UserError(f"VAE directory {key} does not exist")
     repo, sub = (PRESETS[key]["repo"], PRESETS[key]["subfolder"]) if key in PRESETS else (key, None)

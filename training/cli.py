@@ -6,6 +6,7 @@ and so that no `outputs/` directory or working-directory change happens behind t
 Hydra's own command-line flags (`--cfg job`, `--help`, `-m` ...) still work: those go to `hydra.main`.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -76,15 +77,32 @@ def compose(config_name: str, overrides: list[str]):
 
 def _explain_composition_error(err: Exception) -> str:
     """Hydra's messages are multi-line; keep the first line and add what to do."""
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    cause = err.__cause__
+    from training.errors import first_line
+
+    msg, cause = first_line(err, 1000), err.__cause__
     if cause is not None and str(cause).strip():
-        msg += f" ({str(cause).strip().splitlines()[0]})"
+        msg += f" ({first_line(cause, 1000)})"
     if "Could not find" in msg or "not found in the defaults" in msg or "Could not load" in msg:
         return f"{msg}. Available presets are the file names under {CONFIG_DIR}/<group>/."
     if "not in struct" in msg or "Could not override" in msg or "Key" in msg:
         return f"{msg}. Check the key name (see {CONFIG_DIR}), or add a new key with a leading '+'."
     return msg
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A UserError raised inside ends the process with its message as one `error:` line and exit code 2 (Ctrl-C: one
+    line, 130); anything else is a bug and keeps its traceback. Every entry point runs under this."""
+    from training.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def main(config_name: str, fn) -> None:
@@ -102,7 +120,7 @@ def main(config_name: str, fn) -> None:
 
         hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(fn)()
         return
-    try:
+    with one_line_errors():
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
@@ -111,9 +129,3 @@ def main(config_name: str, fn) -> None:
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise UserError(f"bad configuration: {_explain_composition_error(err)}") from err
         fn(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)

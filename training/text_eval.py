@@ -95,13 +95,12 @@ def main(argv: list[str]) -> dict:
 
 
 def run(argv: list[str]) -> None:
-    """The command line: a user mistake ends in one line and exit code 2, as in every script (training/cli.py's
-    `main`, which composes a Hydra config and so cannot take this positional directory)."""
-    try:
+    """The command line: a user mistake ends in one line and exit code 2, as in every script (cli.main itself composes
+    a Hydra config, which this positional directory is not)."""
+    from training.cli import one_line_errors
+
+    with one_line_errors():
         main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
