@@ -1,9 +1,11 @@
 """Orbax checkpoints: params, optimizer state, EMA, counters + PRNG key, the Grain iterator and the resolved config.
 
-Layout: <ckpt_dir>/<step>/{params, opt_state, ema, train, data, config}/ written by one CheckpointManager.
+Layout: <ckpt_dir>/<step>/{params, opt_state, ema, train, data, config, checksums}/ written by one CheckpointManager.
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
 the previous checkpoint as the latest one; saves are asynchronous and `close()` waits for them before exit.
-Items are restored into shape/dtype skeletons built from the same config, never unpickled.
+Items are restored into shape/dtype skeletons built from the same config, never unpickled. `checksums` holds a
+32-bit sum of every array's bits (training/checksums.py), compared at restore: damaged array bytes that still decode
+are refused in one line instead of resumed from.
 """
 
 import json
@@ -19,11 +21,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from training import checksums
 from training.errors import OTHER_VERSION, UserError, check_whole, first_line
 from training.sharding import host_value
 from training.state import TrainState
 
-ITEMS = ("params", "opt_state", "ema", "train", "data", "config")
+ITEMS = ("params", "opt_state", "ema", "train", "data", "config", "checksums")
+SUMMED = ("params", "opt_state", "ema", "train")   # the array items `checksums` covers
 # Old checkpoints (beyond keep-last-N) are first *renamed* here by Orbax, then emptied by us. Deleting a step in place
 # is not atomic: a kill -9 during Orbax's rmtree left a half-deleted `<step>/` that looked like foreign data to the
 # next run (found by the kill matrix in tests/test_faults.py). A rename either happened or did not.
@@ -133,13 +137,13 @@ class Checkpointer:
     def save(self, state: TrainState, data_iter, config: dict, *, force: bool = False) -> bool:
         step = int(host_value(state.step))  # works when the step counter spans several processes
         train = {"step": state.step, "key": state.key, "bad_steps": state.bad_steps, "skipped": state.skipped}
+        arrays = {"params": _arrays(state.params), "opt_state": _arrays(state.opt_state), "ema": _arrays(state.ema),
+                  "train": train}
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(_arrays(state.params)),
-            opt_state=ocp.args.StandardSave(_arrays(state.opt_state)),
-            ema=ocp.args.StandardSave(_arrays(state.ema)),
-            train=ocp.args.StandardSave(train),
+            **{name: ocp.args.StandardSave(tree) for name, tree in arrays.items()},
             data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config),
+            checksums=ocp.args.JsonSave({**checksums.FORMAT, "items": checksums.checksums(arrays)}),
         )
         self.empty_trash()   # steps the previous save's retention moved there
         try:  # also waits for the previous asynchronous save, so a failed write surfaces here or in close()
@@ -160,8 +164,9 @@ class Checkpointer:
             opt_state=ocp.args.StandardRestore(_abstract(_arrays(template.opt_state))),
             ema=ocp.args.StandardRestore(_abstract(_arrays(template.ema))),
             train=ocp.args.StandardRestore(_abstract(train_t)),
-            **self._data_restore(step, data_iter),
+            **self._data_restore(step, data_iter), **self._sums_restore(step),
         ))
+        self._check_sums(step, r, SUMMED)
         self._check_finite(step, {k: r[k] for k in ("params", "opt_state", "ema")})
         combine = lambda arrays, like: eqx.combine(arrays, eqx.filter(like, eqx.is_array, inverse=True))
         t = r["train"]
@@ -190,10 +195,28 @@ class Checkpointer:
             raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
                             f"builds from its saved config (differs at: {named}): {OTHER_VERSION}") from None
 
+    def _sums_restore(self, step: int) -> dict:
+        """The checksums item to read with the arrays; checkpoints written before it existed have none."""
+        return {"checksums": ocp.args.JsonRestore()} if (self.directory / str(step) / "checksums").is_dir() else {}
+
+    def _check_sums(self, step: int, restored, names) -> None:
+        """Every restored array must have the checksum it was saved with: bytes damaged on disk mostly still decode
+        (to other finite numbers), and only this tells. One jitted pass and one host transfer, at restore only."""
+        if "checksums" not in restored:
+            return
+        saved = restored["checksums"]
+        if not isinstance(saved, dict) or saved.get("version") != checksums.FORMAT["version"] \
+                or not isinstance(saved.get("items"), dict):
+            raise self._damaged(step, ValueError("its checksums record is unreadable"))
+        bad = checksums.mismatches({k: restored[k] for k in names}, saved["items"])
+        if bad:
+            raise self._damaged(step, ValueError(f"checksum mismatch in {', '.join(bad[:3])}"
+                                                 + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")))
+
     def _check_finite(self, step: int, items: dict) -> None:
         """A saved state is always finite (non-finite updates are skipped, never saved), so a NaN or Inf read back
-        means damaged array bytes that decoded without an error (TensorStore keeps no checksum of them): refuse them
-        now rather than resume into NaN weights. One reduction per leaf and one host transfer, at restore only."""
+        means damaged array bytes that decoded without an error, in a checkpoint too old to hold checksums (or a
+        state saved non-finite by hand): refuse them now rather than resume into NaN weights. One reduction per leaf and one host transfer, at restore only."""
         leaves = [(f"{name}{jax.tree_util.keystr(path)}", a) for name, tree in items.items()
                   for path, a in jax.tree_util.tree_leaves_with_path(tree)
                   if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
@@ -249,7 +272,8 @@ class Checkpointer:
         default, item="params" for the raw training weights."""
         step = self.latest_step() if step is None else step
         r = self._restore(step, ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}))
+            **{item: ocp.args.StandardRestore(_abstract(_arrays(template_model)))}, **self._sums_restore(step)))
+        self._check_sums(step, r, (item,))
         self._check_finite(step, {item: r[item]})
         return eqx.combine(r[item], eqx.filter(template_model, eqx.is_array, inverse=True))
 
