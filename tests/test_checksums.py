@@ -1,5 +1,6 @@
 """Checkpoint checksums (training/checksums.py): every one-element change is seen, and a checkpoint whose array bytes
-were damaged on disk, or whose files were mixed with another step's, is refused at restore in one line.
+were damaged on disk, or whose files were mixed with another step's, is refused at restore in one line, and that line
+is all the real script prints on stderr.
 (That the sum does not depend on the mesh is covered by tests/test_sharding.py: a checkpoint saved from a 2x4 mesh
 restores, checksums verified, onto 1x8 and 8x1.)"""
 
@@ -103,3 +104,42 @@ def test_damaged_or_mixed_checkpoint_files_are_refused(digits_root, tmp_path, mo
         assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(c.restore_weights(model, 8)),
                                                                    clean, strict=True))
     assert len(outcomes) >= 10 and outcomes.count("checksum") >= 3, outcomes
+
+
+def test_damaged_checkpoint_is_one_line_on_stderr(digits_root, tmp_path):
+    """A restore that fails on damaged files leaves Orbax's other reads in flight; their errors (unraisable
+    "Event loop is closed", asyncio's "exception was never retrieved") used to print tens of traceback lines around
+    the one-line message, some before it. The real script, in a subprocess: stderr is that one line."""
+    import logging
+    import sys
+    import types
+
+    from faults_helpers import run_script
+    from training import checkpoint
+
+    ck = tmp_path / "run"
+    over = tiny_overrides(digits_root, str(ck), steps=8)
+    train_stage1.main(compose("config", over))
+    for f in (ck / "8" / "params").rglob("ocdbt.process_0/d/*"):
+        f.write_bytes(f.read_bytes()[:16])   # truncated: every read of the step fails
+    rc, s = run_script(over + ["train.is_restore=true"], timeout=300)
+    lines = s.stderr.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: checkpoint {ck / '8'} cannot be read"), \
+        s.output()
+
+    # The filters themselves, deterministically: those errors are dropped, any other passes through.
+    seen, previous = [], sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(str(u.exc_value))
+    try:
+        checkpoint._quiet_abandoned_reads()
+        checkpoint._quiet_abandoned_reads()   # once only: the hook is not stacked
+        for err in (RuntimeError("Event loop is closed"), RuntimeError("something else")):
+            sys.unraisablehook(types.SimpleNamespace(exc_value=err))
+        assert seen == ["something else"]
+    finally:
+        sys.unraisablehook = previous
+    log = logging.getLogger("asyncio")
+    records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None) for msg in (
+        'Future exception was never retrieved\nfuture: <Future finished exception=ValueError(\'OUT_OF_RANGE: Error '
+        'reading "w/0.0" in OCDBT database at local file "x"\')>', "Task exception was never retrieved\nfuture: other")]
+    assert [bool(log.filter(r)) for r in records] == [False, True]
