@@ -31,6 +31,42 @@ def test_unknown_key_is_refused():
         compose("config", ["train.lrr=1"])
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.lr=abc"], "train.lr=abc is not a number (train.lr is 0.002 in the preset): pass e.g. train.lr=0.002"),
+    (["data.hflip=maybe"], "data.hflip=maybe is not true or false"),
+    (["train.steps=[1]"], "train.steps=[1] is not a number"),
+    (["train.debug_nan_steps=5"], "train.debug_nan_steps=5 is not a list"),
+    (["model=tiny", "model.hidden_size=wide"], "model.hidden_size=wide is not a number"),
+    (["data=digits", "model=tiny", "train.lr=1", "train.steps=2000", "data.hflip=true", "train.route=null",
+      "sampler.cfg_interval=[0.1,0.9]", "sampler.solver=heun", "data.name=other", "model.remat=dots"], None),
+    (["model=B-4", "model.remat=false", "train.lr=2e-4", "distributed.enabled=true", "mesh.fsdp=-1"], None)])
+def test_override_values_of_the_wrong_kind_are_one_line(overrides, needle, monkeypatch, capsys):
+    """The YAML configs carry no schema, so `train.lr=abc` composed fine and failed inside the run with a traceback
+    (float('abc') at optimizer build): each key=value is checked against its preset's kind of value first."""
+    from training.cli import check_override_types
+    from training.errors import UserError
+
+    cfg = compose("config", overrides)
+    if needle is None:   # an int where the preset has a float, null, a list where the preset has null: all fine
+        check_override_types("config", overrides, cfg)
+        return
+    with pytest.raises(UserError, match="^bad configuration: ") as e:
+        check_override_types("config", overrides, cfg)
+    assert needle in str(e.value), str(e.value)
+    from faults_helpers import run_cli   # and the real entry point says it, before any work
+    assert needle in run_cli(monkeypatch, capsys, overrides)
+
+
+def test_sample_overrides_are_checked_too():
+    from training.cli import check_override_types
+    from training.errors import UserError
+
+    good = ["ckpt_dir=/x", "num_samples=10", "cfg_scale=2", "evaluate=true"]
+    check_override_types("sample", good, compose("sample", good))
+    with pytest.raises(UserError, match="num_samples=ten is not a number"):
+        check_override_types("sample", ["num_samples=ten"], compose("sample", ["num_samples=ten"]))
+
+
 def test_sample_config_composes():
     cfg = compose("sample", ["ckpt_dir=/x", "num_samples=10", "cfg_scale=2.0"])
     assert cfg.num_samples == 10 and cfg.cfg_scale == 2.0

@@ -75,6 +75,47 @@ def compose(config_name: str, overrides: list[str]):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+# Keys whose presets hold one kind of value while others are valid too; the code that reads them checks the value.
+ANY_KIND = ("model.remat",)   # false | true | dots (models.model_spec)
+
+
+def check_override_types(config_name: str, overrides: list[str], cfg) -> None:
+    """An override of the wrong kind (`train.lr=abc`, `data.hflip=maybe`, `train.steps=[1]`) composes fine, since the
+    YAML configs carry no schema, and then fails deep inside the run with a traceback (float('abc') at optimizer
+    build). Each `key=value` is checked against the kind of that key's value in the presets it was given with
+    (the group choices of the same command line): a number where the preset has a number, true/false where it has a
+    bool, a list where it has a list. null, new keys (`+key=`) and keys whose preset value is null are not checked."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from training.errors import UserError
+
+    keyed = [(o.split("=", 1)[0], o) for o in overrides if "=" in o]
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}   # data=, model=, optim= ... pick presets
+    base = None
+    for key, text in keyed:
+        if key.startswith(("+", "~")) or key in groups or "@" in key or key in ANY_KIND:
+            continue
+        if base is None:   # the presets this command line picked, without its value overrides
+            base = compose(config_name, [o for k, o in keyed if k.lstrip("+~") in groups])
+        default, value = OmegaConf.select(base, key, default=None), OmegaConf.select(cfg, key, default=None)
+        if default is None or value is None or isinstance(default, DictConfig):
+            continue
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif number(default):
+            ok, kind = number(value), "a number"
+        elif isinstance(default, ListConfig):
+            ok, kind = isinstance(value, ListConfig), "a list"
+        else:
+            ok, kind = not isinstance(value, (DictConfig, ListConfig)), "a single value"
+        if not ok:
+            shown = OmegaConf.to_container(default) if isinstance(default, ListConfig) else default
+            shown = str(shown).lower() if isinstance(shown, bool) else str(shown).replace(" ", "")
+            raise UserError(f"bad configuration: {text} is not {kind} ({key} is {shown} in the preset): pass e.g. "
+                            f"{key}={shown}")
+
+
 def _explain_composition_error(err: Exception) -> str:
     """Hydra's messages are multi-line; keep the first line and add what to do."""
     from training.errors import first_line
@@ -128,4 +169,5 @@ def main(config_name: str, fn) -> None:
             cfg = compose(config_name, argv)
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise UserError(f"bad configuration: {_explain_composition_error(err)}") from err
+        check_override_types(config_name, argv, cfg)
         fn(cfg)
