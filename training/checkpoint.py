@@ -221,7 +221,8 @@ class Checkpointer:
     def _check_finite(self, step: int, items: dict) -> None:
         """A saved state is always finite (non-finite updates are skipped, never saved), so a NaN or Inf read back
         means damaged array bytes that decoded without an error, in a checkpoint too old to hold checksums (or a
-        state saved non-finite by hand): refuse them now rather than resume into NaN weights. One reduction per leaf and one host transfer, at restore only."""
+        state saved non-finite by hand): refuse them now rather than resume into NaN weights. One reduction per leaf
+        and one host transfer, at restore only."""
         leaves = [(f"{name}{jax.tree_util.keystr(path)}", a) for name, tree in items.items()
                   for path, a in jax.tree_util.tree_leaves_with_path(tree)
                   if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
@@ -309,9 +310,9 @@ ABANDONED = ("Event loop is closed", "Encountered error while reading array inde
 def _quiet_abandoned_reads() -> None:
     """A restore that fails on damaged files leaves Orbax's other array reads in flight. When they finish after its
     event loop has closed, or are garbage-collected, Python prints their errors as unraisable exceptions and asyncio
-    logs "Task / _GatheringFuture / Future exception was never retrieved": tens of traceback lines around our one-line message, some before it.
-    They are the failure the restore itself reports; drop exactly those (the texts in ABANDONED), from the first
-    restore on, and pass every other unraisable exception and log record through."""
+    logs "Task / _GatheringFuture / Future exception was never retrieved": tens of traceback lines around our
+    one-line message, some before it. They are the failure the restore itself reports; drop exactly those (the texts
+    in ABANDONED), from the first restore on, and pass every other unraisable exception and log record through."""
     previous = sys.unraisablehook
     if getattr(previous, "quiets_abandoned_reads", False):
         return

@@ -2,8 +2,9 @@
 
 TensorStore keeps no checksum of the array bytes it writes, and most damage inside its compressed chunks still
 decodes: flipping one byte at a time across a saved array's data file, most positions read back as *other finite
-numbers* without any error (11 of 13 in tests/test_checksums.py; development_log.md, twenty-ninth session). A resume from such a checkpoint would go on training from silently
-wrong weights. So every save records, per array, a 32-bit sum of its bits, and every restore recomputes it.
+numbers* without any error (11 of 13 in tests/test_checksums.py; development_log.md, twenty-ninth session). A resume
+from such a checkpoint would go on training from silently wrong weights. So every save records, per array, a 32-bit
+sum of its bits, and every restore recomputes it.
 
 The sum is  sum_i bits[i] * (2 i + 1)  mod 2^32  over the array's elements in row-major order (bits: the element's
 raw bits as an unsigned integer; 8-byte types as two 32-bit words). Any change of one element changes it (the weight
