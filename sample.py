@@ -31,8 +31,15 @@ def main(cfg):
     from training.sampling import balanced_labels
     from training.tracking import make_grid, save_png
 
+    out = check_out(cfg.out)
     saved, step = read_config(cfg.ckpt_dir, cfg.step)
     stage = int(saved.get("stage", 1))
+    ignored = "labels" if stage == 2 and cfg.labels is not None else \
+        "prompt" if stage == 1 and cfg.get("prompt") is not None else None
+    if ignored:   # it would be ignored: the run conditions on the other kind
+        kind = "class-conditional (stage-1)" if ignored == "labels" else "text (stage-2)"
+        raise UserError(f"{ignored}= is for {kind} runs, and {cfg.ckpt_dir} is a stage-{stage} run: use "
+                        f"{'prompt=<caption>' if stage == 2 else 'labels=<class ids>'} instead")
     if stage == 2 and cfg.evaluate:   # the classifier scores class-conditional samples; captions have their own check
         raise UserError(f"evaluate=true scores class-conditional runs; {cfg.ckpt_dir} is a stage-2 (text) run: "
                         f"sample with evaluate=false, or run python -m training.text_eval {cfg.ckpt_dir}")
@@ -72,8 +79,6 @@ def main(cfg):
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, images=images, labels=labels, arr_0=images, arr_1=labels,
              **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
@@ -85,6 +90,32 @@ def main(cfg):
         print("evaluation: " + json.dumps(res), flush=True)
         out.with_suffix(".eval.json").write_text(json.dumps(res, indent=1))
     return images, labels
+
+
+def check_out(value):
+    """out= must name an .npz whose folder can be made, before any work: np.savez appends .npz to any other name
+    (and the PNG grid beside it would then replace a file of the user's: out=x.png)."""
+    from pathlib import Path
+
+    from training.errors import UserError
+
+    out = Path(str(value))
+    if out.suffix != ".npz" or out.is_dir():
+        raise UserError(f"out={value} must be a file name ending in .npz (the PNG grid and the evaluation are written "
+                        f"beside it): e.g. out=samples.npz")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"out={value}: cannot create its folder {out.parent} ({err.strerror}): choose another "
+                        f"path") from None
+    probe = out.parent / f".write-test-{os.getpid()}"
+    try:   # a real write (os.access says yes to root on read-only or virtual file systems such as /proc)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"out={value}: its folder {out.parent} is not writable ({err.strerror}): choose another "
+                        f"path") from None
+    return out
 
 
 def sampler_for(cfg, run_cfg, step: int):

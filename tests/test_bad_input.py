@@ -140,7 +140,7 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           (["train.time_sampling=normal"], "time_sampling"),
                           (["train.route=[1,3,0.5]"], "model.depth (2)"), (["train.route=[0,2,2]"], "0 < keep <= 1"),
                           (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step"),
-                          (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "guide_fraction=1.0 (step 8)")):
+                          (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "sampler.guide_fraction takes a number in (0, 1)")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()

@@ -226,8 +226,17 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
 
     stage1 = fake_run(tmp_path / "s1", 4, **{"train.steps": 16, "sampler.guidance": "auto"})
     stage2 = fake_run(tmp_path / "s2", 4, config="stage2")
-    for args, needle in (([f"ckpt_dir={stage1}", "chunk=-1"], "sampler.chunk=-1 must be a whole number >= 1"),
-                         ([f"ckpt_dir={stage1}", "steps=0"], "sampler.steps=0 must be"),
+    png = tmp_path / "mine.png"
+    png.write_bytes(b"the user's own picture")
+    for args, needle in (([f"ckpt_dir={stage1}", "chunk=-1"], "chunk=-1 is not allowed: chunk takes a whole number"),
+                         ([f"ckpt_dir={stage1}", "steps=0"], "steps=0 is not allowed"),
+                         ([f"ckpt_dir={stage1}", f"out={png}"], "must be a file name ending in .npz"),
+                         ([f"ckpt_dir={stage1}", f"out={tmp_path / 'mine.png' / 'x.npz'}"], "cannot create its folder"),
+                         ([f"ckpt_dir={stage1}", "step=3"], "holds no checkpoint of step 3: it holds steps [4]"),
+                         ([f"ckpt_dir={stage1}/4"], f"is one step of a run: pass the run's folder, {stage1}, and "
+                                                    "step=4"),
+                         ([f"ckpt_dir={stage1}", "prompt=cat"], "prompt= is for text (stage-2) runs"),
+                         ([f"ckpt_dir={stage2}", "labels=[1,2]"], "labels= is for class-conditional (stage-1) runs"),
                          ([f"ckpt_dir={stage1}", "guide_step=8"], "guide_step=8 is not before the sampled step 4"),
                          ([f"ckpt_dir={stage1}"], "guide_step=8 is not before"),   # guide_fraction 0.5 of 16
                          ([f"ckpt_dir={stage2}", "evaluate=true"], "evaluate=true scores class-conditional runs")):
@@ -236,6 +245,7 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
             cli.main("sample", sample.main)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (args, err)
+    assert png.read_bytes() == b"the user's own picture"   # out=mine.png used to write mine.png.npz, then the grid here
 
 
 def test_balanced_labels():

@@ -108,6 +108,9 @@ class Checkpointer:
             if n.startswith(".") or n in ("samples", "wandb") or (n.startswith("eval-step") and n.endswith(".json")):
                 continue                                    # ours: sample grids, evaluations, W&B, probes
             foreign.append(n + ("/" if p.is_dir() else ""))
+        if foreign and (self.directory / "_CHECKPOINT_METADATA").is_file() and self.directory.name.isdigit():
+            raise UserError(f"checkpoint directory {self.directory} is one step of a run, not a run's folder: set "
+                            f"train.ckpt_dir={self.directory.parent}")
         if foreign:
             shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
             raise UserError(f"checkpoint directory {self.directory} holds something that is not a checkpoint of this "
@@ -335,7 +338,12 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
         raise UserError(f"no checkpoint directory {path}: train first, or pass ckpt_dir=<dir of a run>")
     steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "config").is_dir())
     if not steps:
+        if path.name.isdigit() and ((path / "_CHECKPOINT_METADATA").is_file() or (path / "config").is_dir()):
+            # one step of a run, not the run
+            raise UserError(f"{path} is one step of a run: pass the run's folder, {path.parent}, and step={path.name}")
         raise UserError(f"{path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a run")
+    if step is not None and int(step) not in steps:
+        raise UserError(f"{path} holds no checkpoint of step {step}: it holds steps {steps} (step=null: the latest)")
     step = steps[-1] if step is None else int(step)
     # Orbax's JsonSave writes config/metadata next to commit_success.txt; directory listing order differs between
     # file systems (tmpfs lists commit_success.txt first), so name the file instead of taking the first one.

@@ -90,6 +90,7 @@ def check_override_types(config_name: str, overrides: list[str], cfg) -> None:
     from training.errors import UserError
 
     keyed = [(o.split("=", 1)[0], o) for o in overrides if "=" in o]
+    keyed = [(k, o) for i, (k, o) in enumerate(keyed) if k not in [k2 for k2, _ in keyed[i + 1:]]]   # last one counts
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}   # data=, model=, optim= ... pick presets
     base = None
     for key, text in keyed:
@@ -133,17 +134,38 @@ def _explain_composition_error(err: Exception) -> str:
 @contextlib.contextmanager
 def one_line_errors():
     """A UserError raised inside ends the process with its message as one `error:` line and exit code 2 (Ctrl-C: one
-    line, 130); anything else is a bug and keeps its traceback. Every entry point runs under this."""
+    line, 130); so do a required key left unset and an OSError naming a path (a directory that cannot be made or
+    written). Anything else is a bug and keeps its traceback. Every entry point runs under this."""
     from training.errors import UserError
+
+    from omegaconf.errors import MissingMandatoryValue
 
     try:
         yield
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except MissingMandatoryValue as err:   # a preset's `???`, e.g. data=folder without data.folder=<dir>
+        key = getattr(err, "full_key", None) or "a required key"
+        print(f"error: {key} must be set: pass {key}=<value> (see the preset under {CONFIG_DIR})", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
+    except OSError as err:
+        # A path the user gave that cannot be made or written (data.root, wandb.dir, out= under /proc or a file):
+        # errno-carrying errors naming a file. Any other OSError keeps its traceback.
+        if err.filename is None or err.errno is None:
+            raise
+        print(f"error: {err.strerror}: {err.filename}: choose a path that can be created and written", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
+               "--multirun", "-m", "--run", "-r", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--version", "--shell-completion", "-sc", "--experimental-rerun")
 
 
 def main(config_name: str, fn) -> None:
@@ -156,6 +178,11 @@ def main(config_name: str, fn) -> None:
     from training.errors import UserError
 
     argv = sys.argv[1:]
+    unknown = [a for a in argv if a.startswith("-") and a.split("=")[0] not in HYDRA_FLAGS]
+    if unknown:
+        with one_line_errors():
+            raise UserError(f"unknown flag {unknown[0]}: settings are key=value overrides (e.g. train.steps=4, "
+                            f"see {CONFIG_DIR}); Hydra's own flags are {', '.join(HYDRA_FLAGS[:6])} ...")
     if any(a.startswith("-") for a in argv):  # Hydra's own flags: let Hydra handle the whole command line
         import hydra
 
@@ -170,4 +197,6 @@ def main(config_name: str, fn) -> None:
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise UserError(f"bad configuration: {_explain_composition_error(err)}") from err
         check_override_types(config_name, argv, cfg)
+        from training.schema import check_values
+        check_values(config_name, cfg)
         fn(cfg)

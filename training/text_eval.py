@@ -59,6 +59,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
         except ValueError:
             what = "a whole number" if KEYS[key] is int else "a number"
             raise UserError(f"{arg}: {key} must be {what}: {USAGE}") from None
+        if key in ("num_samples", "steps") and kv[key] < 1 or key == "step" and kv[key] < 0:
+            raise UserError(f"{arg}: {key} must be >= {0 if key == 'step' else 1}: {USAGE}")
     return argv[0], kv
 
 
