@@ -97,24 +97,14 @@ def check_out(value):
     (and the PNG grid beside it would then replace a file of the user's: out=x.png)."""
     from pathlib import Path
 
-    from training.errors import UserError
+    from training.errors import UserError, check_writable_dir
 
     out = Path(str(value))
     if out.suffix != ".npz" or out.is_dir():
         raise UserError(f"out={value} must be a file name ending in .npz (the PNG grid and the evaluation are written "
                         f"beside it): e.g. out=samples.npz")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"out={value}: cannot create its folder {out.parent} ({err.strerror}): choose another "
-                        f"path") from None
-    probe = out.parent / f".write-test-{os.getpid()}"
-    try:   # a real write (os.access says yes to root on read-only or virtual file systems such as /proc)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"out={value}: its folder {out.parent} is not writable ({err.strerror}): choose another "
-                        f"path") from None
+    check_writable_dir(out.parent, f"out={value}: cannot create its folder {out.parent}, or write there",
+                       "choose another path")
     return out
 
 

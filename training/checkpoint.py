@@ -11,7 +11,6 @@ are refused in one line instead of resumed from.
 import gc
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from training import checksums
-from training.errors import OTHER_VERSION, UserError, check_whole, first_line
+from training.errors import OTHER_VERSION, UserError, check_whole, check_writable_dir, first_line
 from training.sharding import host_value
 from training.state import TrainState
 
@@ -86,14 +85,8 @@ class Checkpointer:
 
     def check_writable(self):
         """Fail before training starts, not at the first save hours later."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"checkpoint directory {self.directory} is not writable ({err.strerror}): "
-                            f"choose another with train.ckpt_dir=...") from err
+        check_writable_dir(self.directory, f"checkpoint directory {self.directory} is not writable",
+                           "choose another with train.ckpt_dir=...")
 
     def check_contents(self):
         """Refuse a directory that holds something other than our checkpoints (a typo'd path, someone's files, a
@@ -108,7 +101,7 @@ class Checkpointer:
             if n.startswith(".") or n in ("samples", "wandb") or (n.startswith("eval-step") and n.endswith(".json")):
                 continue                                    # ours: sample grids, evaluations, W&B, probes
             foreign.append(n + ("/" if p.is_dir() else ""))
-        if foreign and (self.directory / "_CHECKPOINT_METADATA").is_file() and self.directory.name.isdigit():
+        if foreign and _is_step_dir(self.directory):
             raise UserError(f"checkpoint directory {self.directory} is one step of a run, not a run's folder: set "
                             f"train.ckpt_dir={self.directory.parent}")
         if foreign:
@@ -198,8 +191,7 @@ class Checkpointer:
             if "tree structures do not match" not in str(err):
                 gc.collect()   # the abandoned reads' coroutines now, under the filter, not at a later test's end
                 raise self._damaged(step, err) from err
-            keys = re.findall(r"^(\S+):$", str(err), flags=re.M)
-            named = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            named = _listed(re.findall(r"^(\S+):$", str(err), flags=re.M))
             raise UserError(f"checkpoint {self.directory / str(step)} holds another parameter tree than this code "
                             f"builds from its saved config (differs at: {named}): {OTHER_VERSION}") from None
 
@@ -218,24 +210,21 @@ class Checkpointer:
             raise self._damaged(step, ValueError("its checksums record is unreadable"))
         bad = checksums.mismatches({k: restored[k] for k in names}, saved["items"])
         if bad:
-            raise self._damaged(step, ValueError(f"checksum mismatch in {', '.join(bad[:3])}"
-                                                 + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")))
+            raise self._damaged(step, ValueError(f"checksum mismatch in {_listed(bad)}"))
 
     def _check_finite(self, step: int, items: dict) -> None:
         """A saved state is always finite (non-finite updates are skipped, never saved), so a NaN or Inf read back
         means damaged array bytes that decoded without an error, in a checkpoint too old to hold checksums (or a
         state saved non-finite by hand): refuse them now rather than resume into NaN weights. One reduction per leaf
         and one host transfer, at restore only."""
-        leaves = [(f"{name}{jax.tree_util.keystr(path)}", a) for name, tree in items.items()
-                  for path, a in jax.tree_util.tree_leaves_with_path(tree)
-                  if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
+        leaves = [(k, a) for name, tree in items.items() for k, a in checksums.named_leaves(tree, name)
+                  if jnp.issubdtype(a.dtype, jnp.inexact)]
         if not leaves:
             return
         ok = host_value(jnp.stack([jnp.all(jnp.isfinite(a)) for _, a in leaves]))
         bad = [name for (name, _), good in zip(leaves, ok) if not good]
         if bad:
-            raise self._damaged(step, ValueError(f"non-finite values in {', '.join(bad[:3])}"
-                                                 + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")))
+            raise self._damaged(step, ValueError(f"non-finite values in {_listed(bad)}"))
 
     def _damaged(self, step: int, err: Exception) -> UserError:
         chain, e = [], err
@@ -310,6 +299,16 @@ ABANDONED = ("Event loop is closed", "Encountered error while reading array inde
              " in OCDBT database at ")
 
 
+def _listed(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _is_step_dir(path: Path) -> bool:
+    """One step of a run (`<ckpt_dir>/<step>/`), which a user may pass where the run's folder belongs."""
+    return path.name.isdigit() and path.is_dir() and ((path / "_CHECKPOINT_METADATA").is_file()
+                                                      or (path / "config").is_dir())
+
+
 def _quiet_abandoned_reads() -> None:
     """A restore that fails on damaged files leaves Orbax's other array reads in flight. When they finish after its
     event loop has closed, or are garbage-collected, Python prints their errors as unraisable exceptions and asyncio
@@ -338,8 +337,7 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
         raise UserError(f"no checkpoint directory {path}: train first, or pass ckpt_dir=<dir of a run>")
     steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "config").is_dir())
     if not steps:
-        if path.name.isdigit() and ((path / "_CHECKPOINT_METADATA").is_file() or (path / "config").is_dir()):
-            # one step of a run, not the run
+        if _is_step_dir(path):
             raise UserError(f"{path} is one step of a run: pass the run's folder, {path.parent}, and step={path.name}")
         raise UserError(f"{path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a run")
     if step is not None and int(step) not in steps:

@@ -21,11 +21,33 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
-def check_whole(name: str, value, minimum: int = 1, meaning: str = "") -> int:
-    """`value` as an int if it is a whole number >= minimum (an int, not a bool or a float such as 4.0 or inf), else
-    one UserError naming the key: the shared rule for counts, cadences and sizes in configs."""
+def is_whole(value, minimum: int = 1, maximum: float = float("inf")) -> bool:
+    """The shared rule for counts, cadences and sizes in configs: an int (not a bool, nor a float such as 4.0 or inf)
+    within [minimum, maximum]."""
     import numbers
 
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and minimum <= value <= maximum
+
+
+def check_whole(name: str, value, minimum: int = 1, meaning: str = "") -> int:
+    """`value` as an int if is_whole, else one UserError naming the key."""
+    if is_whole(value, minimum):
         return int(value)
     raise UserError(f"{name}={value!r} must be a whole number >= {minimum}" + (f" ({meaning})" if meaning else ""))
+
+
+def check_writable_dir(directory, lead: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it, now, before any work that would end by writing there (a
+    checkpoint, samples); os.access says yes to root on read-only or virtual file systems such as /proc.
+    The refusal is one line: `lead (reason): fix`."""
+    import os
+    from pathlib import Path
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{lead} ({err.strerror}): {fix}") from err

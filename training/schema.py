@@ -11,7 +11,11 @@ were, in the code that reads the keys.
 
 import math
 
-from training.errors import UserError
+from training.errors import UserError, is_whole
+from training.flow import PREDICTIONS, TIME_SAMPLINGS
+from training.optim import OPTIMIZERS
+from training.sampling import GUIDANCE, SOLVERS
+from training.step import DTYPES
 
 
 def _num(v) -> bool:
@@ -20,7 +24,7 @@ def _num(v) -> bool:
 
 def whole(lo: int, null: bool = False, hi: float = math.inf):
     text = f"a whole number >= {lo}" + ("" if hi == math.inf else f" and <= {hi}") + (", or null" if null else "")
-    return (lambda v: (null and v is None) or (_num(v) and float(v).is_integer() and lo <= v <= hi)), text
+    return (lambda v: (null and v is None) or is_whole(v, lo, hi)), text
 
 
 def real(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False,
@@ -46,22 +50,22 @@ def pair(null: bool = True):
 
 PROB = real(0.0, 1.0, hi_open=True)          # momenta, decays: [0, 1)
 SAMPLER = {   # training configs keep these under `sampler.`; sample.py has them at the top level, null = saved
-    "solver": choice("euler", "heun", "tsit5", "dopri5"), "steps": whole(1), "rtol": real(0, lo_open=True),
+    "solver": choice(*SOLVERS), "steps": whole(1), "rtol": real(0, lo_open=True),
     "atol": real(0, lo_open=True), "cfg_scale": real(), "cfg_interval": pair(),
-    "guidance": choice("cfg", "apg", "auto"),
+    "guidance": choice(*GUIDANCE),
     "apg_eta": real(), "guide_step": whole(1, null=True), "guide_scale": real(), "guide_interval": pair(),
     "shift": real(0, lo_open=True), "noise": real(0), "t_eps": real(0, 1, lo_open=True, hi_open=True, null=True),
     "chunk": whole(1)}
 TRAINING = {
     "train.steps": whole(1), "train.batch_size": whole(1), "train.lr": real(0, lo_open=True), "train.seed": whole(0),
-    "train.precision": choice("float32", "bfloat16"), "train.grad_accum": whole(1),
-    "train.prediction": choice("v", "x"), "train.t_eps": real(0, 1, lo_open=True, hi_open=True),
-    "train.time_sampling": choice("uniform", "logit_normal"), "train.time_mean": real(),
+    "train.precision": choice(*DTYPES), "train.grad_accum": whole(1),
+    "train.prediction": choice(*PREDICTIONS), "train.t_eps": real(0, 1, lo_open=True, hi_open=True),
+    "train.time_sampling": choice(*TIME_SAMPLINGS), "train.time_mean": real(),
     "train.time_std": real(0, lo_open=True), "train.time_uniform_frac": real(0, 1),
     "train.time_stratified": choice(True, False), "train.loss_weight_max": real(0, lo_open=True, null=True),
     "train.cfg_p": real(0, 1, hi_open=True), "train.ema_decay": PROB, "train.ema_warmup": choice(True, False),
     "train.ema_warmup_offset": real(1), "train.stop_at_step": whole(1, null=True),
-    "optim.name": choice("adamw", "muon"), "optim.schedule": choice("cosine", "constant"), "optim.b1": PROB,
+    "optim.name": choice(*OPTIMIZERS), "optim.schedule": choice("cosine", "constant"), "optim.b1": PROB,
     "optim.b2": PROB, "optim.eps": real(0, lo_open=True), "optim.weight_decay": real(0),
     "optim.clip_norm": real(0, lo_open=True), "optim.min_lr_ratio": real(0, 1),
     "optim.muon_lr_ratio": real(0, lo_open=True),
