@@ -8,6 +8,7 @@
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -15,11 +16,9 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
-    import shutil
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
-    from data.prepare import ensure_prepared
     from training.errors import UserError
 
     if cfg.get("source") or cfg.get("vae"):
@@ -30,17 +29,43 @@ def main(cfg):
             raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data config; "
                             f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
                             f"command that made it (latents: prepare_data.py source=... vae=... out={target} force=true)")
-        (target / "meta.json").unlink()  # meta.json is written last, so removing it marks the set as incomplete
-        shutil.rmtree(target / "classifier", ignore_errors=True)
-    if cfg.data.get("kind") is not None:   # a captioned stage-2 config (emoji, fashion_mnist_text, folder)
-        from data.captions import ensure_prepared_text
-
-        meta, data_dir = ensure_prepared_text(cfg.data)
+        meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg))
     else:
-        meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
+        meta, data_dir = _prepare(cfg)
     counts = ", ".join(f"{s}: {v['num_records']}" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {data_dir}: shape {meta['shape']} {meta['dtype']}, {meta['num_classes']} classes, "
           f"{counts}")
+
+
+def _prepare(cfg):
+    from data.prepare import ensure_prepared
+
+    if cfg.data.get("kind") is not None:   # a captioned stage-2 config (emoji, fashion_mnist_text, folder)
+        from data.captions import ensure_prepared_text
+
+        return ensure_prepared_text(cfg.data)
+    return ensure_prepared(cfg.data.name, cfg.data.root)
+
+
+def rebuild_keeping_old(target, build):
+    """force=true: the complete set (and its cached classifier) is moved aside while `build()` makes a new one in
+    its place, and comes back if the rebuild fails or is interrupted (a missing source, Ctrl-C): a rebuild never
+    leaves less than there was. The old copy is deleted only once the new one is complete."""
+    import os
+    import shutil
+
+    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
+    os.rename(target, aside)
+    try:
+        result = build()
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(aside, target)
+        print(f"rebuild of {target} stopped: the old copy is back in place", file=sys.stderr, flush=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return result
 
 
 def encode_latents(cfg):
@@ -54,13 +79,11 @@ def encode_latents(cfg):
     if not cfg.source or not cfg.vae:
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
     out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
-    if cfg.force:
-        (out / "meta.json").unlink(missing_ok=True)
-        (out / ".prepare-state.json").unlink(missing_ok=True)
     vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
     meta = prepare_latents(str(cfg.source), vae, out, resolution=cfg.resolution, hflip=bool(cfg.hflip),
                            batch_size=int(cfg.batch_size), shard_size=int(cfg.shard_size), dtype=cfg.latent_dtype,
-                           sample=bool(cfg.sample_posterior), workers=int(cfg.workers), progress=bool(cfg.progress))
+                           sample=bool(cfg.sample_posterior), workers=int(cfg.workers), progress=bool(cfg.progress),
+                           force=bool(cfg.force))
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "

@@ -172,7 +172,7 @@ def _save_state(out_dir: Path, state: dict) -> None:
 def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None, hflip: bool = False,
                     batch_size: int = 64, shard_size: int = SHARD_SIZE, dtype: str = "float16",
                     sample: bool = False, seed: int = 0, workers: int = 4, progress: bool = True,
-                    on_shard=None) -> dict:
+                    on_shard=None, force: bool = False) -> dict:
     """Encode `source` with `vae` into `out_dir` (shards + meta.json); returns the meta.
 
     **Arguments:**
@@ -184,6 +184,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
       cannot be flipped on the fly.
     - `dtype`: stored latent dtype (`float16` or `float32`).
     - `sample`: store a posterior sample instead of the posterior mean.
+    - `force`: encode every shard again even where the set matches; what is there is removed only after the source
+      and the VAE have been checked (a typo in either leaves the old set as it was).
     - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
     """
     from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS
@@ -220,7 +222,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    if state.get("fingerprint") != fp:   # a different plan: nothing can be reused
+    if force or state.get("fingerprint") != fp:   # a different plan (or force): nothing can be reused
         (out_dir / META_FILE).unlink(missing_ok=True)
         for old in out_dir.glob("*-of-*.array_record"):
             old.unlink()

@@ -286,3 +286,35 @@ def test_prepare_force_keeps_sets_it_cannot_rebuild(monkeypatch, capsys, data_co
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "force=true" in err, err
     assert snapshot(mine) == before
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(monkeypatch, capsys, data_copy, fails):
+    """`prepare_data.py data=digits force=true`: a rebuild that fails midway (here: the source cannot be read, as
+    when Fashion-MNIST's package was removed) puts the complete old set back, classifier cache included; one that
+    succeeds leaves the new set and no copy of the old one."""
+    import data.prepare
+    import prepare_data
+
+    root, d, _, _ = data_copy
+    (d / "classifier").mkdir()
+    (d / "classifier" / "weights.eqx").write_bytes(b"cached")
+    before = snapshot(d)
+    if fails:
+        def unreadable(name):
+            raise UserError(f"{name} cannot be read")
+        monkeypatch.setattr(data.prepare, "load_builtin", unreadable)
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "data=digits", f"data.root={root}", "force=true"])
+    capsys.readouterr()
+    if fails:
+        with pytest.raises(SystemExit) as exc:
+            cli.main("prepare", prepare_data.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and "old copy is back" in err[0] and "cannot be read" in err[-1], err
+        assert snapshot(d) == before
+    else:
+        cli.main("prepare", prepare_data.main)
+        assert not (d / "classifier").exists() and (d / "meta.json").exists()
+        assert {k: v for k, v in snapshot(d).items() if "classifier" not in k} == {
+            k: v for k, v in before.items() if "classifier" not in k}     # the same shards, rebuilt
+    assert sorted(p.name for p in root.iterdir()) == ["digits"]          # no copy left aside

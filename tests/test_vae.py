@@ -137,6 +137,10 @@ def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
     np.testing.assert_allclose(full["channel_std"], x.astype(np.float64).std((0, 1, 2)), rtol=1e-6)
     b = next(make_iterator(full, tmp_path / "full", "train", batch_size=4, seed=0))
     assert b["x"].shape == (4, 4, 4, 4) and b["x"].dtype == np.float32
+    # force=true encodes every shard again, to the same bytes, even though the set matched.
+    again = []
+    prepare_latents(str(tmp_path / "src"), vae, tmp_path / "full", on_shard=again.append, force=True, **kw)
+    assert len(again) == 4 and _shards(tmp_path / "full") == _shards(tmp_path / "part")
     # A different setting (no flip) is a new plan: it starts over instead of reusing shards.
     meta = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", **{**kw, "hflip": False})
     assert meta["splits"]["train"]["num_records"] == 10
@@ -154,10 +158,14 @@ def test_prepare_data_cli_offline(vae_dir, tmp_path):
     assert "images/s" in p.stdout and f"data.name={out.name}" in p.stdout
     meta = json.loads((out / "meta.json").read_text())
     assert meta["class_names"] == ["cat", "dog"] and meta["splits"]["train"]["num_records"] == 3
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    # A mistyped VAE with force=true: refused before anything of the encoded set is removed.
     p = subprocess.run([sys.executable, "prepare_data.py", f"source={tmp_path / 'src'}", f"vae={tmp_path / 'nope'}",
-                        "resolution=8", f"out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "resolution=8", f"out={out}", "force=true"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0], p.stderr[-2000:]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_generate_decodes_latent_samples(vae_dir):
