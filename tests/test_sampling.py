@@ -251,3 +251,45 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
 def test_balanced_labels():
     y = balanced_labels(25, 10)
     assert np.bincount(y).tolist() == [3] * 5 + [2] * 5 and (np.diff(y) >= 0).all()
+
+
+def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch):
+    """A Ctrl-C (SIGINT) that lands while a compiled call runs is raised between calls: the running chunk finishes,
+    no further chunk starts, and the handler is given back; a second Ctrl-C raises at once; a handler installed by
+    someone else (the training loop's) is left alone."""
+    import os
+    import signal
+
+    import training.sampling
+    from training.interrupts import DeferredInterrupt
+
+    with DeferredInterrupt() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.pending            # held, not raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupt():
+            os.kill(os.getpid(), signal.SIGINT)   # held to the end of the block, then raised
+    mine = lambda *a: None
+    old = signal.signal(signal.SIGINT, mine)
+    try:
+        with DeferredInterrupt() as stop:
+            assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+    calls = []
+    real_solve = training.sampling.solve
+
+    def solve_then_ctrl_c(*a, **kw):
+        out = real_solve(*a, **kw)
+        return jax.debug.callback(lambda x: calls.append(1) or os.kill(os.getpid(), signal.SIGINT), out[0, 0]) or out
+    monkeypatch.setattr(training.sampling, "solve", solve_then_ctrl_c)
+    cfg = compose("config", ["model=tiny"])
+    model = build_model(model_spec(cfg.model, {"shape": [8, 8, 1], "num_classes": 10}), key=jax.random.PRNGKey(0))
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, balanced_labels(9, 10), jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
+               sampler_cfg=sampler_cfg(steps=2, chunk=3))
+    assert len(calls) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler

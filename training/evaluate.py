@@ -28,6 +28,7 @@ import optax
 import scipy.linalg
 
 from training.errors import UserError
+from training.interrupts import DeferredInterrupt
 
 CLASSIFIER_VERSION = 1   # bump when the architecture or training recipe changes: old caches are then retrained
 _FEATURE_BATCH = 256     # fixed batch (padded) so feature extraction compiles once per image shape
@@ -94,11 +95,13 @@ def _forward(clf, x):
 def _apply(clf, x) -> tuple[np.ndarray, np.ndarray]:
     """(features float64 (N, 128), logits (N, K)) in fixed-size padded batches."""
     feats, logits = [], []
-    for i in range(0, len(x), _FEATURE_BATCH):
-        b = x[i:i + _FEATURE_BATCH]
-        pad = np.zeros((_FEATURE_BATCH - len(b), *x.shape[1:]), x.dtype)
-        f, l = jax.device_get(_forward(clf, np.concatenate([b, pad])))
-        feats.append(f[:len(b)]), logits.append(l[:len(b)])
+    with DeferredInterrupt() as stop:
+        for i in range(0, len(x), _FEATURE_BATCH):
+            stop.check()
+            b = x[i:i + _FEATURE_BATCH]
+            pad = np.zeros((_FEATURE_BATCH - len(b), *x.shape[1:]), x.dtype)
+            f, l = jax.device_get(_forward(clf, np.concatenate([b, pad])))
+            feats.append(f[:len(b)]), logits.append(l[:len(b)])
     return np.concatenate(feats).astype(np.float64), np.concatenate(logits)
 
 
@@ -111,12 +114,15 @@ def train_classifier(x_train, y_train, x_test, y_test, *, num_classes: int, seed
     rs = np.random.RandomState(seed)
     per_epoch = max(len(x_train) // batch_size, 1)   # drop the ragged last batch: one batch shape, one compile
     total = per_epoch * epochs
-    for step in range(total):
-        if step % per_epoch == 0:
-            perm = rs.permutation(len(x_train))
-        idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
-        cur = np.float32(lr * 0.5 * (1 + np.cos(np.pi * step / total)))   # cosine to 0: +1-2 points at 2 epochs
-        clf, opt_state, _ = _train_step(clf, opt_state, x_train[idx], y_train[idx].astype(np.int32), cur)
+    with DeferredInterrupt() as stop:
+        for step in range(total):
+            stop.check(clf)
+            if step % per_epoch == 0:
+                perm = rs.permutation(len(x_train))
+            idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
+            cur = np.float32(lr * 0.5 * (1 + np.cos(np.pi * step / total)))   # cosine to 0: +1-2 points at 2 epochs
+            clf, opt_state, _ = _train_step(clf, opt_state, x_train[idx], y_train[idx].astype(np.int32), cur)
+        stop.check(clf)
     acc = float(np.mean(_apply(clf, x_test)[1].argmax(-1) == y_test))
     return clf, acc
 

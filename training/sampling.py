@@ -21,6 +21,7 @@ import numpy as np
 from models import apply
 from training import flow
 from training.errors import UserError, check_whole
+from training.interrupts import DeferredInterrupt
 from training.step import DTYPES, cast_floats
 
 SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
@@ -222,20 +223,22 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                      shift=shift)
 
     out = []
-    for i, start in enumerate(range(0, n, chunk)):
-        y = tuple(c[start:start + chunk] for c in conds)
-        pad = chunk - len(y[0])
-        y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
-        try:
-            x = np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))
-        except eqx.EquinoxRuntimeError as err:   # raised by diffrax inside the solve, seen when its result is read
-            if "maximum number of solver steps" not in str(err):
-                raise
-            raise UserError(f"sampler.solver={sampler_cfg.solver} needed more than "
-                            f"{adaptive_cap(int(sampler_cfg.steps))} steps at rtol={sampler_cfg.rtol}, "
-                            f"atol={sampler_cfg.atol}: loosen sampler.rtol/atol (e.g. 1e-3) or raise sampler.steps "
-                            f"(the cap grows with it)") from None
-        out.append(x[:chunk - pad])
+    with DeferredInterrupt() as stop:   # Ctrl-C between chunks, never inside a running solve
+        for i, start in enumerate(range(0, n, chunk)):
+            stop.check()
+            y = tuple(c[start:start + chunk] for c in conds)
+            pad = chunk - len(y[0])
+            y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
+            try:
+                x = np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))
+            except eqx.EquinoxRuntimeError as err:   # raised by diffrax inside the solve, seen when its result is read
+                if "maximum number of solver steps" not in str(err):
+                    raise
+                raise UserError(f"sampler.solver={sampler_cfg.solver} needed more than "
+                                f"{adaptive_cap(int(sampler_cfg.steps))} steps at rtol={sampler_cfg.rtol}, "
+                                f"atol={sampler_cfg.atol}: loosen sampler.rtol/atol (e.g. 1e-3) or raise sampler.steps "
+                                f"(the cap grows with it)") from None
+            out.append(x[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
 
 
