@@ -205,6 +205,11 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         items, class_names, src_desc, layout = _folder_items(source, int(resolution), vae.in_channels)
     resolution = int(resolution)
     latent_shape = vae.latent_shape(resolution, resolution)
+    if min(latent_shape[:2]) < 2:   # e.g. digits' 8x8 through an SD VAE: 1x1 latents no patch size can split
+        f = max(resolution // max(latent_shape[0], 1), 1)
+        raise UserError(f"{resolution}x{resolution} images give {latent_shape[0]}x{latent_shape[1]} latents with this "
+                        f"VAE (it downsamples {f}x), too few for any patch: pass resolution={2 * f} or more (images "
+                        f"are resized), or train on the pixels")
     # Version 2: captions and class names joined the fingerprint. A set prepared under version 1 therefore no
     # longer matches and is re-encoded once, from scratch (its old captions may be stale; nothing tells).
     plan = {"version": 2, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),

@@ -142,6 +142,9 @@ def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
     prepare_latents(str(tmp_path / "src"), vae, tmp_path / "full", on_shard=again.append, force=True, **kw)
     assert len(again) == 4 and _shards(tmp_path / "full") == _shards(tmp_path / "part")
     # A different setting (no flip) is a new plan: it starts over instead of reusing shards.
+    with pytest.raises(UserError, match="1x1 latents .* pass resolution=4 or more"):   # nothing a patch can split
+        prepare_latents(str(tmp_path / "src"), vae, tmp_path / "small", **{**kw, "resolution": 2})
+    assert not (tmp_path / "small").exists()
     meta = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", **{**kw, "hflip": False})
     assert meta["splits"]["train"]["num_records"] == 10
 
