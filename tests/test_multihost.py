@@ -97,6 +97,32 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     assert (ckpt_dir / "samples" / "step0000004.png").is_file()
 
 
+def test_coordinator_mistakes_are_one_line_not_an_abort():
+    """JAX aborts from C++ when the coordinator is unreachable; the checks before it turn the usual mistakes into one
+    UserError: a process > 0 that cannot reach the address within the timeout, a port process 0 cannot open, an
+    address without a port. A reachable coordinator passes."""
+    import time
+
+    import pytest
+
+    from training.distributed import check_coordinator
+    from training.errors import UserError
+
+    port = free_port()
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=f"process 1 could not reach the coordinator at 127.0.0.1:{port} within"):
+        check_coordinator(f"127.0.0.1:{port}", 1, 1)
+    assert time.monotonic() - t0 < 10
+    with socket.socket() as held:
+        held.bind(("", port))
+        held.listen()
+        check_coordinator(f"127.0.0.1:{port}", 1, 1)                 # reachable: passes at once
+        with pytest.raises(UserError, match=f"cannot open the coordinator's port {port}"):
+            check_coordinator(f"127.0.0.1:{port}", 0, 1)
+    with pytest.raises(UserError, match="must be host:port"):
+        check_coordinator("host0", 1, 1)
+
+
 # ----------------------------------------------------------------------------------------------- child process
 
 def _setup():

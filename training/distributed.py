@@ -74,6 +74,40 @@ def resolve(cfg, environ=None) -> dict | None:
     return kwargs
 
 
+def check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """What JAX would otherwise report by aborting the process from C++ (SIGABRT, no Python error), checked first
+    where Python can: process 0 can open the coordinator's port, and every other process reaches it (retrying while
+    process 0 starts, up to timeout_s). Peers that never join remain JAX's to time out."""
+    import socket
+    import time
+
+    host, _, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"distributed.coordinator_address={address!r} must be host:port (e.g. host0:1234)")
+    if process_id == 0:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.bind(("", int(port)))
+        except OSError as err:
+            raise UserError(f"process 0 cannot open the coordinator's port {port} ({err.strerror}): another run may "
+                            f"hold it; pick a free one in distributed.coordinator_address") from None
+        return
+    deadline = time.monotonic() + float(timeout_s)
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, deadline - time.monotonic()))).close()
+            return
+        except socket.gaierror as err:
+            raise UserError(f"distributed.coordinator_address={address!r}: unknown host ({err.strerror})") from None
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise UserError(f"process {process_id} could not reach the coordinator at {address} within "
+                                f"distributed.timeout_s={timeout_s} s: start process 0 on that host and port, and "
+                                f"check that the port is open between the hosts") from None
+            time.sleep(0.5)
+
+
 def initialize(cfg=None) -> bool:
     """Start jax.distributed if the config/environment asks for several processes; True when it did (or had)."""
     import jax
@@ -86,10 +120,13 @@ def initialize(cfg=None) -> bool:
     # CPU devices need a collectives backend to talk across processes (gloo; ignored by GPU computations)
     jax.config.update("jax_cpu_collectives_implementation", str(_get(cfg, "cpu_collectives", "gloo")))
     # An unreachable coordinator is not an exception: after initialization_timeout JAX aborts the whole process from
-    # C++ (a DEADLINE_EXCEEDED check failure, exit by SIGABRT) and Python never sees it. Say first what is awaited.
+    # C++ (a DEADLINE_EXCEEDED check failure, exit by SIGABRT) and Python never sees it. Say first what is awaited,
+    # and check what can be checked (the port, the route to it) before JAX tries.
     print(f"process {kwargs['process_id'] if kwargs['process_id'] is not None else '?'}: joining the coordinator at "
           f"{kwargs['coordinator_address'] or '(from Slurm)'} (waits up to distributed.timeout_s="
-          f"{kwargs['initialization_timeout']} s; if it is unreachable, JAX then aborts this process)", flush=True)
+          f"{kwargs['initialization_timeout']} s; if a process never joins, JAX then aborts this one)", flush=True)
+    if kwargs["coordinator_address"] is not None:
+        check_coordinator(kwargs["coordinator_address"], kwargs["process_id"], kwargs["initialization_timeout"])
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, TypeError) as err:
