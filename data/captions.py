@@ -150,7 +150,7 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
 def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:
     """sample.py: prompts (one string or a list; None = 8 training captions) -> (prompt index per image, model
     conditions, prompts). Prompts go through the encoder that prepared the data (meta["text"]); num_samples images
-    are split evenly over the prompts (at least one each)."""
+    are split as evenly as they go over the prompts, in prompt order (at least one each)."""
     from data.loader import load_text
     from data.text import get_encoder
     from training.generate import text_conds
@@ -165,5 +165,8 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
         c = load_text(meta, data_dir, "train")
         pick = np.linspace(0, len(c["caption"]) - 1, min(8, len(c["caption"]))).astype(int)
         prompts, text, mask = [c["caption"][i] for i in pick], c["text"][pick], c["mask"][pick]
-    idx = np.repeat(np.arange(len(prompts)), max(1, int(num_samples) // len(prompts)))
+    n = int(num_samples)
+    if n < len(prompts):
+        print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)
+    idx = np.sort(np.arange(max(n, len(prompts))) % len(prompts))   # exactly num_samples; earlier prompts get the rest
     return idx, text_conds(text[idx], mask[idx]), prompts

@@ -112,6 +112,22 @@ def test_prompt_sampling_with_guidance(root):
                                          shape=(8, 8, 1), sampler_cfg=sc(1.0)), atol=1e-5)  # null vs null: no guidance
 
 
+def test_prompts_share_exactly_the_images_asked_for(root, capsys):
+    """sample.py prompt=[...] num_samples=N: N images split over the prompts in order (10 over 3: 4, 3, 3), each
+    prompt's conditions equal to its own encoding; fewer than the prompts: one each, said aloud."""
+    from data.captions import prompt_conds
+
+    meta = load_meta(f"{root}/digits_text")
+    prompts = ["a handwritten digit 1", "a handwritten digit 7", "a handwritten digit 3"]
+    idx, conds, got = prompt_conds(prompts, 10, meta, f"{root}/digits_text")
+    assert got == prompts and np.bincount(idx).tolist() == [4, 3, 3] and len(conds[0]) == 10
+    one, c1, _ = prompt_conds(prompts[1], 1, meta, f"{root}/digits_text")
+    np.testing.assert_array_equal(np.asarray(conds[0])[4], np.asarray(c1[0])[0])
+    capsys.readouterr()
+    idx, _, _ = prompt_conds(prompts, 2, meta, f"{root}/digits_text")
+    assert idx.tolist() == [0, 1, 2] and "one image per prompt" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mixing", ["cross", "joint"])
 def test_printed_flops_count_the_text_path(mixing):
     """The GFLOPs printed at start include the caption path (joint runs a whole stream over the caption tokens).
