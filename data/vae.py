@@ -30,6 +30,7 @@ accelerator JAX trains on unless asked.
 import functools
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,24 @@ _LOW_MEM = importlib.util.find_spec("accelerate") is not None
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves. Where it does not (no network, as on this project's machines), the hub
+    client would retry five times with a warning each (~30 s) before failing; then only the local cache is tried."""
+    import socket
+
+    try:
+        socket.getaddrinfo(_hub_host(), 443)
+        return True
+    except OSError:
+        return False
 
 
 def torch_device(device: str | None = "cpu") -> str:
@@ -169,11 +188,16 @@ def _build(name: str):
     if key.startswith((".", "/", "~")) or os.sep in key and key.count("/") != 1:
         raise UserError(f"VAE directory {key} does not exist")
     repo, sub = (PRESETS[key]["repo"], PRESETS[key]["subfolder"]) if key in PRESETS else (key, None)
+    unreachable = not _offline() and not _hub_resolves()
     try:
-        return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline(),
-                                             low_cpu_mem_usage=_LOW_MEM)
+        with warnings.catch_warnings():   # diffusers passes an argument the hub client has deprecated: not ours to fix
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline() or unreachable,
+                                                 low_cpu_mem_usage=_LOW_MEM)
     except Exception as e:   # hub/network/cache errors come in many types; all mean "not available here"
         how = ("HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if _offline()
+               else f"no local directory of that name, the hub ({_hub_host()}) cannot be reached from here, and it "
+                    f"is not in the Hugging Face cache" if unreachable
                else "no local directory of that name, and the hub could not provide it")
         raise UserError(f"cannot load VAE {key!r} ({repo}{'/' + sub if sub else ''}): {how} "
                         f"({type(e).__name__}). Pass a local save_pretrained directory, download it where there is "

@@ -100,6 +100,24 @@ def test_load_errors_are_user_errors(tmp_path):
         load_vae("sd3")
 
 
+def test_an_unreachable_hub_fails_at_once(monkeypatch):
+    """Without HF_HUB_OFFLINE, on a machine whose DNS cannot resolve the hub, a hub id fails in one line at once
+    (only the local cache is tried) instead of after the hub client's five retries and their warnings."""
+    import socket
+    import time
+
+    from data.vae import load_vae
+
+    def no_dns(host, *a, **kw):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"the hub \(huggingface.co\) cannot be reached from here"):
+        load_vae("someone/no-such-vae")
+    assert time.monotonic() - t0 < 5
+
+
 def _shards(d: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.array_record"))}
 
