@@ -154,3 +154,16 @@ def test_cli_flags_unset_keys_and_unwritable_paths_are_one_line(monkeypatch, cap
     line = run_cli(monkeypatch, capsys, ["data=digits", "model=tiny", f"data.root={blocker}", "wandb.mode=disabled",
                                          f"train.ckpt_dir={tmp_path / 'ck'}"])
     assert str(blocker) in line and "choose a path" in line, line
+
+
+def test_a_stage_main_called_from_python_checks_values_too(tmp_path, digits_root):
+    """Python callers of train_stage1.main(cfg) skip cli.main; the shared loop applies the same value table before
+    it touches the checkpoint directory."""
+    import train_stage1
+    from conftest import tiny_overrides
+    from training.errors import UserError
+
+    cfg = compose("config", tiny_overrides(digits_root, str(tmp_path / "ck")) + ["train.ema_decay=1.5"])
+    with pytest.raises(UserError, match="train.ema_decay takes a number in"):
+        train_stage1.main(cfg)
+    assert not (tmp_path / "ck").exists()

@@ -67,6 +67,9 @@ class StopFlag:
 
 
 def run(cfg, task: Task) -> dict:
+    from training.schema import check_values
+
+    check_values("config", cfg)   # cli.main checks too; this covers Python callers of a stage's main(cfg)
     tc = cfg.train
     distributed.initialize(cfg.get("distributed"))  # before anything touches devices
     is_main = jax.process_index() == 0
