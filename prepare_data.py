@@ -54,10 +54,12 @@ def rebuild_keeping_old(target, build):
     import os
     import shutil
 
+    target = target.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
     aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
     print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
     os.rename(target, aside)
     try:
+        target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
         result = build()
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)

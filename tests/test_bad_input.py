@@ -289,7 +289,8 @@ def test_prepare_force_keeps_sets_it_cannot_rebuild(monkeypatch, capsys, data_co
 
 
 @pytest.mark.parametrize("fails", [True, False])
-def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(monkeypatch, capsys, data_copy, fails):
+def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(monkeypatch, capsys, data_copy, fails,
+                                                                               tmp_path):
     """`prepare_data.py data=digits force=true`: a rebuild that fails midway (here: the source cannot be read, as
     when Fashion-MNIST's package was removed) puts the complete old set back, classifier cache included; one that
     succeeds leaves the new set and no copy of the old one."""
@@ -312,9 +313,14 @@ def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(m
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and "old copy is back" in err[0] and "cannot be read" in err[-1], err
         assert snapshot(d) == before
-    else:
+        assert sorted(p.name for p in root.iterdir()) == ["digits"]      # no copy left aside
+    else:   # the set lives elsewhere behind a symlink: rebuilt there, the link kept
+        real = tmp_path / "disk" / "digits"
+        real.parent.mkdir()
+        shutil.move(d, real)
+        d.symlink_to(real)
         cli.main("prepare", prepare_data.main)
-        assert not (d / "classifier").exists() and (d / "meta.json").exists()
-        assert {k: v for k, v in snapshot(d).items() if "classifier" not in k} == {
-            k: v for k, v in before.items() if "classifier" not in k}     # the same shards, rebuilt
-    assert sorted(p.name for p in root.iterdir()) == ["digits"]          # no copy left aside
+        assert d.is_symlink() and not (real / "classifier").exists() and (real / "meta.json").exists()
+        assert {k: v for k, v in snapshot(real).items() if "classifier" not in k} == {
+            k.replace(str(d), str(real)): v for k, v in before.items() if "classifier" not in k}  # same shards
+        assert sorted(p.name for p in real.parent.iterdir()) == ["digits"]  # no copy left aside
