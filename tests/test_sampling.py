@@ -253,7 +253,18 @@ def test_balanced_labels():
     assert np.bincount(y).tolist() == [3] * 5 + [2] * 5 and (np.diff(y) >= 0).all()
 
 
-def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch):
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a command-line process (pytest-xdist workers run with SIGINT ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch, python_sigint):
     """A Ctrl-C (SIGINT) that lands while a compiled call runs is raised between calls: the running chunk finishes,
     no further chunk starts, and the handler is given back; a second Ctrl-C raises at once; a handler installed by
     someone else (the training loop's) is left alone."""
@@ -273,12 +284,10 @@ def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch):
         with DeferredInterrupt():
             os.kill(os.getpid(), signal.SIGINT)   # held to the end of the block, then raised
     mine = lambda *a: None
-    old = signal.signal(signal.SIGINT, mine)
-    try:
-        with DeferredInterrupt() as stop:
-            assert signal.getsignal(signal.SIGINT) is mine
-    finally:
-        signal.signal(signal.SIGINT, old)
+    signal.signal(signal.SIGINT, mine)
+    with DeferredInterrupt():
+        assert signal.getsignal(signal.SIGINT) is mine
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     calls = []
     real_solve = training.sampling.solve
