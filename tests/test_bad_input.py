@@ -324,3 +324,26 @@ def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(m
         assert {k: v for k, v in snapshot(real).items() if "classifier" not in k} == {
             k.replace(str(d), str(real)): v for k, v in before.items() if "classifier" not in k}  # same shards
         assert sorted(p.name for p in real.parent.iterdir()) == ["digits"]  # no copy left aside
+
+
+def test_a_second_run_into_a_busy_checkpoint_directory_is_refused(tmp_path):
+    """Two runs writing to one train.ckpt_dir would interleave steps and delete each other's checkpoints; the second
+    one's start-up would even remove the first's save in progress as a leftover. The writer holds a lock: a second
+    writer is refused in one line naming the holder and touches nothing; readers (sample.py) are not held up; the
+    directory is free again once the first run closes (or dies: the kernel drops the lock)."""
+    import os
+
+    ck = tmp_path / "ck"
+    first = Checkpointer(str(ck))
+    in_progress = ck / "500.orbax-checkpoint-tmp-1234"      # the first run's save, being written
+    in_progress.mkdir()
+    (in_progress / "part").write_bytes(b"x")
+    before = snapshot(ck)
+    with pytest.raises(UserError, match=rf"another run \(pid {os.getpid()} on .*\) is writing to {ck}: wait"):
+        Checkpointer(str(ck))
+    assert snapshot(ck) == before
+    with Checkpointer(str(ck), create=False) as reader:
+        assert reader.latest_step() is None
+    first.close()
+    Checkpointer(str(ck)).close()                            # free again
+    assert not in_progress.exists()                          # and now a true leftover, cleaned at start

@@ -25,6 +25,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from training import checksums
 from training.errors import OTHER_VERSION, UserError, check_whole, check_writable_dir, first_line
+from training.runlock import RunLock
 from training.sharding import host_value
 from training.state import TrainState
 
@@ -52,17 +53,25 @@ class Checkpointer:
         """keep: the last `keep` steps stay; preserve: these steps stay too (autoguidance's weak model)."""
         check_whole("train.keep_ckpts", keep, 1, "the last N checkpoints are kept")   # Orbax: 0 deletes every one
         self.directory = Path(directory).absolute()
+        self.lock = RunLock(self.directory)
         if create:
             self.check_writable()
-            self.check_contents()
-            self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
-        policy = {"max_to_keep": int(keep)} if not preserve else {"preservation_policy": cm.AnyPreservationPolicy(
-            [cm.LatestN(int(keep)), cm.CustomSteps([int(s) for s in preserve])])}
-        options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=True, **policy,
-                                               cleanup_tmp_directories=False, todelete_subdir=TRASH)
-        if create and jax.process_index() == 0:
-            self.remove_partial_saves()
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+            self.check_contents()          # first: a refused foreign directory gets no lock file either
+            if jax.process_index() == 0:   # the writer: one run per directory (training/runlock.py)
+                self.lock.acquire()
+        try:
+            if create:
+                self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
+            policy = {"max_to_keep": int(keep)} if not preserve else {"preservation_policy": cm.AnyPreservationPolicy(
+                [cm.LatestN(int(keep)), cm.CustomSteps([int(s) for s in preserve])])}
+            options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=True, **policy,
+                                                   cleanup_tmp_directories=False, todelete_subdir=TRASH)
+            if create and jax.process_index() == 0:
+                self.remove_partial_saves()   # safe: no other run holds the directory
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def remove_partial_saves(self):
         """Delete what a killed save left behind (`<step>.orbax-checkpoint-tmp*`) and old steps waiting in TRASH,
@@ -292,6 +301,8 @@ class Checkpointer:
             if user is None:
                 raise
             raise user from None
+        finally:
+            self.lock.release()
 
 
 # What the abandoned reads' errors say: asyncio's closed loop, Orbax's read wrapper, TensorStore's own read error.

@@ -1,0 +1,57 @@
+"""One training run per checkpoint directory.
+
+Two runs writing into one `train.ckpt_dir` (a job submitted twice, a requeued job whose first copy still runs, a
+command pasted into two terminals) would interleave their steps, delete each other's checkpoints through
+keep-last-N, and the second one's start-up would remove the first one's save in progress as "left by a kill". The
+run that writes (process 0) holds an exclusive `flock` on `<ckpt_dir>/.run.lock` for its whole life; the kernel drops
+it when the process ends in any way (kill -9 included), so a lock is never stale. Readers (sample.py) take none.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from training.errors import UserError
+
+LOCK_FILE = ".run.lock"
+
+
+class RunLock:
+    def __init__(self, directory):
+        self.path = Path(directory) / LOCK_FILE
+        self.fd = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.read(fd, 4096))
+            os.close(fd)
+            raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to end or stop "
+                            f"it, or choose another train.ckpt_dir") from None
+        except OSError:   # a file system without flock (some Lustre mounts): run unguarded, as before the lock
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        h = json.loads(raw.decode())
+        return f"pid {int(h['pid'])} on {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "unknown process"
