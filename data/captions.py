@@ -122,15 +122,28 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
 
 def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use;
-    a copy prepared from another request (_request) is refused."""
-    from data.prepare import prepare_arrays
-    from data.text import get_encoder
+    a copy prepared from another request (_request) is refused. Preparation runs under the same lock as the
+    built-ins' (data.prepare.ensure_prepared)."""
+    from data.prepare import preparing_lock
+    from training.runlock import exclusive
 
     out_dir = Path(dc.root) / dc.name
     if (out_dir / META_FILE).exists():
         meta = load_meta(out_dir)
         _check_reuse(meta, dc, out_dir)
         return meta, out_dir
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+        if (out_dir / META_FILE).exists():   # prepared by another process while we waited
+            meta = load_meta(out_dir)
+            _check_reuse(meta, dc, out_dir)
+            return meta, out_dir
+        return _prepare_text(dc, out_dir, encoder)
+
+
+def _prepare_text(dc, out_dir: Path, encoder) -> tuple[dict, Path]:
+    from data.prepare import prepare_arrays
+    from data.text import get_encoder
+
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     d = _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))

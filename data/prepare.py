@@ -15,6 +15,7 @@ from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builti
 from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, prepare_hint, write_meta
 from data.records import ALLOWED_DTYPES, encode_record
 from training.errors import UserError
+from training.runlock import exclusive
 
 RECORDS_PER_SHARD = 7500      # Fashion-MNIST: 8 train shards, 2 test shards
 
@@ -149,19 +150,39 @@ def data_mismatch(saved_config: dict, meta: dict) -> str | None:
 
 def ensure_prepared(name: str, root) -> tuple[dict, Path]:
     """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use, and again when the copy there was
-    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost)."""
+    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost). Preparation
+    runs under a lock beside the set, so runs started together prepare it once and the others wait for it."""
     out_dir = Path(root) / name
+    meta = _usable(name, out_dir, quiet=True)
+    if meta is not None:
+        return meta, out_dir
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+        meta = _usable(name, out_dir, quiet=False)   # it may have finished while we waited
+        if meta is not None:
+            return meta, out_dir
+        d = load_builtin(name)
+        prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
+                       split_rule=d["split_rule"])
+    return load_meta(out_dir), out_dir
+
+
+def preparing_lock(out_dir: Path) -> Path:
+    """The lock file for preparing `out_dir`: beside it, since a rebuild may replace the folder itself."""
+    return out_dir.parent / f".{out_dir.name}.prepare.lock"
+
+
+def _usable(name: str, out_dir: Path, quiet: bool) -> dict | None:
+    """The meta of a prepared copy that can be used as it is; None when it must be prepared (saying why unless
+    `quiet`); a UserError when it cannot be."""
     if (out_dir / META_FILE).exists():
         meta = load_meta(out_dir)
         if not is_builtin_copy(name, meta) or split_rule_of(meta) == BUILTIN_SPLITS[name]:
-            return meta, out_dir
-        print(f"{out_dir} holds the old split of {name} ({split_rule_of(meta)}); re-preparing it with "
-              f"{BUILTIN_SPLITS[name]}", flush=True)
+            return meta
+        if not quiet:
+            print(f"{out_dir} holds the old split of {name} ({split_rule_of(meta)}); re-preparing it with "
+                  f"{BUILTIN_SPLITS[name]}", flush=True)
     elif name not in BUILTIN_NAMES:
         raise UserError(f"no prepared data set at {out_dir}: {prepare_hint(out_dir)}")
-    else:
+    elif not quiet:
         print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
-    d = load_builtin(name)
-    prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
-                   split_rule=d["split_rule"])
-    return load_meta(out_dir), out_dir
+    return None

@@ -97,3 +97,29 @@ def test_a_builtin_copy_cut_the_old_way_is_re_prepared(tmp_path, capsys):
     x = np.zeros((4, 8, 8, 1), np.uint8)
     prepare_arrays(mine, "digits", {"train": (x, np.arange(4) % 2)}, ["a", "b"], "/home/me/scans")
     assert ensure_prepared("digits", tmp_path / "mine")[0]["splits"]["train"]["num_records"] == 4
+
+
+def test_runs_started_together_prepare_a_set_once(tmp_path, capsys):
+    """Two runs started together on a fresh machine both prepared the set, and the second one's rewrite deleted shards
+    the first had just read meta.json for ("shard ... is missing" 2 s into a seed sweep; development_log.md).
+    Preparing runs under a lock: a run that finds another preparing waits, then uses what that one wrote."""
+    import threading
+    import time
+
+    from data.prepare import preparing_lock
+    from training.runlock import exclusive
+
+    out = tmp_path / "digits"
+    got = {}
+    with exclusive(preparing_lock(out), "unused"):          # another process is preparing digits ...
+        t = threading.Thread(target=lambda: got.update(r=ensure_prepared("digits", tmp_path)))
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive() and not out.exists()             # ... so this run waits instead of writing too
+        d = load_builtin("digits")
+        prepare_arrays(out, "digits", {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
+                       split_rule=d["split_rule"])
+        written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    t.join(60)
+    assert "waiting for another process preparing" in capsys.readouterr().out
+    assert got["r"][1] == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written   # not rewritten

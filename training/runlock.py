@@ -1,4 +1,4 @@
-"""One training run per checkpoint directory.
+"""One training run per checkpoint directory; one preparer per data set (`exclusive`).
 
 Two runs writing into one `train.ckpt_dir` (a job submitted twice, a requeued job whose first copy still runs, a
 command pasted into two terminals) would interleave their steps, delete each other's checkpoints through
@@ -7,6 +7,7 @@ run that writes (process 0) holds an exclusive `flock` on `<ckpt_dir>/.run.lock`
 it when the process ends in any way (kill -9 included), so a lock is never stale. Readers (sample.py) take none.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -55,3 +56,24 @@ def _describe(raw: bytes) -> str:
         return f"pid {int(h['pid'])} on {h['host']}, started {h['started']}"
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "unknown process"
+
+
+@contextlib.contextmanager
+def exclusive(path, waiting: str):
+    """Hold an exclusive flock on `path` (created if absent) for the block, waiting for another holder first (with
+    `waiting` printed once). Preparing a data set on first use runs under it: two runs started together on a fresh
+    machine each rewrote the set, deleting shards the other had just read meta.json for (development_log.md)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:   # no flock on this file system: unguarded, as before
+            pass
+        yield
+    finally:
+        os.close(fd)      # closing the descriptor drops the lock
