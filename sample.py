@@ -79,8 +79,8 @@ def main(cfg):
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
-    np.savez(out, images=images, labels=labels, arr_0=images, arr_1=labels,
-             **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
+    write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
+              **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
     save_png(make_grid(images[:256], nrow=min(nrow, 16)), out.with_suffix(".png"), upscale=2)
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
@@ -90,6 +90,19 @@ def main(cfg):
         print("evaluation: " + json.dumps(res), flush=True)
         out.with_suffix(".eval.json").write_text(json.dumps(res, indent=1))
     return images, labels
+
+
+def write_npz(out, **arrays):
+    """np.savez to a temporary name beside `out`, then renamed over it: a write cut short (disk full, Ctrl-C) leaves
+    the file `out` held before, never half of a new one."""
+    import numpy as np
+
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_out(value):

@@ -302,3 +302,28 @@ def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch, python_sigin
         sample(model, balanced_labels(9, 10), jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
                sampler_cfg=sampler_cfg(steps=2, chunk=3))
     assert len(calls) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sample_py_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write cut short (disk full, Ctrl-C) leaves the npz that was there, not half of a new one; a finished one
+    replaces it and reads back without pickle."""
+    import errno
+
+    import sample
+
+    out = tmp_path / "s.npz"
+    np.savez(out, images=np.zeros((2, 4, 4, 1), np.uint8))
+    before = out.read_bytes()
+    real = np.savez
+
+    def full_disk(path, **arrays):
+        open(path, "wb").write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError):
+        sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    monkeypatch.setattr(np, "savez", real)
+    sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
+    assert np.load(out, allow_pickle=False)["images"].shape == (3, 4, 4, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
