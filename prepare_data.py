@@ -51,7 +51,6 @@ def rebuild_keeping_old(target, build):
     """force=true: the complete set (and its cached classifier) is moved aside while `build()` makes a new one in
     its place, and comes back if the rebuild fails or is interrupted (a missing source, Ctrl-C): a rebuild never
     leaves less than there was. The old copy is deleted only once the new one is complete."""
-    import os
     import shutil
 
     target = target.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it

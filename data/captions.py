@@ -122,25 +122,23 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
 
 def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use;
-    a copy prepared from another request (_request) is refused. Preparation runs under the same lock as the
-    built-ins' (data.prepare.ensure_prepared)."""
-    from data.prepare import preparing_lock
-    from training.runlock import exclusive
+    a copy prepared from another request (_request) is refused. Prepared once under a lock, as the built-ins are
+    (data.prepare.prepare_once)."""
+    from data.prepare import prepare_once
 
     out_dir = Path(dc.root) / dc.name
-    if (out_dir / META_FILE).exists():
+
+    def ready():
+        if not (out_dir / META_FILE).exists():
+            return None
         meta = load_meta(out_dir)
         _check_reuse(meta, dc, out_dir)
-        return meta, out_dir
-    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
-        if (out_dir / META_FILE).exists():   # prepared by another process while we waited
-            meta = load_meta(out_dir)
-            _check_reuse(meta, dc, out_dir)
-            return meta, out_dir
-        return _prepare_text(dc, out_dir, encoder)
+        return meta
+
+    return prepare_once(out_dir, ready, lambda: _prepare_text(dc, out_dir, encoder)), out_dir
 
 
-def _prepare_text(dc, out_dir: Path, encoder) -> tuple[dict, Path]:
+def _prepare_text(dc, out_dir: Path, encoder) -> None:
     from data.prepare import prepare_arrays
     from data.text import get_encoder
 
@@ -157,7 +155,6 @@ def _prepare_text(dc, out_dir: Path, encoder) -> tuple[dict, Path]:
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
     prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
-    return load_meta(out_dir), out_dir
 
 
 def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:

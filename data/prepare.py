@@ -150,39 +150,45 @@ def data_mismatch(saved_config: dict, meta: dict) -> str | None:
 
 def ensure_prepared(name: str, root) -> tuple[dict, Path]:
     """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use, and again when the copy there was
-    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost). Preparation
-    runs under a lock beside the set, so runs started together prepare it once and the others wait for it."""
+    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost)."""
     out_dir = Path(root) / name
-    meta = _usable(name, out_dir, quiet=True)
-    if meta is not None:
-        return meta, out_dir
-    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
-        meta = _usable(name, out_dir, quiet=False)   # it may have finished while we waited
-        if meta is not None:
-            return meta, out_dir
+
+    def ready():
+        if not (out_dir / META_FILE).exists():
+            if name not in BUILTIN_NAMES:
+                raise UserError(f"no prepared data set at {out_dir}: {prepare_hint(out_dir)}")
+            return None
+        meta = load_meta(out_dir)
+        return meta if not is_builtin_copy(name, meta) or split_rule_of(meta) == BUILTIN_SPLITS[name] else None
+
+    def build():
+        if (out_dir / META_FILE).exists():
+            print(f"{out_dir} holds the old split of {name} ({split_rule_of(load_meta(out_dir))}); re-preparing it "
+                  f"with {BUILTIN_SPLITS[name]}", flush=True)
+        else:
+            print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
         d = load_builtin(name)
         prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
                        split_rule=d["split_rule"])
-    return load_meta(out_dir), out_dir
+
+    return prepare_once(out_dir, ready, build), out_dir
+
+
+def prepare_once(out_dir: Path, ready, build) -> dict:
+    """The meta of `out_dir`: `ready()` (a usable meta, or None), else `build()` and the meta it wrote. Building runs
+    under a lock beside the set (a rebuild may replace the folder itself), and `ready()` is asked again once the lock
+    is held: runs started together prepare the set once, and the others wait for it and reuse it."""
+    meta = ready()
+    if meta is not None:
+        return meta
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+        meta = ready()
+        if meta is not None:
+            return meta
+        build()
+    return load_meta(out_dir)
 
 
 def preparing_lock(out_dir: Path) -> Path:
     """The lock file for preparing `out_dir`: beside it, since a rebuild may replace the folder itself."""
     return out_dir.parent / f".{out_dir.name}.prepare.lock"
-
-
-def _usable(name: str, out_dir: Path, quiet: bool) -> dict | None:
-    """The meta of a prepared copy that can be used as it is; None when it must be prepared (saying why unless
-    `quiet`); a UserError when it cannot be."""
-    if (out_dir / META_FILE).exists():
-        meta = load_meta(out_dir)
-        if not is_builtin_copy(name, meta) or split_rule_of(meta) == BUILTIN_SPLITS[name]:
-            return meta
-        if not quiet:
-            print(f"{out_dir} holds the old split of {name} ({split_rule_of(meta)}); re-preparing it with "
-                  f"{BUILTIN_SPLITS[name]}", flush=True)
-    elif name not in BUILTIN_NAMES:
-        raise UserError(f"no prepared data set at {out_dir}: {prepare_hint(out_dir)}")
-    elif not quiet:
-        print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
-    return None

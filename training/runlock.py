@@ -20,6 +20,18 @@ from training.errors import UserError
 LOCK_FILE = ".run.lock"
 
 
+def _flock(fd: int, wait: bool) -> bool:
+    """Take an exclusive flock on `fd`: False when another process holds it and `wait` is false. A file system
+    without flock (some Lustre mounts) counts as taken: the work then runs unguarded, as before these locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
 class RunLock:
     def __init__(self, directory):
         self.path = Path(directory) / LOCK_FILE
@@ -27,16 +39,11 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, wait=False):
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
             raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to end or stop "
-                            f"it, or choose another train.ckpt_dir") from None
-        except OSError:   # a file system without flock (some Lustre mounts): run unguarded, as before the lock
-            os.close(fd)
-            return self
+                            f"it, or choose another train.ckpt_dir")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
@@ -45,8 +52,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
+            os.close(self.fd)     # closing the descriptor drops the lock
             self.fd = None
 
 
@@ -67,13 +73,9 @@ def exclusive(path, waiting: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, wait=False):
             print(waiting, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:   # no flock on this file system: unguarded, as before
-            pass
+            _flock(fd, wait=True)
         yield
     finally:
         os.close(fd)      # closing the descriptor drops the lock
