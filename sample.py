@@ -27,6 +27,7 @@ def main(cfg):
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
     from training.evaluate import evaluator_for
+    from training.files import write_json
     from training.generate import generate, guide_step, load_weak
     from training.sampling import balanced_labels
     from training.tracking import make_grid, save_png
@@ -88,21 +89,19 @@ def main(cfg):
         res = evaluator.evaluate(images, labels)
         res = {k2: (float(v) if isinstance(v, (float, np.floating)) else v) for k2, v in res.items()}
         print("evaluation: " + json.dumps(res), flush=True)
-        out.with_suffix(".eval.json").write_text(json.dumps(res, indent=1))
+        write_json(out.with_suffix(".eval.json"), res)
     return images, labels
 
 
 def write_npz(out, **arrays):
-    """np.savez to a temporary name beside `out`, then renamed over it: a write cut short (disk full, Ctrl-C) leaves
-    the file `out` held before, never half of a new one."""
+    """np.savez through a temporary file renamed over `out`: a write cut short (disk full, Ctrl-C) leaves the file
+    `out` held before, never half of a new one."""
     import numpy as np
 
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npz")
-    try:
+    from training.files import atomic_write
+
+    with atomic_write(out) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_out(value):

@@ -29,6 +29,7 @@ import numpy as np
 from data.meta import META_FILE, META_FORMAT_VERSION, load_meta, write_meta
 from data.prepare import _write_shards, shard_name
 from training.errors import UserError
+from training.files import write_json
 
 STATE_FILE = ".prepare-state.json"
 SHARD_SIZE = 4096        # source images per shard (x2 records with hflip copies)
@@ -164,9 +165,7 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
 
 
 def _save_state(out_dir: Path, state: dict) -> None:
-    tmp = out_dir / f"{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, out_dir / STATE_FILE)
+    write_json(out_dir / STATE_FILE, state, indent=None)
 
 
 def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None, hflip: bool = False,

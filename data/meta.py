@@ -6,13 +6,12 @@ presence means the data set is complete.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from training.errors import UserError
+from training.files import write_json
 
 META_FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -20,20 +19,10 @@ REQUIRED_KEYS = ("format_version", "name", "shape", "dtype", "num_classes", "cla
 
 
 def write_meta(dir, meta: dict) -> None:
-    """Write `<dir>/meta.json` atomically (temp file + os.replace) so a crash never leaves a half-written file."""
+    """Write `<dir>/meta.json` atomically, so a crash never leaves a half-written file."""
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".meta-", suffix=".tmp", dir=dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)      # mkstemp creates 0600; the data set is meant to be shared
-        os.replace(tmp, dir / META_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(dir / META_FILE, meta)
 
 
 def prepare_hint(dir, meta: dict | None = None) -> str:

@@ -126,6 +126,10 @@ def test_meta_round_trip_and_errors(tmp_path):
     write_meta(tmp_path / "s", meta)
     assert load_meta(tmp_path / "s") == meta
     assert [p.name for p in (tmp_path / "s").iterdir()] == ["meta.json"]   # no temp file left behind
+    assert (tmp_path / "s" / "meta.json").stat().st_mode & 0o777 == 0o644    # a shared set: readable by all
+    with pytest.raises(TypeError):   # a write that fails half-way leaves the meta.json that was there, and no temp
+        write_meta(tmp_path / "s", {**meta, "class_names": ["a", object()]})
+    assert load_meta(tmp_path / "s") == meta and [p.name for p in (tmp_path / "s").iterdir()] == ["meta.json"]
     write_meta(tmp_path / "s", {**meta, "format_version": 99})
     with pytest.raises(UserError, match="upgrade"):
         load_meta(tmp_path / "s")

@@ -327,3 +327,27 @@ def test_sample_py_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch
     sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
     assert np.load(out, allow_pickle=False)["images"].shape == (3, 4, 4, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_sample_grids_replace_their_png_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The PNG grids (training's samples/, sample.py's beside the npz) go through the same temporary-then-rename
+    write: a save cut short leaves the grid that was there."""
+    from PIL import Image
+
+    from training.tracking import save_png
+
+    out = tmp_path / "grid.png"
+    save_png(np.zeros((4, 4, 1), np.uint8), out)
+    before = out.read_bytes()
+    real = Image.Image.save
+
+    def cut_short(self, fp, *a, **k):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(np.full((4, 4, 1), 255, np.uint8), out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    monkeypatch.setattr(Image.Image, "save", real)
+    save_png(np.full((4, 4, 1), 255, np.uint8), out)
+    assert np.asarray(Image.open(out)).min() == 255

@@ -24,6 +24,7 @@ from training.sampling import check_sampler
 from training.settings import check_resume_settings, check_same_model, check_train_settings, describe
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
+from training.files import write_json
 from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
 from training.optim import make_optimizer, state_layout
 from training.state import init_state, split_keys
@@ -299,7 +300,7 @@ def evaluate(model, task: Task, cfg, n: int, step: int, weak=None) -> dict:
     res = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in evaluator.evaluate(images, labels).items()}
     res["sample_seconds"] = time.perf_counter() - t0
     Path(cfg.train.ckpt_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.train.ckpt_dir) / f"eval-step{step:07d}.json").write_text(json.dumps(res, indent=1))
+    write_json(Path(cfg.train.ckpt_dir) / f"eval-step{step:07d}.json", res)
     print("evaluation: " + json.dumps(res), flush=True)
     return res
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from data.emoji import topk_hits
 from training.errors import UserError
+from training.files import write_json
 from training.generate import generate, load_weak, text_conds
 from training.tracking import make_grid, save_png
 
@@ -32,7 +33,7 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
            "sample_seconds": time.perf_counter() - t0}
     out = Path(cfg.train.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"eval-step{step:07d}.json").write_text(json.dumps(res, indent=1))
+    write_json(out / f"eval-step{step:07d}.json", res)
     m = min(n, 32)   # rows of 8: generated, then the captioned real image
     pairs = np.concatenate([np.stack([imgs[i:i + 8], real[idx[i:i + 8]]]).reshape(-1, *imgs.shape[1:])
                             for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from training.errors import UserError, first_line
+from training.files import atomic_write
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarray:
@@ -26,7 +27,8 @@ def save_png(grid: np.ndarray, path, upscale: int = 1) -> None:
     im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
-    im.save(path)
+    with atomic_write(path) as tmp:
+        im.save(tmp)
 
 
 class Tracker:
