@@ -87,8 +87,11 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     over = tiny_overrides(digits_root, str(ckpt_dir), steps=4, **{"train.grad_accum": 2, "train.batch_size": 8,
                                                                      "mesh.fsdp": 2, "sampler.chunk": 16})
     cmds = [[sys.executable, "train_stage1.py", *over, "distributed.coordinator_address=127.0.0.1:%d" % port,
-             "distributed.num_processes=2", f"distributed.process_id={i}"] for i in range(2)]
+             "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.local_device_ids=0"]
+            for i in range(2)]
     outs = launch(cmds, devices=2)
+    # JAX applies local_device_ids to GPUs only: on CPU each process still has both its devices, and is told so
+    assert all("local_device_ids=0 has no effect on CPU devices; each process gets 2" in o for o in outs)
     assert "effective batch 16 = batch_size 8 x grad_accum 2" in outs[0]
     assert "mesh data=2 x fsdp=2 over 2 process(es)" in outs[0]
     assert "effective batch" not in outs[1]  # only process 0 reports

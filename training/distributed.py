@@ -131,6 +131,11 @@ def initialize(cfg=None) -> bool:
         jax.distributed.initialize(**kwargs)
     except (ValueError, TypeError) as err:
         raise UserError(f"jax.distributed.initialize failed ({err}): check the distributed.* settings") from err
+    if kwargs.get("local_device_ids") and jax.default_backend() == "cpu":
+        # JAX applies the ids to GPUs only; on CPU they would be dropped without a word
+        print(f"note: distributed.local_device_ids={_get(cfg, 'local_device_ids')} has no effect on CPU devices; "
+              f"each process gets {jax.local_device_count()} (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+              f"sets how many)", flush=True)
     return True
 
 
