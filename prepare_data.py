@@ -8,7 +8,6 @@
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -19,6 +18,7 @@ def main(cfg):
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
+    from data.prepare import rebuild_keeping_old
     from training.errors import UserError
 
     if cfg.get("source") or cfg.get("vae"):
@@ -45,28 +45,6 @@ def _prepare(cfg):
 
         return ensure_prepared_text(cfg.data)
     return ensure_prepared(cfg.data.name, cfg.data.root)
-
-
-def rebuild_keeping_old(target, build):
-    """force=true: the complete set (and its cached classifier) is moved aside while `build()` makes a new one in
-    its place, and comes back if the rebuild fails or is interrupted (a missing source, Ctrl-C): a rebuild never
-    leaves less than there was. The old copy is deleted only once the new one is complete."""
-    import shutil
-
-    target = target.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
-    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
-    print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
-    os.rename(target, aside)
-    try:
-        target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
-        result = build()
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(aside, target)
-        print(f"rebuild of {target} stopped: the old copy is back in place", file=sys.stderr, flush=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-    return result
 
 
 def encode_latents(cfg):

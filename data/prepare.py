@@ -178,6 +178,9 @@ def prepare_once(out_dir: Path, ready, build) -> dict:
     """The meta of `out_dir`: `ready()` (a usable meta, or None), else `build()` and the meta it wrote. Building runs
     under a lock beside the set (a rebuild may replace the folder itself), and `ready()` is asked again once the lock
     is held: runs started together prepare the set once, and the others wait for it and reuse it."""
+    if _set_aside(out_dir):
+        with exclusive(preparing_lock(out_dir), f"waiting for another process rebuilding {out_dir} ..."):
+            restore_interrupted_rebuild(out_dir)
     meta = ready()
     if meta is not None:
         return meta
@@ -192,3 +195,63 @@ def prepare_once(out_dir: Path, ready, build) -> dict:
 def preparing_lock(out_dir: Path) -> Path:
     """The lock file for preparing `out_dir`: beside it, since a rebuild may replace the folder itself."""
     return out_dir.parent / f".{out_dir.name}.prepare.lock"
+
+
+_REBUILDING: set[Path] = set()   # old copies set aside by rebuilds running in this process
+
+
+def _set_aside(out_dir: Path) -> list[Path]:
+    """Old copies that `force=true` rebuilds of `out_dir` set aside (`.<name>.replaced-<pid>`), other than this
+    process's own rebuild in progress."""
+    real = Path(out_dir).resolve()
+    return [p for p in sorted(real.parent.glob(f".{real.name}.replaced-*")) if p not in _REBUILDING]
+
+
+def rebuild_keeping_old(out_dir, build):
+    """force=true: the complete set (and its cached classifier) is moved aside while `build()` makes a new one in
+    its place, and comes back if the rebuild fails or is interrupted (a missing source, Ctrl-C): a rebuild never
+    leaves less than there was. The old copy is deleted only once the new one is complete; if the process is killed
+    outright in between, the next preparation of the set puts it back (restore_interrupted_rebuild). All of it
+    runs under the set's preparing lock, so a run starting meanwhile waits instead of preparing the set too."""
+    import shutil
+    import sys
+
+    out_dir = Path(out_dir)
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+        restore_interrupted_rebuild(out_dir)
+        target = out_dir.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
+        aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+        print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
+        _REBUILDING.add(aside)
+        try:
+            os.rename(target, aside)
+            try:
+                target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
+                result = build()
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(aside, target)
+                print(f"rebuild of {target} stopped: the old copy is back in place", file=sys.stderr, flush=True)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        finally:
+            _REBUILDING.discard(aside)
+    return result
+
+
+def restore_interrupted_rebuild(out_dir) -> None:
+    """Under the set's preparing lock, an old copy set aside by a rebuild has no live owner (the rebuild holds the
+    lock until it is done, and the kernel drops it when a process is killed): it goes back in place if the set was
+    left incomplete, and is deleted if the new set was completed."""
+    import shutil
+
+    target = Path(out_dir).resolve()
+    for aside in _set_aside(out_dir):
+        if (target / META_FILE).exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            print(f"removed {aside}, the old copy of {target} a finished but interrupted rebuild left", flush=True)
+        elif (aside / META_FILE).exists():
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(aside, target)
+            print(f"{target}: a rebuild was killed before it finished; the complete old copy is back in place",
+                  flush=True)

@@ -3,6 +3,7 @@ nothing. Runs train_stage1's entry point in-process (the subprocess path is cove
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -324,6 +325,38 @@ def test_prepare_force_rebuild_keeps_the_old_set_until_the_new_one_is_complete(m
         assert {k: v for k, v in snapshot(real).items() if "classifier" not in k} == {
             k.replace(str(d), str(real)): v for k, v in before.items() if "classifier" not in k}  # same shards
         assert not [p for p in real.parent.iterdir() if ".replaced-" in p.name]  # no copy left aside
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_rebuild_killed_outright_is_undone_by_the_next_preparation(monkeypatch, capsys, data_copy, finished):
+    """kill -9 (or power loss) during `force=true` leaves the old set in `.digits.replaced-<pid>` and a partial one in
+    its place. The next run that prepares the set puts the old copy back (classifier cache included; a rebuild is
+    made impossible here, so only a restore passes), or deletes it if the new set was completed."""
+    import data.prepare
+
+    root, d, _, shard = data_copy
+    (d / "classifier").mkdir()
+    (d / "classifier" / "weights.eqx").write_bytes(b"cached")
+    before = snapshot(d)
+    aside = root / ".digits.replaced-4194304"
+    os.rename(d, aside)
+    if finished:
+        shutil.copytree(aside, d, ignore=shutil.ignore_patterns("classifier"))
+    else:
+        d.mkdir()
+        (d / shard.name).write_bytes(b"half a shard")
+
+    def no_rebuild(name):
+        raise AssertionError("the set was rebuilt instead of restored")
+    monkeypatch.setattr(data.prepare, "load_builtin", no_rebuild)
+    capsys.readouterr()
+    meta, _ = data.prepare.ensure_prepared("digits", root)
+    out = capsys.readouterr().out
+    assert not aside.exists() and meta["name"] == "digits"
+    if finished:
+        assert "removed" in out and not (d / "classifier").exists()
+    else:
+        assert "the complete old copy is back in place" in out and snapshot(d) == before
 
 
 def test_a_second_run_into_a_busy_checkpoint_directory_is_refused(tmp_path):

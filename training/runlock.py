@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -64,18 +65,30 @@ def _describe(raw: bytes) -> str:
         return "unknown process"
 
 
+_HELD = threading.local()   # .paths: the locks `exclusive` holds in this thread
+
+
 @contextlib.contextmanager
 def exclusive(path, waiting: str):
     """Hold an exclusive flock on `path` (created if absent) for the block, waiting for another holder first (with
     `waiting` printed once). Preparing a data set on first use runs under it: two runs started together on a fresh
-    machine each rewrote the set, deleting shards the other had just read meta.json for (development_log.md)."""
+    machine each rewrote the set, deleting shards the other had just read meta.json for (development_log.md).
+    Re-entrant within a thread (a `force=true` rebuild prepares inside its own lock): a second flock on another
+    descriptor of the same file would wait for the first forever."""
     path = Path(path)
+    key = str(path.absolute())
+    held = _HELD.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if not _flock(fd, wait=False):
             print(waiting, flush=True)
             _flock(fd, wait=True)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)      # closing the descriptor drops the lock
