@@ -41,8 +41,9 @@ def main(cfg):
         from models.convert import load_stage1, stage1_to_stage2
 
         s1, _ = load_stage1(cfg.train.init_from)
+        model = stage1_to_stage2(s1, model, float(cfg.train.init_fold_t))   # refuses a stage-1 model that does not fit
         print(f"initialised from stage 1 {cfg.train.init_from} (adaLN folded at t={cfg.train.init_fold_t})", flush=True)
-        return stage1_to_stage2(s1, model, float(cfg.train.init_fold_t))
+        return model
 
     def grid_conds():  # 8 training captions spread over the set, 8 samples each (one caption per row)
         idx = np.repeat(np.linspace(0, len(captions["caption"]) - 1, 8).astype(int), 8)

@@ -31,8 +31,12 @@ def fashion_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
 
 
 def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]]:
-    """Bring-your-own: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) (centre-cropped square, resized)."""
+    """Bring-your-own: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) (centre-cropped square, resized).
+    Decoded by stage 1's data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white);
+    the crop and LANCZOS resize stay this function's own, so sets prepared before keep their pixels."""
     from PIL import Image
+
+    from data.folders import open_image
 
     folder, captions_file = Path(folder), Path(captions_file)
     if not captions_file.is_file():
@@ -50,8 +54,8 @@ def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]
         if not isinstance(cap, str) or not cap.strip():
             raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
         try:
-            im = Image.open(folder / file).convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
+            im = open_image(folder / file, 3)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
             raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
         s = min(im.size)
         left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
@@ -167,9 +171,11 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
 
     t = meta["text"]
     if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
-        if not prompts or not all(p.strip() for p in prompts):
-            raise UserError("prompt must be a non-empty string or list of strings")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        # Hydra types prompt=123 / true / null: a caption is text, and str() would invent "None" or "True"
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise UserError("prompt must be a non-empty string or list of strings (quote numbers and words Hydra "
+                            "reads as values: 'prompt=\"123\"', or 'prompt=[\"a red apple\",\"true\"]')")
         text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
     else:
         c = load_text(meta, data_dir, "train")
@@ -180,3 +186,16 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
         print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)
     idx = np.sort(np.arange(max(n, len(prompts))) % len(prompts))   # exactly num_samples; earlier prompts get the rest
     return idx, text_conds(text[idx], mask[idx]), prompts
+
+
+def check_text_matches(saved: dict, meta: dict, ckpt_dir) -> None:
+    """A stage-2 run samples and is scored with the caption features of the set it trained on: another text encoder
+    or token count (the set re-prepared since) would condition it on features it never saw, or not fit at all."""
+    spec, t = saved.get("model_spec", {}), meta.get("text") or {}
+    was = {"encoder": (saved.get("data") or {}).get("text_encoder"), "dim": spec.get("text_dim"),
+           "max_tokens": spec.get("max_tokens")}
+    diff = [f"{k}: run {v!r}, data set now {t.get(k)!r}" for k, v in was.items() if v is not None and t.get(k) != v]
+    if diff:
+        raise UserError(f"{ckpt_dir} was trained on other caption features than {meta.get('name')} holds now "
+                        f"({'; '.join(diff)}): sample on the data the run saw (re-prepare it with the run's "
+                        f"data.* settings), or train again")

@@ -73,7 +73,8 @@ def features(x_uint8: np.ndarray, pool: int = 2) -> np.ndarray:
     """
     x = x_uint8.astype(np.float32) / 255.0
     n, h, w, c = x.shape
-    x = x.reshape(n, h // pool, pool, w // pool, pool, c).mean((2, 4))
+    h, w = h - h % pool, w - w % pool       # an odd size (a folder set at data.size=15): the last row/column is dropped
+    x = x[:, :h, :w].reshape(n, h // pool, pool, w // pool, pool, c).mean((2, 4))
     return x.reshape(n, -1)
 
 

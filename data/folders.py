@@ -14,8 +14,9 @@ own layout (ImageNet's `train/` + `val/`; the held-out one becomes the `test` sp
 user's call, not a silent pick. Keys `file_name`/`image` and `text` are accepted for `file` and `caption` (Hugging
 Face `metadata.jsonl` style). Integer labels are ASCII digits; any other label (even '²') makes all labels names.
 
-`load_image` reads, converts (alpha composited over white), resizes the shorter side and centre-crops (ADM's
-`center_crop_arr`); a file that cannot be decoded returns None so the caller can skip and count it.
+`load_image` reads, converts (`open_image`: 16-bit, 32-bit and float images scaled to 8 bits, alpha composited over
+white), resizes the shorter side and centre-crops (ADM's `center_crop_arr`); a file that cannot be decoded returns
+None so the caller can skip and count it. Tables are read as utf-8-sig: Excel's "CSV UTF-8" starts with a BOM.
 """
 
 import csv
@@ -74,7 +75,7 @@ def _describe(d: Path) -> str:
 def _read_table(path: Path) -> list[dict]:
     """Rows of labels.csv / *.jsonl as dicts; a malformed line is a UserError naming file and line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")   # drops the BOM of Excel's "CSV UTF-8" (else '\ufefffile')
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__})") from None
     if path.suffix == ".csv":
@@ -140,6 +141,12 @@ def _scan(d: Path) -> tuple[str, list[Path], list, list | None]:
         if not files:
             raise UserError(f"source folder {d} has sub-folders ({', '.join(s.name for s in subs[:5])}) but no "
                             f"images inside them; {ACCEPTED}")
+        # An empty class folder would silently vanish and shift the ids of the classes after it, so that they no
+        # longer match the sorted folder names (nor another split that has images for it): refuse it instead.
+        empty = [s.name for s in subs if not _images(s)]
+        if empty:
+            raise UserError(f"class folders of {d} hold no image files directly inside: "
+                            f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (add images or remove them)")
         return "imagefolder", files, names, None
     raise UserError(f"source folder {d} has a layout this project does not read: found {_describe(d)}; {ACCEPTED}")
 
@@ -189,19 +196,54 @@ def scan_source(source) -> Source:
     return Source(layout, class_names, splits)
 
 
+def _scale_to_8bit(im):
+    """A 16-bit, 32-bit integer or float grayscale image as mode L (LA when it has a transparent grey value), others
+    unchanged. PIL's convert("L"/"RGB") clips these modes to 0..255 instead of scaling, so a 16-bit PNG (opened as
+    I;16, or I) came out nearly white."""
+    from PIL import Image
+
+    if not (im.mode.startswith("I;16") or im.mode in ("I", "F")):
+        return im
+    raw = np.asarray(im)
+    a = raw.astype(np.float64)
+    if im.mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        a = a * 255 if a.size and a.min() >= 0 and a.max() <= 1 else a   # [0, 1] floats; else already 0..255
+    elif im.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535):
+        a = a / 257                                   # 16-bit (mode I is how PIL often opens a 16-bit PNG)
+    else:
+        lo, hi = a.min(), a.max()                     # wider 32-bit values: their own range, not a silent clip
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    out = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    t = im.info.get("transparency")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):   # tRNS grey value, in the raw (16-bit) scale
+        out.putalpha(Image.fromarray(np.where(raw == t, 0, 255).astype(np.uint8), "L"))
+    return out
+
+
+def open_image(path, channels: int):
+    """The decoded image at `path` as a PIL image in mode L (channels 1) or RGB: 16-bit, 32-bit and float images
+    scaled to 8 bits (_scale_to_8bit), transparency composited over white. Decoding errors propagate (OSError,
+    ValueError, SyntaxError, DecompressionBombError): load_image skips the file, stage 2's read_folder refuses it."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        im = _scale_to_8bit(im)
+        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, rgba)
+        return im.convert("L" if channels == 1 else "RGB")
+
+
 def load_image(path: Path, resolution: int, channels: int) -> np.ndarray | None:
     """uint8 (resolution, resolution, channels): shorter side resized to `resolution` (bicubic; box-filtered first
     when shrinking a lot, as ADM does), centre-cropped. None (with a warning) if the file cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba)
-            im = im.convert("L" if channels == 1 else "RGB")
+        im = open_image(path, channels)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # DecompressionBombError (over twice PIL's pixel limit) is no OSError, but it is an unusable image all the same
         warnings.warn(f"skipping {path}: cannot decode it as an image ({type(e).__name__})", stacklevel=2)

@@ -201,3 +201,73 @@ def test_latents_refuse_on_the_fly_flips(vae, tmp_path):
     with pytest.raises(UserError, match="cannot be flipped on the fly: set data.hflip=false") as e:
         make_iterator(meta, tmp_path / "o", "train", batch_size=2, seed=0, hflip=True)
     assert "\n" not in str(e.value)
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert() clips 16-bit, 32-bit and float grey to 0..255 (a 16-bit ramp came out nearly white): each
+    must load as its 8-bit version does."""
+    from PIL import Image
+
+    from data.folders import load_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    u16 = np.rint(ramp * 65535).astype(np.uint16)
+    Image.fromarray(u16).save(tmp_path / "i16.png")
+    Image.frombytes("I;16B", (64, 64), u16.astype(">u2").tobytes()).save(tmp_path / "i16b.tif")
+    Image.fromarray(u16.astype(np.int32)).save(tmp_path / "i.tif")                      # 32-bit, 16-bit values
+    Image.fromarray(np.rint(ramp * 1e6 - 5e5).astype(np.int32)).save(tmp_path / "iwide.tif")   # its own range
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f01.tif")                 # float in [0, 1]
+    Image.fromarray((ramp * 255).astype(np.float32)).save(tmp_path / "f255.tif")        # float in [0, 255]
+    modes = {"i16.png": "I;16", "i16b.tif": "I;16B", "i.tif": "I", "iwide.tif": "I", "f01.tif": "F", "f255.tif": "F"}
+    for ch in (3, 1):
+        ref = load_image(tmp_path / "ref.png", 32, ch).astype(int)
+        for name, mode in modes.items():
+            with Image.open(tmp_path / name) as im:
+                assert im.mode == mode, name
+            np.testing.assert_allclose(load_image(tmp_path / name, 32, ch), ref, atol=1, err_msg=f"{name} {ch}")
+
+
+def test_stage2_read_folder_decodes_as_stage1_does(tmp_path):
+    """read_folder (stage 2) composited nothing (a transparent area holding red stayed red) and clipped 16-bit."""
+    from PIL import Image
+
+    from data.captions import read_folder
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:8, :, 3] = 255                                # top half opaque red, bottom half transparent red
+    Image.fromarray(rgba).save(tmp_path / "t.png")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "g.png")   # mid grey, 16-bit
+    (tmp_path / "c.jsonl").write_text('{"file": "t.png", "caption": "red"}\n{"file": "g.png", "caption": "grey"}\n')
+    x, _ = read_folder(tmp_path, tmp_path / "c.jsonl", 8)
+    top, bottom = x[0, :2].astype(int), x[0, 6:].astype(int)       # LANCZOS rings a little by the edge
+    assert (abs(top - [255, 0, 0]) <= 2).all() and (bottom >= 253).all()   # transparent -> white, as load_image
+    assert (x[1] == 128).all()
+
+
+def test_empty_class_folders_are_refused(tmp_path):
+    """An empty class folder was dropped, so the classes after it got other ids than their sorted-folder index."""
+    from data.folders import scan_source
+
+    for cls in ("a", "d"):
+        write_images(tmp_path / "s" / cls, ["1.png"])
+    (tmp_path / "s" / "b").mkdir()
+    write_images(tmp_path / "s" / "c" / "nested", ["1.png"])   # images only in a sub-folder: not read either
+    with pytest.raises(UserError, match=r"no image files directly inside: b, c \(add images or remove them\)") as e:
+        scan_source(tmp_path / "s")
+    assert "\n" not in str(e.value)
+
+
+def test_tables_with_a_utf8_bom(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, which turned the header into '\\ufefffile' and was refused."""
+    from data.folders import scan_source
+
+    write_images(tmp_path / "c", ["a.png", "b.png"])
+    (tmp_path / "c" / "labels.csv").write_text("file,label\na.png,dog\nb.png,cat\n", encoding="utf-8-sig")
+    src = scan_source(tmp_path / "c")
+    assert src.class_names == ["cat", "dog"] and src.splits["train"].labels == [1, 0]
+    (tmp_path / "c" / "labels.csv").unlink()
+    (tmp_path / "c" / "labels.jsonl").write_text('{"file": "a.png", "label": 2}\n{"file": "b.png", "label": 0}\n',
+                                                 encoding="utf-8-sig")
+    assert scan_source(tmp_path / "c").splits["train"].labels == [2, 0]

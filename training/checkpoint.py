@@ -107,7 +107,7 @@ class Checkpointer:
                 continue                                    # a complete checkpoint
             if p.is_dir() and n.split(".")[0].isdigit() and ".orbax-checkpoint-tmp" in n:
                 continue                                    # a save cut short (kill -9): Orbax cleans it up
-            if n.startswith(".") or n in ("samples", "wandb") or (n.startswith("eval-step") and n.endswith(".json")):
+            if n.startswith(".") or n in ("samples", "wandb") or n.startswith("eval-step") and n.endswith(EVAL_FILES):
                 continue                                    # ours: sample grids, evaluations, W&B, probes
             foreign.append(n + ("/" if p.is_dir() else ""))
         if foreign and _is_step_dir(self.directory):
@@ -312,6 +312,9 @@ ABANDONED = ("Event loop is closed", "Encountered error while reading array inde
 
 def _listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+EVAL_FILES = (".json", ".png")   # eval-step*.json (scores), eval-step*.png (stage 2's caption grid)
 
 
 def _is_step_dir(path: Path) -> bool:

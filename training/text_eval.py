@@ -70,8 +70,10 @@ def main(argv: list[str]) -> dict:
     Keys: step, num_samples, cfg_scale, steps (sampler)."""
     from omegaconf import OmegaConf
 
+    from data.captions import check_text_matches
     from data.loader import load_split, load_text
     from data.meta import load_meta
+    from data.prepare import data_mismatch
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.generate import check_weak_step
@@ -89,10 +91,15 @@ def main(argv: list[str]) -> dict:
     cfg.sampler.steps = kv.get("steps", cfg.sampler.steps)
     check_sampler(cfg.sampler)
     check_weak_step(cfg.sampler, cfg.train, step)
-    with Checkpointer(ckpt_dir, create=False) as ck:
-        ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     data_dir = Path(cfg.data.root) / cfg.data.name
     meta = load_meta(data_dir)
+    check_text_matches(saved, meta, ckpt_dir)
+    moved = data_mismatch(saved, meta)
+    if moved:   # other images or captions: the hit rate would score the run against data it never saw
+        raise UserError(f"{ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): score it on the data "
+                        f"it saw, or train again")
+    with Checkpointer(ckpt_dir, create=False) as ck:
+        ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     return caption_topk(ema, saved["model_spec"], meta, load_text(meta, data_dir, "train"),
                         load_split(meta, data_dir, "train")[0], cfg, step)
 
