@@ -52,6 +52,7 @@ def encode_latents(cfg):
     from pathlib import Path
 
     from data.encode import prepare_latents
+    from data.prepare import rebuild_keeping_old
     from data.vae import load_vae
     from training.errors import UserError
 
@@ -59,10 +60,15 @@ def encode_latents(cfg):
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
     out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
     vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
-    meta = prepare_latents(str(cfg.source), vae, out, resolution=cfg.resolution, hflip=bool(cfg.hflip),
-                           batch_size=int(cfg.batch_size), shard_size=int(cfg.shard_size), dtype=cfg.latent_dtype,
-                           sample=bool(cfg.sample_posterior), workers=int(cfg.workers), progress=bool(cfg.progress),
-                           force=bool(cfg.force))
+
+    def encode():
+        return prepare_latents(str(cfg.source), vae, out, resolution=cfg.resolution, hflip=bool(cfg.hflip),
+                               batch_size=int(cfg.batch_size), shard_size=int(cfg.shard_size), dtype=cfg.latent_dtype,
+                               sample=bool(cfg.sample_posterior), workers=int(cfg.workers),
+                               progress=bool(cfg.progress), force=bool(cfg.force))
+
+    # force=true over a complete set: it waits aside until the new one is complete, and comes back on any failure
+    meta = rebuild_keeping_old(out, encode) if cfg.force and (out / "meta.json").exists() else encode()
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "

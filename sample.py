@@ -22,7 +22,7 @@ def main(cfg):
     from omegaconf import OmegaConf
 
     from data.meta import load_meta
-    from data.prepare import data_mismatch
+    from data.prepare import data_identity, data_mismatch
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
@@ -52,7 +52,9 @@ def main(cfg):
     k = spec["num_classes"]
     prompts = None
     if stage == 2:  # text-conditional: prompt= one string or a list (default: training captions)
-        from data.captions import prompt_conds
+        from data.captions import check_text_matches, prompt_conds
+
+        check_text_matches(saved, meta, cfg.ckpt_dir)
         labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)
     else:
         labels = class_labels(cfg.labels, k) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
@@ -60,10 +62,19 @@ def main(cfg):
     if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
+    # Latents decode through the set's VAE and its per-channel stats: they must be the ones the run trained with.
+    moved = data_mismatch(saved, meta)
+    was, now = saved.get("data_identity") or {}, data_identity(meta)
+    if moved and any(k in was and was[k] != now.get(k) for k in ("encoder", "shape", "dtype")):
+        raise UserError(f"{cfg.ckpt_dir} was trained on another version of {meta.get('name')} ({moved}): its samples "
+                        f"would be decoded wrongly; sample on the data the run saw, or train again")
+    if (meta.get("encoder") or {}).get("vae"):
+        from data.vae import vae_for_meta
+
+        vae_for_meta(meta)   # moved or changed since: fails now, not after sampling everything
     # The evaluator first (it may train the classifier once): a data set it cannot score fails before sampling.
     evaluator = None
     if cfg.evaluate and prompts is None:
-        moved = data_mismatch(saved, meta)
         if moved:   # its test split may hold images the run trained on, or be another set: the scores would mislead
             raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
                             f"evaluation here would mislead; sample with evaluate=false, or train again")

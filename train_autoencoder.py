@@ -1,8 +1,9 @@
 """Fit a small KL autoencoder (diffusers `AutoencoderKL`) on a built-in data set on the CPU, for latent-space training
 where no pretrained VAE can be downloaded.
 
-    python train_autoencoder.py                            # fashion_mnist 28x28x1 -> 14x14x4, ~12-14 minutes on one CPU core
-    python train_autoencoder.py steps=500 out=/tmp/ae      # quicker, blurrier (Ctrl-C / SIGTERM: stop early, still save)
+    python train_autoencoder.py                        # fashion_mnist 28x28x1 -> 14x14x4, ~12-14 min on one CPU core
+    python train_autoencoder.py steps=500 out=/tmp/ae  # quicker, blurrier (Ctrl-C / SIGTERM: stop early, still save)
+    python train_autoencoder.py force=true             # replace the autoencoder already in out=
     python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 
 The objective is SD's VAE objective without the GAN and LPIPS terms (unavailable offline): pixel MSE plus a tiny
@@ -10,6 +11,10 @@ KL weight (`kl_weight`). After training, `shift_factor` and `scaling_factor` are
 posterior means over the train split (SD3's convention, data/vae.py), the model is saved with `save_pretrained`
 (config.json + safetensors) and the reconstruction PSNR on the test split is printed and stored in
 `<out>/train_report.json`.
+
+An autoencoder already in `out` is not replaced unless `force=true` is given: the latent data sets and runs encoded
+with it could not be decoded any more. With it, the new model is written whole into a hidden folder inside `out`
+first, and only then swapped in; the old one is deleted last.
 """
 
 import os
@@ -25,6 +30,85 @@ def psnr_uint8(a, b) -> float:
 
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+# The hidden folders inside out= that hold the model being written (new) and, during the swap, the one it replaces
+# (old). Inside out=, not beside it: out= may be a mount point, a symlink, or in a folder the user cannot write to.
+NEW, OLD = ".autoencoder-new-", ".autoencoder-old-"
+
+
+def _is_model_file(name: str) -> bool:
+    """The files of a saved autoencoder (save_pretrained's and the report); anything else in out= is left alone."""
+    return name in ("config.json", "train_report.json") or name.startswith("diffusion_pytorch_model")
+
+
+def holds_model(d) -> bool:
+    from pathlib import Path
+
+    d = Path(d)
+    return d.is_dir() and any(_is_model_file(p.name) for p in d.iterdir())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def recover_interrupted(out) -> None:
+    """What a run killed outright (kill -9, power loss) left in out=: a half-written new model is deleted; an old one
+    set aside during a swap goes back unless the new one was completely moved in (its config.json moves last)."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    if not out.is_dir():
+        return
+    for d in sorted(out.glob(".autoencoder-*-*")):
+        kind, pid = d.name[:-len(d.name.rpartition("-")[2])], d.name.rpartition("-")[2]
+        # this process's own id too is a dead run's (in a container a restarted run often gets the same id)
+        if kind not in (NEW, OLD) or not pid.isdigit() or int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        if kind == OLD and (d / "config.json").exists() and not (out / "config.json").exists():
+            for f in d.iterdir():
+                shutil.move(str(f), str(out / f.name))
+            print(f"{out}: a replacement was killed before it finished; the old autoencoder is back", flush=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def publish(tmp, out, force: bool) -> None:
+    """Move the complete model in `tmp` into `out`. An old model there is first moved aside whole (config.json first,
+    so an interrupted swap is recognised) and deleted only once the new one is in place (config.json last)."""
+    import shutil
+    from pathlib import Path
+
+    tmp, out = Path(tmp), Path(out)
+    for f in tmp.iterdir():   # on disk before anything is replaced: a power loss must not leave empty files
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    aside = None
+    if holds_model(out):
+        from training.errors import UserError
+
+        if not force:   # another run saved one there while this one trained: keep both
+            keep = out / f"autoencoder-{os.getpid()}"
+            os.rename(tmp, keep)
+            raise UserError(f"out={out} got an autoencoder while this one trained; the new one is in {keep}: move "
+                            "it where you want it")
+        aside = out / f"{OLD}{os.getpid()}"
+        aside.mkdir()
+        for f in sorted(out.iterdir(), key=lambda f: f.name != "config.json"):
+            if _is_model_file(f.name) and f.is_file():
+                shutil.move(str(f), str(aside / f.name))
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        shutil.move(str(f), str(out / f.name))
+    tmp.rmdir()
+    if aside is not None:
+        shutil.rmtree(aside)
 
 
 def build_autoencoder(cfg, image_channels: int):
@@ -61,17 +145,12 @@ def score_reconstructions(cfg, vae, x_train, y_train, n: int = 1000) -> dict:
 
 
 def main(cfg):
-    import json
-    import math
-    import signal
-    import time
+    import shutil
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from data.builtin import load_builtin
-    from data.vae import Vae
     from training.errors import UserError
 
     if cfg.threads:
@@ -88,15 +167,39 @@ def main(cfg):
         raise UserError(f"every block_out_channels entry must be divisible by norm_num_groups={cfg.norm_num_groups}")
     if int(cfg.steps) < 1:
         raise UserError(f"steps={cfg.steps} must be >= 1")
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
+    recover_interrupted(out)
+    if holds_model(out) and not cfg.force:   # refused now, not after 12-14 minutes of training
+        raise UserError(f"out={out} already holds an autoencoder, and the latent data sets and runs made with it need "
+                        "it to decode: pick another out=, or pass force=true to replace it")
+    tmp = out / f"{NEW}{os.getpid()}"
     try:   # an unusable out path should fail now, not after 12-14 minutes of training
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        tmp.mkdir()
+        probe = tmp / ".write-probe"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write the autoencoder to out={out} ({type(e).__name__}): pick a writable "
                         f"directory") from None
+    try:
+        return _train_and_save(cfg, out, tmp, x_train, x_test, d, h, w, c, down)
+    finally:   # an interrupted or failed run leaves out= as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_and_save(cfg, out, tmp, x_train, x_test, d, h, w, c, down):
+    import json
+    import math
+    import signal
+    import time
+
+    import numpy as np
+    import torch
+
+    from data.vae import Vae
+    from training.files import write_json
+
     model = build_autoencoder(cfg, c)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"autoencoder: {n_params / 1e6:.2f}M parameters, {h}x{w}x{c} -> {h // down}x{w // down}x"
@@ -165,15 +268,17 @@ def main(cfg):
     rec = vae.decode(vae.encode(x_test, batch_size=500), chunk=500)
     eval_s = time.perf_counter() - t1
     psnr = psnr_uint8(rec, x_test)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(tmp))
     report = {"data": cfg.data.name, "parameters": n_params, "steps": step, "train_seconds": train_s,
               "train_cpu_seconds": train_cpu_s,
               "test_psnr_db": psnr, "test_images": len(x_test), "encode_decode_seconds": eval_s,
               "latent_shape": list(vae.latent_shape(h, w)), "scaling_factor": scale, "shift_factor": shift,
               "torch_threads": torch.get_num_threads()}
+    (tmp / "train_report.json").write_text(json.dumps(report, indent=1))
+    publish(tmp, out, bool(cfg.force))   # the model is kept from here on, even if the scoring below is interrupted
     if cfg.score:
         report["classifier"] = score_reconstructions(cfg, vae, x_train, d["train"][1])
-    (out / "train_report.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "train_report.json", report)
     print(f"saved {out} (save_pretrained): {step} steps in {train_s / 60:.1f} min "
           f"(process CPU time {train_cpu_s / 60:.1f} min), test reconstruction PSNR "
           f"{psnr:.2f} dB, scaling_factor {scale:.4f}, shift_factor {shift:.4f}", flush=True)

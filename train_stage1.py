@@ -31,8 +31,13 @@ def main(cfg):
 
         return evaluator_for(meta, data_dir, cfg.data.root)
 
+    def check_eval():
+        from training.evaluate import eval_target
+
+        eval_target(meta, data_dir, cfg.data.root)
+
     return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator,
-                         null_cond=spec["num_classes"], evaluator=evaluator))
+                         null_cond=spec["num_classes"], evaluator=evaluator, check_eval=check_eval))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     plan = {"version": 2, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),
             "dtype": dtype, "sample": bool(sample), "seed": int(seed), "shard_size": int(shard_size),
             "batch_size": int(batch_size), "vae": _vae_identity(vae), "class_names": list(class_names)}
+    if vae.dtype != "float32":   # only when not the default, so that sets encoded before this key keep their plan
+        plan["vae_dtype"] = vae.dtype
     fp = _fingerprint(plan, items)
     jobs = []   # (split, shard index, n shards, example indices)
     for split, it in items.items():
@@ -226,11 +228,19 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    if force or state.get("fingerprint") != fp:   # a different plan (or force): nothing can be reused
+    settings = {k: v for k, v in plan.items() if k != "class_names"}   # class names come from the source's files
+    was = {k: v for k, v in (state.get("plan") or {}).items() if k != "class_names"}
+    if not force and (state.get("fingerprint", fp) != fp and was != settings
+                      or not state and (out_dir / META_FILE).exists()):
+        _refuse_other_plan(out_dir, state, settings)
+    if state.get("fingerprint", fp) != fp and not force:   # the same command; images, labels or captions edited since
+        print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
+              flush=True)
+    if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
         (out_dir / META_FILE).unlink(missing_ok=True)
         for old in out_dir.glob("*-of-*.array_record"):
             old.unlink()
-        state = {"fingerprint": fp, "shards": {}}
+        state = {"fingerprint": fp, "plan": plan, "shards": {}}
         _save_state(out_dir, state)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items() if _shard_intact(out_dir / name, info["records"])}
@@ -320,7 +330,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     if skipped:
         warnings.warn(f"{skipped} undecodable image(s) skipped (counted per split in meta.json)", stacklevel=2)
     enc = dict(vae.info(), resolution=resolution, hflip_copies=bool(hflip), posterior="sample" if sample else "mean",
-               layout=layout)
+               layout=layout, vae_dtype=vae.dtype)
     if is_builtin:
         enc["pixels"] = str(source)   # the pixel data set these latents came from (evaluation decodes against it)
         enc["pixels_split"] = BUILTIN_SPLITS[str(source)]   # ... and how it was cut (its test images must be unseen)
@@ -332,6 +342,19 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     dt = time.perf_counter() - t0
     print(f"encoded {n_img} images in {dt:.1f} s ({n_img / max(dt, 1e-9):.1f} images/s), {skipped} skipped", flush=True)
     return meta
+
+
+def _refuse_other_plan(out_dir: Path, state: dict, plan: dict) -> None:
+    """out= already holds a set (or an interrupted encode) made from another source, VAE or settings, or a set this
+    command did not make: replacing it silently deleted it before the new encode had even started."""
+    was = {k: v for k, v in (state.get("plan") or {}).items() if k in plan}
+    diff = [k for k in sorted(plan) if was and was.get(k) != plan.get(k)]
+    what = (f" ({', '.join(diff)} differ)" if diff else "")
+    if (out_dir / META_FILE).exists():
+        raise UserError(f"{out_dir} already holds a prepared data set made from something else{what}: pick another "
+                        f"out=, or add force=true to replace it (the old set is kept until the new one is complete)")
+    raise UserError(f"{out_dir} holds an interrupted encode with other settings{what}: rerun with its settings to "
+                    f"resume it, or add force=true to start over")
 
 
 def _bar(total: int, enabled: bool):

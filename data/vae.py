@@ -27,6 +27,7 @@ Encoding and decoding run in torch, on the CPU unless a device is named, in chun
 accelerator JAX trains on unless asked.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -118,11 +119,16 @@ class Vae:
         return h // self.downsample, w // self.downsample, self.latent_channels
 
     def info(self) -> dict:
-        """What meta.json records under `encoder`."""
-        return {"type": "AutoencoderKL", "vae": self.name, "scaling_factor": self.scaling_factor,
+        """What meta.json records under `encoder`; for a local directory also a hash of its weights, so that a
+        VAE retrained or replaced in place is noticed when the set's latents are decoded (vae_for_meta)."""
+        info = {"type": "AutoencoderKL", "vae": self.name, "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
                 "downsample": self.downsample, "image_channels": self.in_channels,
                 "convention": "stored = (posterior - shift_factor) * scaling_factor (data/vae.py)"}
+        digest = weights_digest(self.name)
+        if digest:
+            info["weights_sha256"] = digest
+        return info
 
     def encode(self, images: np.ndarray, *, batch_size: int = 64, sample: bool = False, seed: int = 0) -> np.ndarray:
         """uint8 images (N, H, W, C) -> stored latents float32 (N, h, w, c), in batches.
@@ -167,6 +173,65 @@ class Vae:
         return np.concatenate(out)
 
 
+# What a VAE directory must hold: weights in safetensors (plain tensors). Pickle formats (diffusers' .bin, torch's
+# .pt/.pth/.ckpt) can run arbitrary code when read, so they are refused rather than loaded.
+_SAFE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_CONVERT = ("convert them to safetensors where you trust them (diffusers: AutoencoderKL.from_pretrained(dir) then "
+            "save_pretrained(new_dir, safe_serialization=True)) and give the new directory")
+
+
+@contextlib.contextmanager
+def _diffusers_silent():
+    """diffusers logs, in many lines, every load it then fails or completes with random weights (missing keys, a
+    file not found); each of those ends here in one UserError line instead, so its log is muted while loading."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _check_class(config, where: str) -> None:
+    """diffusers builds whatever config it is given as an AutoencoderKL (a UNet's becomes a random VAE): refuse a
+    config that names another model class, or is no config at all, before anything is built from it."""
+    if not isinstance(config, dict):
+        raise UserError(f"the config.json of {where} is not a JSON object: give a directory written by "
+                        "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
+    cls = config.get("_class_name")
+    if cls is not None and cls != "AutoencoderKL":
+        raise UserError(f"{where} holds a {cls} (config.json _class_name), not an AutoencoderKL VAE: give the "
+                        "directory of an AutoencoderKL (for a whole pipeline, its vae/ subfolder)")
+
+
+def _load_error(e: Exception) -> str:
+    """The informative line of a load error: torch's state-dict errors put it after a heading line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return first_line(RuntimeError(lines[1]), 160)
+    return first_line(e, 160)
+
+
+def _from_pretrained(source: str, where: str, **kw):
+    """`AutoencoderKL.from_pretrained` that reads safetensors only and refuses weights that do not fit the config
+    (diffusers would otherwise initialise what is missing at random and only warn)."""
+    from diffusers import AutoencoderKL
+
+    with _diffusers_silent():
+        model, info = AutoencoderKL.from_pretrained(source, use_safetensors=True, output_loading_info=True,
+                                                    low_cpu_mem_usage=_LOW_MEM, **kw)
+    bad = {k: info.get(k) or [] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    if any(bad.values()):
+        said = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0] if isinstance(v[0], str) else v[0][0]})"
+                         for k, v in bad.items() if v)
+        raise UserError(f"the weights of {where} do not fit the AutoencoderKL its config.json describes ({said}): "
+                        "give the unchanged directory that save_pretrained wrote for this VAE")
+    return model
+
+
 def _build(name: str):
     from diffusers import AutoencoderKL
 
@@ -178,30 +243,66 @@ def _build(name: str):
         return AutoencoderKL.from_config(PRESETS[key[: -len("-random")]]["config"])
     path = Path(key).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"VAE directory {path} has no config.json: give a directory written by "
-                            "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
-        try:
-            return AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=_LOW_MEM)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise UserError(f"cannot load the VAE in {path} ({first_line(e, 160)})") from None
+        return _build_local(path)
     if key.startswith((".", "/", "~")) or os.sep in key and key.count("/") != 1:
         raise UserError(f"VAE directory {key} does not exist")
     repo, sub = (PRESETS[key]["repo"], PRESETS[key]["subfolder"]) if key in PRESETS else (key, None)
+    where = f"{repo}{'/' + sub if sub else ''}"
     unreachable = not _offline() and not _hub_resolves()
+    local_only = _offline() or unreachable
     try:
         with warnings.catch_warnings():   # diffusers passes an argument the hub client has deprecated: not ours to fix
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return AutoencoderKL.from_pretrained(repo, subfolder=sub, local_files_only=_offline() or unreachable,
-                                                 low_cpu_mem_usage=_LOW_MEM)
+            with _diffusers_silent():
+                config = AutoencoderKL.load_config(repo, subfolder=sub, local_files_only=local_only)
+            _check_class(config, f"VAE {key!r} ({where})")
+            return _from_pretrained(repo, f"VAE {key!r} ({where})", subfolder=sub, local_files_only=local_only)
+    except UserError:
+        raise
     except Exception as e:   # hub/network/cache errors come in many types; all mean "not available here"
+        if "Error(s) in loading state_dict" in str(e):   # the files came, but they are not this config's weights
+            raise UserError(f"the weights of VAE {key!r} ({where}) do not fit its config.json ({_load_error(e)}): "
+                            "it is not a usable AutoencoderKL; pass another VAE") from None
         how = ("HF_HUB_OFFLINE=1 and it is not in the Hugging Face cache" if _offline()
                else f"no local directory of that name, the hub ({_hub_host()}) cannot be reached from here, and it "
                     f"is not in the Hugging Face cache" if unreachable
                else "no local directory of that name, and the hub could not provide it")
-        raise UserError(f"cannot load VAE {key!r} ({repo}{'/' + sub if sub else ''}): {how} "
-                        f"({type(e).__name__}). Pass a local save_pretrained directory, download it where there is "
-                        f"internet, or train one with `python train_autoencoder.py`") from None
+        unsafe = " (only safetensors weights are read)" if "safetensors" in str(e) else ""
+        raise UserError(f"cannot load VAE {key!r} ({where}): {how}{unsafe} ({type(e).__name__}: {first_line(e, 120)}). "
+                        "Pass a local save_pretrained directory, download it where there is internet, or train one "
+                        "with `python train_autoencoder.py`") from None
+
+
+def _build_local(path: Path):
+    """A save_pretrained directory, checked before diffusers builds anything from it (class, safetensors weights)
+    and after (weights that fit); every problem with it is one UserError line."""
+    import json
+
+    if not (path / "config.json").is_file():
+        hint = (f" (it looks like a pipeline: give its VAE, {path / 'vae'})" if (path / "vae" / "config.json").is_file()
+                else "")
+        raise UserError(f"VAE directory {path} has no config.json{hint}: give a directory written by "
+                        "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path / 'config.json'} ({first_line(e, 120)}): give a directory written by "
+                        "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)") from None
+    _check_class(config, f"VAE directory {path}")
+    if not any((path / n).is_file() for n in _SAFE_WEIGHTS):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickled:
+            raise UserError(f"VAE directory {path} holds its weights only in pickle format ({pickled[0]}), which can "
+                            f"run code when loaded and is not read: {_CONVERT}")
+        raise UserError(f"VAE directory {path} has no {_SAFE_WEIGHTS[0]}: give a directory written by "
+                        "AutoencoderKL.save_pretrained (e.g. by train_autoencoder.py)")
+    try:
+        return _from_pretrained(str(path), f"VAE directory {path}", local_files_only=True)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:   # unreadable, truncated or foreign files
+        raise UserError(f"cannot load the VAE in {path} ({_load_error(e)}): give the unchanged directory that "
+                        "AutoencoderKL.save_pretrained wrote") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -239,12 +340,44 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
     enc = meta.get("encoder") or {}
     if not isinstance(enc, dict) or "vae" not in enc:
         raise UserError(f"data set {meta.get('name')!r} is not a latent data set (meta.json has no encoder.vae)")
-    vae = load_vae(enc["vae"], device or os.environ.get("DIT_VAE_DEVICE", "cpu"))
+    redo = ("put that VAE back, or re-encode the set with the VAE you have (prepare_data.py source=... vae=... "
+            "out=<the set> force=true) and train on it anew")
+    try:
+        vae = load_vae(enc["vae"], device or os.environ.get("DIT_VAE_DEVICE", "cpu"))
+    except UserError as err:
+        raise UserError(f"data set {meta.get('name')!r} was encoded with the VAE {enc['vae']}, which cannot be loaded "
+                        f"now ({err}): {redo}") from None
     for k in ("scaling_factor", "shift_factor", "latent_channels"):
         if k in enc and not np.isclose(float(getattr(vae, k)), float(enc[k])):
             raise UserError(f"the VAE at {enc['vae']} has {k} {getattr(vae, k)} but data set {meta.get('name')!r} was "
-                            f"encoded with {enc[k]}: the VAE changed since; re-prepare the data set")
+                            f"encoded with {enc[k]}: the VAE changed since; {redo}")
+    if enc.get("weights_sha256") and weights_digest(enc["vae"]) != enc["weights_sha256"]:
+        raise UserError(f"the weights of the VAE at {enc['vae']} changed since data set {meta.get('name')!r} was "
+                        f"encoded (retrained or replaced in place): its latents would decode wrongly; {redo}")
     return vae
+
+
+def weights_digest(name: str) -> str | None:
+    """sha256 over the safetensors weight files of a local VAE directory (None for hub ids and presets, whose
+    weights are pinned by their name). Cached per file size and modification time: a set's grids decode often."""
+    path = Path(str(name)).expanduser()
+    if not path.is_dir():
+        return None
+    files = sorted(path.glob("*.safetensors"))
+    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)) if files else None
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(files: tuple) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(Path(name).name.encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def decode_to_uint8(x_model, meta: dict, *, chunk: int = 64, device: str | None = None) -> np.ndarray:

@@ -170,6 +170,8 @@ def test_user_errors(evaluator, digits):
         evaluator.evaluate(x, y + 10)
     with pytest.raises(UserError, match="decoded"):
         get_evaluator({"name": "lat", "dtype": "float16", "encoder": "vae", "num_classes": 10}, "/nonexistent", None)
+    with pytest.raises(UserError, match="eval.at_end=false"):
+        evaluator_for({"name": "lat", "dtype": "float16", "encoder": {"vae": "v"}, "num_classes": 10}, "/x", "/x")
 
 
 def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root, tmp_path):
@@ -187,8 +189,16 @@ def test_latents_of_a_builtin_set_are_scored_by_its_pixel_classifier(digits_root
     x, y = load_split(load_meta(pdir), pdir, "test")
     res = ev.evaluate(x[:64], y[:64])
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
-    with pytest.raises(UserError, match="decoded"):   # latents that name no pixel set still get the one line
+    with pytest.raises(UserError, match="eval.at_end=false"):   # latents that name no pixel set: the one line
         evaluator_for({**lat, "encoder": {"type": "AutoencoderKL"}}, tmp_path, digits_root, epochs=1)
+    # Latents that decode to another size or channel count than the pixel set's: refused by the check that training
+    # runs at start (it failed in evaluate() after all the training and sampling)
+    from training.evaluate import eval_target
+    big = {**lat, "shape": [8, 8, 4], "encoder": {**lat["encoder"], "downsample": 2, "image_channels": 3}}
+    with pytest.raises(UserError, match="decodes to 16x16x3 images, but the classifier of digits scores 8x8x1"):
+        eval_target(big, tmp_path, digits_root)
+    fits = {**lat, "shape": [4, 4, 4], "encoder": {**lat["encoder"], "downsample": 2, "image_channels": 1}}
+    assert eval_target(fits, tmp_path, digits_root)[1] == pdir
     # Latents encoded from the old file-order cut: their training images overlap today's test split. Refused.
     with pytest.raises(UserError, match="re-encode"):
         evaluator_for({**lat, "encoder": {"type": "AutoencoderKL", "pixels": "digits"}}, tmp_path, digits_root,

@@ -351,3 +351,16 @@ def test_sample_grids_replace_their_png_whole_or_not_at_all(tmp_path, monkeypatc
     monkeypatch.setattr(Image.Image, "save", real)
     save_png(np.full((4, 4, 1), 255, np.uint8), out)
     assert np.asarray(Image.open(out)).min() == 255
+
+
+def test_sample_grids_of_many_classes_stay_small():
+    """A grid has a row per class; for ImageNet's 1000 classes that was 8000 samples (each decoded by the VAE) every
+    sample_every steps. Above GRID_CLASSES classes the rows are that many classes spread over all of them."""
+    from training.generate import GRID_CLASSES, grid_labels
+
+    few = grid_labels(10)
+    assert len(few) == 80 and sorted(set(few.tolist())) == list(range(10))
+    many = grid_labels(1000)
+    rows = many.reshape(GRID_CLASSES, 8)
+    assert len(many) == 8 * GRID_CLASSES and (rows == rows[:, :1]).all()
+    assert rows[0, 0] == 0 and rows[-1, 0] == 999 and len(set(rows[:, 0].tolist())) == GRID_CLASSES

@@ -159,12 +159,27 @@ def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
     again = []
     prepare_latents(str(tmp_path / "src"), vae, tmp_path / "full", on_shard=again.append, force=True, **kw)
     assert len(again) == 4 and _shards(tmp_path / "full") == _shards(tmp_path / "part")
-    # A different setting (no flip) is a new plan: it starts over instead of reusing shards.
     with pytest.raises(UserError, match="1x1 latents .* pass resolution=4 or more"):   # nothing a patch can split
         prepare_latents(str(tmp_path / "src"), vae, tmp_path / "small", **{**kw, "resolution": 2})
     assert not (tmp_path / "small").exists()
-    meta = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", **{**kw, "hflip": False})
+    # A different setting (no flip) over a complete set: refused, naming it (it silently deleted the set before the
+    # new encode had started); with force=true it is a new plan that starts over instead of reusing shards.
+    before = _shards(tmp_path / "part")
+    with pytest.raises(UserError, match=r"already holds a prepared data set made from something else \(hflip "
+                                        r"differ\).*force=true"):
+        prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", **{**kw, "hflip": False})
+    assert _shards(tmp_path / "part") == before and (tmp_path / "part" / "meta.json").exists()
+    meta = prepare_latents(str(tmp_path / "src"), vae, tmp_path / "part", force=True, **{**kw, "hflip": False})
     assert meta["splits"]["train"]["num_records"] == 10
+    # An interrupted encode with other settings is refused too (a smaller batch_size after running out of memory
+    # threw every finished shard away without a word)
+    def interrupt2(name):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare_latents(str(tmp_path / "src"), vae, tmp_path / "int", on_shard=interrupt2, **kw)
+    with pytest.raises(UserError, match=r"interrupted encode with other settings \(batch_size differ\)"):
+        prepare_latents(str(tmp_path / "src"), vae, tmp_path / "int", **{**kw, "batch_size": 1})
+    assert len(_shards(tmp_path / "int")) == 1
 
 
 def test_prepare_data_cli_offline(vae_dir, tmp_path):

@@ -214,8 +214,17 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
     encoder names its `pixels`), the pixel set's, since samples are decoded before scoring. Training's end-of-run
     evaluation and sample.py both come here, so they cannot score a run differently."""
     from data.loader import load_split
+
+    meta, data_dir = eval_target(meta, data_dir, root)
+    return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
+
+
+def eval_target(meta: dict, data_dir, root) -> tuple[dict, Path]:
+    """(meta, dir) of the pixel set whose classifier scores samples of `meta`'s set, checked without training
+    anything, so that training and sample.py refuse a set the classifier cannot score before their long part."""
     from data.prepare import ensure_prepared, split_rule_of
 
+    off = "turn the evaluation off (eval.at_end=false when training, evaluate=false in sample.py)"
     enc = meta.get("encoder") or {}
     pixels = enc.get("pixels")
     if pixels:
@@ -225,8 +234,19 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
             raise UserError(f"{meta.get('name')} was encoded from {pixels} split as '{cut}', but {pixels} is now split "
                             f"as '{now}', so its test images may be in these latents' training "
                             f"set: re-encode it (`python prepare_data.py source={pixels} vae=... out=...`)")
-        meta = pix_meta
-    return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
+        h, w, _ = meta.get("shape") or pix_meta["shape"]
+        ds = int(enc.get("downsample", 1)) if meta.get("shape") else 1
+        decoded = [int(h) * ds, int(w) * ds, int(enc.get("image_channels", pix_meta["shape"][-1]))]
+        if decoded != list(pix_meta["shape"]):
+            raise UserError(f"{meta.get('name')} decodes to {decoded[0]}x{decoded[1]}x{decoded[2]} images, but the "
+                            f"classifier of {pixels} scores {'x'.join(map(str, pix_meta['shape']))}: {off}, or encode "
+                            f"at {pixels}'s own size and channels")
+        return pix_meta, Path(data_dir)
+    if meta.get("dtype") != "uint8" or enc:
+        raise UserError(f"the evaluation classifier scores pixel data sets and latents of a built-in one; "
+                        f"{meta.get('name')} holds {meta.get('dtype')} latents of {enc.get('vae', 'an encoder')}: "
+                        f"{off}")
+    return meta, Path(data_dir)
 
 
 def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None, seed: int = 0) -> Evaluator:

@@ -115,9 +115,14 @@ def check_weak_run(saved: dict, strong, train_cfg, where) -> None:
                         f"train the weak model on the same data with the same train.prediction")
 
 
+GRID_CLASSES = 16   # at most this many rows in a sample grid (ImageNet's 1000 classes: 8000 decoded images a grid)
+
+
 def grid_labels(num_classes: int, per_class: int = 8) -> np.ndarray:
-    """Rows of one class each, for sample grids."""
-    return balanced_labels(num_classes * per_class, num_classes)
+    """Rows of one class each, for sample grids: every class, or GRID_CLASSES spread evenly over many classes."""
+    if num_classes <= GRID_CLASSES:
+        return balanced_labels(num_classes * per_class, num_classes)
+    return np.repeat(np.linspace(0, num_classes - 1, GRID_CLASSES).round().astype(np.int32), per_class)
 
 
 def text_conds(text: np.ndarray, mask: np.ndarray) -> tuple:

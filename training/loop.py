@@ -45,6 +45,7 @@ class Task:
     init_model: Callable | None = None  # fresh model -> model (stage 2: transplant stage-1 weights, train.init_from)
     grid_conds: Callable | None = None  # () -> conditions for the sample grid (default: 8 per class)
     final_eval: Callable | None = None  # (ema model, step) -> dict: end-of-run check when there is no `evaluator`
+    check_eval: Callable | None = None  # () -> None, raising UserError when the end-of-run evaluation cannot run
 
 
 class StopFlag:
@@ -87,6 +88,12 @@ def run(cfg, task: Task) -> dict:
     check_route(tc, task.spec)
     check_sampler(cfg.sampler)   # a bad solver or guidance interval fails now, not at the first sample grid
     check_guide_step(cfg.sampler, tc)
+    if is_main and (task.meta.get("encoder") or {}).get("vae"):
+        from data.vae import vae_for_meta   # (torch: imported only for latent sets)
+
+        vae_for_meta(task.meta)   # grids and the evaluation decode through it: moved or changed, it fails now
+    if is_main and cfg.eval.at_end and task.check_eval is not None:
+        task.check_eval()         # a set the end-of-run evaluation cannot score is refused before training
     if is_main:
         print(f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {jax.process_count()} process(es); "
               f"effective batch {global_batch} = batch_size {int(tc.batch_size)} x grad_accum {int(tc.grad_accum)}",
@@ -218,10 +225,10 @@ def run(cfg, task: Task) -> dict:
             if step % check_every == 0 or step % tc.ckpt_every == 0 or step == total:  # before any save
                 streak = _check_bad_steps(unchecked, streak, step, tc, ckpt)
                 unchecked = []
+            if step % tc.ckpt_every == 0 or step == weak_step:
+                save()          # before the grid: a grid that fails must not cost the step's checkpoint
             if tc.sample_every and step % tc.sample_every == 0:
                 sample_grid(step)
-            if step % tc.ckpt_every == 0 or step == weak_step:
-                save()
             bar.update(1)
             if tc.stop_at_step is not None and step >= int(tc.stop_at_step) and step < total:
                 stop.signal = f"train.stop_at_step={int(tc.stop_at_step)}"
