@@ -30,7 +30,7 @@ def fashion_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
     return [FASHION_TEMPLATES[p].format(FASHION_NAMES[int(y)]) for p, y in zip(picks, labels)]
 
 
-def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]]:
+def read_folder(folder, captions_file, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Bring-your-own: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) (centre-cropped square, resized).
     Decoded by stage 1's data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white);
     the crop and LANCZOS resize stay this function's own, so sets prepared before keep their pixels."""
@@ -42,15 +42,23 @@ def read_folder(folder, captions_file, size: int) -> tuple[np.ndarray, list[str]
     if not captions_file.is_file():
         raise UserError(f"captions file {captions_file} not found: give data.captions_file=<JSONL of "
                         '{"file": ..., "caption": ...}>')
+    try:   # utf-8-sig: Notepad and Excel start UTF-8 files with a byte-order mark
+        text = captions_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{captions_file} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     images, caps = [], []
-    for n, line in enumerate(captions_file.read_text().splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 and friends may sit inside a caption
         if not line.strip():
             continue
+        if limit is not None and len(images) >= limit:   # data.limit: the first `limit` images listed
+            break
         try:
             row = json.loads(line)
             file, cap = row["file"], row["caption"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{captions_file} line {n} is not a JSON object with 'file' and 'caption'") from None
+        if not isinstance(file, str) or not file.strip():
+            raise UserError(f"{captions_file} line {n}: file must be a path relative to {folder}, got {file!r}")
         if not isinstance(cap, str) or not cap.strip():
             raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
         try:
@@ -87,7 +95,8 @@ def _load(dc) -> dict:
             out[split] = (x, y, fashion_captions(y, seed=i))
         return out
     if kind == "folder":
-        x, caps = read_folder(dc.folder, dc.captions_file, int(dc.size))
+        x, caps = read_folder(dc.folder, dc.captions_file, int(dc.size),
+                              None if dc.get("limit") is None else int(dc.limit))
         return {"train": (x, np.zeros(len(x), np.int64), caps), "class_names": ["image"],
                 "source": f"folder {dc.folder} with captions {dc.captions_file}"}
     raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder")

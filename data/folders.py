@@ -84,7 +84,7 @@ def _read_table(path: Path) -> list[dict]:
             raise UserError(f"{path} needs a header line with the columns file,label; found {list(rows[0])}")
         return rows
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 may sit inside a caption
         if not line.strip():
             continue
         try:

@@ -25,6 +25,11 @@ class TextEncoder:
     def encode(self, captions: list[str], max_tokens: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        special = self.tokenizer.num_special_tokens_to_add()
+        longest = getattr(self.model.config, "max_position_embeddings", None)
+        if max_tokens <= special or longest and max_tokens > longest:   # torch would fail with a shape error
+            raise UserError(f"data.max_tokens={max_tokens} is outside what the {self.name} text encoder takes: use "
+                            f"{special + 1} to {longest or 'its length limit'}")
         states = np.zeros((len(captions), max_tokens, self.dim), np.float32)
         mask = np.zeros((len(captions), max_tokens), bool)
         with torch.inference_mode():

@@ -136,6 +136,7 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     ck = str(tmp_path / "ck")
     for extra, needle in ((["optim.nope=1"], "nope"), (["data=nope"], "nope"), (["train=nope"], "nope"),
                           (["train.steps=[1"], "bad configuration"),
+                          (["wandb.name=man’s shoe"], "Quote a value with spaces or special characters"),
                           (["sampler.cfg_interval=[0.7,0.2]"], "cfg_interval"), (["sampler.solver=rk4"], "solver"),
                           (["sampler.guidance=nope"], "guidance"), (["train.prediction=eps"], "train.prediction"),
                           (["train.time_sampling=normal"], "time_sampling"),

@@ -90,6 +90,30 @@ def test_fashion_captions_and_folder(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"file": "a.png"}\n')
     with pytest.raises(UserError):
         read_folder(tmp_path, tmp_path / "bad.jsonl", 16)
+    # Files a user's editor writes: a BOM (Notepad, Excel) and a raw U+2028 inside a caption are read; Latin-1 and
+    # a null / numeric file name are one line each (they were a JSON error, a UnicodeDecodeError and a TypeError)
+    line = json.dumps({"file": "a.png", "caption": "red\u2028square"}, ensure_ascii=False)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + line + "\n" + line + "\n", encoding="utf-8")
+    x, c = read_folder(tmp_path, tmp_path / "bom.jsonl", 16)
+    assert c == ["red\u2028square"] * 2
+    x, c = read_folder(tmp_path, tmp_path / "bom.jsonl", 16, limit=1)       # data.limit applies to folders too
+    assert len(c) == 1
+    (tmp_path / "l1.jsonl").write_bytes('{"file": "a.png", "caption": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        read_folder(tmp_path, tmp_path / "l1.jsonl", 16)
+    for f in ("null", "5"):
+        (tmp_path / "nf.jsonl").write_text('{"file": %s, "caption": "red"}\n' % f)
+        with pytest.raises(UserError, match="line 1: file must be a path"):
+            read_folder(tmp_path, tmp_path / "nf.jsonl", 16)
+
+
+def test_max_tokens_outside_the_encoders_range_is_one_line(minilm):
+    """MiniLM takes 3 to 512 tokens ([CLS] and [SEP] included): 600 was a torch size error, 1 a broadcast error."""
+    for n in (1, 2, 600):
+        with pytest.raises(UserError, match=f"data.max_tokens={n} is outside what the minilm text encoder takes: "
+                                            "use 3 to 512"):
+            minilm.encode(["a red apple"], n)
+    assert minilm.encode(["a red apple"], 3)[0].shape == (1, 3, 384)
 
 
 def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):

@@ -128,6 +128,10 @@ def _explain_composition_error(err: Exception) -> str:
         return f"{msg}. Available presets are the file names under {CONFIG_DIR}/<group>/."
     if "not in struct" in msg or "Could not override" in msg or "Key" in msg:
         return f"{msg}. Check the key name (see {CONFIG_DIR}), or add a new key with a leading '+'."
+    if "LexerNoViableAlt" in msg or "Ambiguous value" in msg or "mismatched input" in msg or "token recognition" in msg:
+        # a value with characters Hydra's grammar reserves (a prompt with ’ ( , : or an emoji)
+        return (f"{msg}. Quote a value with spaces or special characters inside the argument, e.g. "
+                f"'prompt=\"a cat, sitting (left)\"' or 'prompt=[\"man’s shoe\",\"rocket\"]'")
     return msg
 
 
