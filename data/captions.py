@@ -127,6 +127,17 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
     if was is None:
         return
     now = _request(dc)
+    if now["kind"] == "folder" and was.get("captions_sha256"):
+        # Sources that moved (prepared/ copied to another machine, a folder renamed) or are gone leave the prepared
+        # set usable: the captions' hash, not their path, says whether they changed; another folder of images counts
+        # as moved only when the one recorded is no longer there.
+        if now["captions_sha256"] is None:
+            print(f"note: {dc.captions_file} is gone; using {out_dir}, prepared from {was.get('captions_file')}",
+                  flush=True)
+        if now["captions_sha256"] in (None, was["captions_sha256"]):
+            now.update(captions_file=was.get("captions_file"), captions_sha256=was["captions_sha256"])
+            if now["captions_sha256"] is None or not Path(str(was.get("folder"))).is_dir():
+                now["folder"] = was.get("folder")
     diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if was.get(k) != now[k]]
     if diff:
         raise UserError(f"{out_dir} was prepared from something else ({'; '.join(diff)}): pick a new data.name, or "

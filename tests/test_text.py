@@ -1,6 +1,7 @@
 """Text encoders (MiniLM shipped offline, T5Gemma from a local directory), emoji rendering, captioned data sets."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -144,7 +145,21 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
         with pytest.raises(UserError, match="prepared from something else") as e:
             ensure_prepared_text(OmegaConf.merge(dc, change), encoder=minilm)
         assert str(next(iter(change))) in str(e.value)
+    # Sources moved (prepared/ copied elsewhere, files renamed) or deleted: the prepared set is still this request's
+    # (a resume was refused for a moved captions file with the same bytes)
+    import shutil
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved", ignore=shutil.ignore_patterns("prep"))
+    moved = OmegaConf.merge(dc, {"folder": str(tmp_path.parent / f"{tmp_path.name}-moved"),
+                                 "captions_file": str(tmp_path / "c2.jsonl")})
+    shutil.copy(tmp_path / "c.jsonl", tmp_path / "c2.jsonl")
+    with pytest.raises(UserError, match="folder"):   # the recorded folder is still there: another folder of images
+        ensure_prepared_text(moved, encoder=minilm)
+    os.rename(tmp_path / "c.jsonl", tmp_path / "c.keep")
+    assert ensure_prepared_text(OmegaConf.merge(dc, {"captions_file": str(tmp_path / "c2.jsonl")}),
+                                encoder=None)[0] == meta          # same bytes at another path: reused as it is
+    assert ensure_prepared_text(dc, encoder=None)[0] == meta      # captions file gone: the prepared copy is used
+    os.rename(tmp_path / "c.keep", tmp_path / "c.jsonl")
     (tmp_path / "c.jsonl").write_text("\n".join(rows[:2]))
-    with pytest.raises(UserError, match="captions_sha256"):
+    with pytest.raises(UserError, match="captions_sha256"):   # edited captions: not the set that was prepared
         ensure_prepared_text(dc, encoder=minilm)
     assert (d / "meta.json").is_file()   # nothing the user had is removed

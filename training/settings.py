@@ -26,7 +26,8 @@ FREE_ON_RESUME = frozenset({
     "train.log_every", "train.sample_every", "train.ckpt_every", "train.keep_ckpts", "train.ckpt_dir", "train.progress",
     "train.stop_at_step", "train.max_bad_steps", "train.is_restore", "train.debug_nan_steps", "train.resume_changes",
     "train.init_from", "train.init_fold_t",   # stage 2: how the initial weights were made; the restore replaces them
-    "data.root", "data.text_encoder_path",   # where files live
+    "data.root", "data.text_encoder_path",   # where files live; a captioned folder set's sources too (its
+    "data.folder", "data.captions_file",     # captions' hash and the data identity guard what they hold)
     "model.name", "model.scan_blocks", "model.remat", "model.attention_impl",   # how, not what (models.SPEC_KEYS)
 })
 FREE_GROUPS = ("wandb", "sampler", "eval", "mesh", "distributed")
