@@ -106,10 +106,13 @@ def _request(dc) -> dict:
     """What a captioned set is made from. Stored in meta["text"]["request"] so that `data.name` pointing at a copy
     prepared from another folder, captions file, size, limit or encoder is refused instead of silently reused (the
     folder config keeps one name, `my_captions`, for every folder)."""
+    from data.text import encoder_weights
+
     opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
     req = {"kind": str(dc.kind), "size": int(dc.size),
            "limit": None if dc.get("limit") is None else int(dc.limit), "text_encoder": str(dc.text_encoder),
-           "max_tokens": int(dc.max_tokens)}   # not the encoder's path: weights that moved are the same encoder
+           "max_tokens": int(dc.max_tokens),   # not the encoder's path: weights that moved are the same encoder,
+           "text_encoder_weights": encoder_weights(str(dc.text_encoder), dc.get("text_encoder_path"))}  # others not
     if req["kind"] == "folder":
         captions = Path(str(dc.captions_file))
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
@@ -138,7 +141,8 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
             now.update(captions_file=was.get("captions_file"), captions_sha256=was["captions_sha256"])
             if now["captions_sha256"] is None or not Path(str(was.get("folder"))).is_dir():
                 now["folder"] = was.get("folder")
-    diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if was.get(k) != now[k]]
+    # a key recorded only by later code (text_encoder_weights) is not held against a set prepared before it
+    diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if k in was and was[k] != now[k]]
     if diff:
         raise UserError(f"{out_dir} was prepared from something else ({'; '.join(diff)}): pick a new data.name, or "
                         f"rebuild it (`python prepare_data.py data=<this config> <your overrides> force=true`)")

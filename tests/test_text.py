@@ -54,6 +54,27 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
         get_encoder("t5gemma", str(tmp_path / "missing"))
     with pytest.raises(UserError):
         get_encoder("clip")
+    # Other weights at data.text_encoder_path (another random init of the same config) are another encoder: a set
+    # prepared with the first is refused for the second (it was silently reused); moved weights are the same one.
+    import shutil
+
+    import torch
+
+    from data.captions import _check_reuse, _request
+    from data.text import encoder_weights
+    shutil.copytree(tmp_path / "t5g", tmp_path / "t5g_moved")
+    torch.manual_seed(1)
+    T5GemmaModel(cfg).save_pretrained(tmp_path / "t5g_other")
+    ids = [encoder_weights("t5gemma", str(tmp_path / n)) for n in ("t5g", "t5g_moved", "t5g_other")]
+    assert ids[0] == ids[1] != ids[2] and ids[0]
+    dc = OmegaConf.create({"kind": "emoji", "size": 8, "limit": 4, "text_encoder": "t5gemma", "max_tokens": 6,
+                           "text_encoder_path": str(tmp_path / "t5g")})
+    meta = {"text": {"request": _request(dc)}}
+    _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_moved")}), tmp_path)
+    with pytest.raises(UserError, match="text_encoder_weights"):
+        _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
+    del meta["text"]["request"]["text_encoder_weights"]     # a set prepared before the key existed: not held against it
+    _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
 
 
 def test_emoji_render_and_captions():

@@ -31,3 +31,23 @@ def atomic_write(path):
 def write_json(path, obj, indent: int | None = 1) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent))
+
+
+def weights_fingerprint(directory) -> str | None:
+    """A cheap identity of the safetensors weights in a model directory: sha256 over each file's name, size and 16
+    blocks of 64 KiB spread over it. Other weights (retrained, or another random init of the same config) differ in
+    every block, and ~1 MiB is read per file however large the model. None when there are no such files."""
+    import hashlib
+
+    files = sorted(Path(directory).expanduser().glob("*.safetensors")) if Path(str(directory)).is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()
