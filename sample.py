@@ -47,8 +47,14 @@ def main(cfg):
     run_cfg = OmegaConf.create(saved)
     spec = saved["model_spec"]
     sampler = sampler_for(cfg, run_cfg, step)
+    if cfg.get("data_root"):   # the prepared sets moved (another disk or machine) since the run
+        run_cfg.data.root = str(cfg.data_root)
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
-    meta = load_meta(data_dir)
+    try:
+        meta = load_meta(data_dir)
+    except UserError as err:
+        raise UserError(f"{err}; or, if the prepared sets moved since the run, pass data_root=<the folder that now "
+                        f"holds {run_cfg.data.name}/>") from None
     k = spec["num_classes"]
     prompts = None
     if stage == 2:  # text-conditional: prompt= one string or a list (default: training captions)

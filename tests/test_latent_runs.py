@@ -51,6 +51,17 @@ def test_a_latent_run_checks_its_vae_and_evaluation_at_start(monkeypatch, capsys
     cli.main("config", train_stage1.main)
     assert complete_steps(ck) == [2]
     out = str(tmp_path / "s.npz")
+    # The prepared sets moved since the run (another disk): sample.py says how to point at them, and does.
+    shutil.move(root, tmp_path / "data2")
+    line = _sample(monkeypatch, capsys, [f"ckpt_dir={ck}", "num_samples=2", f"out={out}"])
+    assert "pass data_root=" in line, line
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={out}",
+                                      f"data_root={tmp_path / 'data2'}"])
+    import sample
+    cli.main("sample", sample.main)
+    assert os.path.exists(out)
+    os.remove(out)
+    shutil.move(tmp_path / "data2", root)
     # The VAE's weights replaced in place (retrained into the same folder): the latents would decode wrongly.
     other = make_tiny_vae(tmp_path / "other")
     import torch
