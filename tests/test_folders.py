@@ -271,3 +271,22 @@ def test_tables_with_a_utf8_bom(tmp_path):
     (tmp_path / "c" / "labels.jsonl").write_text('{"file": "a.png", "label": 2}\n{"file": "b.png", "label": 0}\n',
                                                  encoding="utf-8-sig")
     assert scan_source(tmp_path / "c").splits["train"].labels == [2, 0]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo is stored sideways with an EXIF orientation tag; viewers (and users) see it upright. It was
+    loaded sideways by both stages' readers."""
+    from PIL import Image
+
+    from data.folders import open_image
+
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :8] = (255, 0, 0)     # stored: red on the left, blue on the right
+    a[:, 8:] = (0, 0, 255)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6           # orientation 6: rotate 90 degrees clockwise to view
+    im.save(tmp_path / "p.jpg", exif=exif, quality=100)
+    up = np.asarray(open_image(tmp_path / "p.jpg", 3)).astype(int)
+    assert up.shape == (16, 8, 3)                                     # upright: portrait
+    assert up[2, 4, 0] > 200 and up[2, 4, 2] < 60 and up[13, 4, 2] > 200 and up[13, 4, 0] < 60   # red on top
