@@ -222,9 +222,10 @@ def _scale_to_8bit(im):
 
 
 def open_image(path, channels: int):
-    """The decoded image at `path` as a PIL image in mode L (channels 1) or RGB, turned upright by its EXIF orientation:
-    16-bit, 32-bit and float images scaled to 8 bits (_scale_to_8bit), transparency composited over white. Decoding errors propagate (OSError,
-    ValueError, SyntaxError, DecompressionBombError): load_image skips the file, stage 2's read_folder refuses it."""
+    """The decoded image at `path` as a PIL image in mode L (channels 1) or RGB, turned upright by its EXIF
+    orientation; 16-bit, 32-bit and float images scaled to 8 bits (_scale_to_8bit), transparency composited over
+    white. Decoding errors propagate (OSError, ValueError, SyntaxError, DecompressionBombError): load_image skips the
+    file, stage 2's read_folder refuses it."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
