@@ -47,6 +47,10 @@ def main(cfg):
     run_cfg = OmegaConf.create(saved)
     spec = saved["model_spec"]
     sampler = sampler_for(cfg, run_cfg, step)
+    asked = len(class_labels(cfg.labels, spec["num_classes"])) if cfg.labels is not None else int(cfg.num_samples)
+    if cfg.evaluate and asked < 2:   # the classifier's statistics need two images: said before any sampling
+        raise UserError(f"evaluate=true needs at least 2 images, and {asked} were asked: raise num_samples (or list "
+                        f"more labels), or drop evaluate")
     if cfg.get("data_root"):   # the prepared sets moved (another disk or machine) since the run
         run_cfg.data.root = str(cfg.data_root)
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
@@ -97,6 +101,9 @@ def main(cfg):
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
+    # The scores beside an npz are that npz's: those of the file being replaced go with it (and come back below
+    # when this one is evaluated).
+    out.with_suffix(".eval.json").unlink(missing_ok=True)
     write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
               **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
@@ -143,14 +150,26 @@ def sampler_for(cfg, run_cfg, step: int):
     from training.generate import check_weak_step
     from training.sampling import check_sampler
 
+    from pathlib import Path
+
     sampler = run_cfg.sampler
-    for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir", "guide_scale",
-              "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol", "chunk"):
-        if cfg[k] is not None:
-            sampler[k] = cfg[k]
-    if sampler.get("guide_ckpt_dir") and sampler.get("guidance") != "auto":
-        raise UserError(f"guide_ckpt_dir is autoguidance's weak model, but guidance={sampler.get('guidance')}: "
-                        f"add guidance=auto")
+    given = [k for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir",
+                         "guide_scale", "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol",
+                         "chunk") if cfg[k] is not None]
+    for k in given:
+        sampler[k] = cfg[k]
+    # An option the chosen guidance or solver does not use would be ignored without a word: refused instead.
+    g, solver = sampler.get("guidance", "cfg"), sampler.get("solver")
+    for k in given:
+        if k.startswith("guide_") and g != "auto" or k == "apg_eta" and g != "apg":
+            raise UserError(f"{k} is for guidance={'auto' if k.startswith('guide_') else 'apg'}, and this sampler "
+                            f"uses guidance={g}: add guidance={'auto' if k.startswith('guide_') else 'apg'}, or drop "
+                            f"{k}")
+        if k in ("rtol", "atol") and solver not in ("tsit5", "dopri5"):
+            raise UserError(f"{k} is for the adaptive solvers (tsit5, dopri5); solver={solver} takes steps=N")
+    gd = sampler.get("guide_ckpt_dir")
+    if gd and Path(str(gd)).expanduser().resolve() == Path(str(cfg.ckpt_dir)).expanduser().resolve():
+        sampler.guide_ckpt_dir = None   # the run itself: its own earlier EMA, under the same-run rule below
     check_sampler(sampler)
     check_weak_step(sampler, run_cfg.train, step)   # the weak EMA of this run must come before the sampled one
     return sampler
@@ -164,11 +183,15 @@ def class_labels(value, num_classes: int):
     from training.errors import UserError
 
     raw = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-    arr = np.atleast_1d(np.asarray(raw))
+    bad = UserError(f"labels={raw} must be class ids, whole numbers in [0, {num_classes}): e.g. labels=3 or "
+                    f"labels=[0,1,2]")
+    try:
+        arr = np.atleast_1d(np.asarray(raw))
+    except ValueError:   # ragged nested lists
+        raise bad from None
     whole = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(arr == np.round(arr)))
     if arr.ndim != 1 or not whole or (arr.size and (arr.min() < 0 or arr.max() >= num_classes)):
-        raise UserError(f"labels={raw} must be class ids, whole numbers in [0, {num_classes}): e.g. labels=3 or "
-                        f"labels=[0,1,2]")
+        raise bad
     return arr.astype(np.int32)
 
 

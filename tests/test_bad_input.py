@@ -196,7 +196,10 @@ def test_resume_and_evaluation_need_the_data_the_run_saw(monkeypatch, capsys, da
     line = run_cli(monkeypatch, capsys, tiny_overrides(str(root), str(ck), steps=4, **{"train.is_restore": True}))
     assert "last 20% of each class in file order" in line, line
     assert "file order" in sample_cli(monkeypatch, capsys, sample_args + ["evaluate=true"])
+    stale = tmp_path / "s.eval.json"
+    stale.write_text('{"fd_ratio": 1.0}')   # the scores of an earlier npz at this out=: they go with it
     assert "wrote" in sample_cli(monkeypatch, capsys, sample_args, fails=False)   # sampling alone is fine
+    assert not stale.exists()
 
 
 def test_resume_with_autoguidance_needs_its_weak_checkpoint(monkeypatch, capsys, digits_root, tmp_path):

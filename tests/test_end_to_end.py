@@ -51,15 +51,21 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
     with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[7, 14\]"):
         load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 14}))
-    # The weak model named as another run's directory (here this run's, at step 7: the same weights as the default)
-    # gives the same samples bit for bit; a run with other inputs or another prediction target is refused.
+    # The weak model named as another run's directory (here a copy of this run, at step 7: the same weights as the
+    # default) gives the same samples bit for bit; a run with other inputs or another prediction target is refused.
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
     out2 = tmp_path / "s" / "other.npz"
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out2}", "solver=heun",
-                   "steps=3", f"guide_ckpt_dir={ckpt}", "guide_step=7")
-    assert f"autoguidance 1.5 from {ckpt}" in p.stdout
+                   "steps=3", f"guide_ckpt_dir={copy}", "guide_step=7")
+    assert f"autoguidance 1.5 from {copy}" in p.stdout
     np.testing.assert_array_equal(np.load(out2)["images"], z["images"])
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "guidance=cfg", f"guide_ckpt_dir={ckpt}", check=False)
     assert p.returncode == 2 and "add guidance=auto" in p.stderr and "Traceback" not in p.stderr
+    # The run itself named as guide_ckpt_dir is held to its own rule: the weak EMA must come before the sampled one
+    p = run_script("sample.py", f"ckpt_dir={ckpt}", f"guide_ckpt_dir={ckpt}", "guide_step=14", check=False)
+    assert p.returncode == 2 and "guide_step=14 is not before the sampled step 14" in p.stderr, p.stderr
     saved = read_config(ckpt)[0]
     strong = SimpleNamespace(input_size=(8, 8), in_channels=1, num_classes=7)
     with pytest.raises(UserError, match=r"num_classes 10 vs 7"):

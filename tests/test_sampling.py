@@ -187,7 +187,7 @@ def test_sample_py_labels_are_whole_class_ids():
 
     np.testing.assert_array_equal(class_labels(3, 10), [3])          # a scalar used to be a TypeError
     np.testing.assert_array_equal(class_labels(OmegaConf.create({"l": [1, 2.0]}).l, 10), [1, 2])
-    for bad in ([1.7, 2], [0, 10], [-1], "a", [[1, 2]], [True]):   # 1.7 used to become class 1
+    for bad in ([1.7, 2], [0, 10], [-1], "a", [[1, 2]], [True], [[1, 2], [3]]):   # 1.7 used to become class 1
         with pytest.raises(UserError, match="must be class ids, whole numbers in \\[0, 10\\)"):
             class_labels(bad, 10)
 
@@ -239,7 +239,18 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
                          ([f"ckpt_dir={stage2}", "labels=[1,2]"], "labels= is for class-conditional (stage-1) runs"),
                          ([f"ckpt_dir={stage1}", "guide_step=8"], "guide_step=8 is not before the sampled step 4"),
                          ([f"ckpt_dir={stage1}"], "guide_step=8 is not before"),   # guide_fraction 0.5 of 16
-                         ([f"ckpt_dir={stage2}", "evaluate=true"], "evaluate=true scores class-conditional runs")):
+                         ([f"ckpt_dir={stage2}", "evaluate=true"], "evaluate=true scores class-conditional runs"),
+                         # options the chosen guidance or solver would ignore without a word (the audit found each)
+                         ([f"ckpt_dir={stage1}", "guidance=cfg", "guide_scale=5"], "guide_scale is for guidance=auto"),
+                         ([f"ckpt_dir={stage1}", "guidance=cfg", "guide_interval=[0.9,1.0]"],
+                          "guide_interval is for guidance=auto"),
+                         ([f"ckpt_dir={stage1}", "apg_eta=0.5"], "apg_eta is for guidance=apg"),
+                         ([f"ckpt_dir={stage1}", "guide_step=2", "rtol=1e-9"], "rtol is for the adaptive solvers"),
+                         # guide_ckpt_dir naming the run itself: its own-run rule (it guided away from itself)
+                         ([f"ckpt_dir={stage1}", f"guide_ckpt_dir={stage1}"], "guide_step=8 is not before"),
+                         ([f"ckpt_dir={stage1}", "guide_step=2", "seed=4294967296"], "seed=4294967296 is not allowed"),
+                         ([f"ckpt_dir={stage1}", "guide_step=2", "num_samples=1", "evaluate=true"],
+                          "evaluate=true needs at least 2 images, and 1 were asked")):
         monkeypatch.setattr("sys.argv", ["sample.py", *args])
         with pytest.raises(SystemExit) as exit_:
             cli.main("sample", sample.main)
