@@ -22,7 +22,7 @@ def main(cfg):
     from omegaconf import OmegaConf
 
     from data.meta import load_meta
-    from data.prepare import data_identity, data_mismatch
+    from data.prepare import data_mismatch
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.errors import UserError
@@ -47,10 +47,13 @@ def main(cfg):
     run_cfg = OmegaConf.create(saved)
     spec = saved["model_spec"]
     sampler = sampler_for(cfg, run_cfg, step)
-    asked = len(class_labels(cfg.labels, spec["num_classes"])) if cfg.labels is not None else int(cfg.num_samples)
-    if cfg.evaluate and asked < 2:   # the classifier's statistics need two images: said before any sampling
-        raise UserError(f"evaluate=true needs at least 2 images, and {asked} were asked: raise num_samples (or list "
-                        f"more labels), or drop evaluate")
+    k = spec["num_classes"]
+    if stage == 1:   # stage 2's conditions come from the prompts, once its data set is read
+        labels = class_labels(cfg.labels, k) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
+        conds = labels
+        if cfg.evaluate and len(labels) < 2:   # the classifier's statistics need two images: said before sampling
+            raise UserError(f"evaluate=true needs at least 2 images, and {len(labels)} were asked: raise num_samples "
+                            f"(or list more labels), or drop evaluate")
     if cfg.get("data_root"):   # the prepared sets moved (another disk or machine) since the run
         run_cfg.data.root = str(cfg.data_root)
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
@@ -59,25 +62,20 @@ def main(cfg):
     except UserError as err:
         raise UserError(f"{err}; or, if the prepared sets moved since the run, pass data_root=<the folder that now "
                         f"holds {run_cfg.data.name}/>") from None
-    k = spec["num_classes"]
     prompts = None
     if stage == 2:  # text-conditional: prompt= one string or a list (default: training captions)
         from data.captions import check_text_matches, prompt_conds
 
         check_text_matches(saved, meta, cfg.ckpt_dir)
         labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)
-    else:
-        labels = class_labels(cfg.labels, k) if cfg.labels is not None else balanced_labels(cfg.num_samples, k)
-        conds = labels
     if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
     # Latents decode through the set's VAE and its per-channel stats: they must be the ones the run trained with.
-    moved = data_mismatch(saved, meta)
-    was, now = saved.get("data_identity") or {}, data_identity(meta)
-    if moved and any(k in was and was[k] != now.get(k) for k in ("encoder", "shape", "dtype")):
-        raise UserError(f"{cfg.ckpt_dir} was trained on another version of {meta.get('name')} ({moved}): its samples "
-                        f"would be decoded wrongly; sample on the data the run saw, or train again")
+    decoded_as = data_mismatch(saved, meta, keys=("encoder", "shape", "dtype"))
+    if decoded_as:
+        raise UserError(f"{cfg.ckpt_dir} was trained on another version of {meta.get('name')} ({decoded_as}): its "
+                        f"samples would be decoded wrongly; sample on the data the run saw, or train again")
     if (meta.get("encoder") or {}).get("vae"):
         from data.vae import vae_for_meta
 
@@ -85,6 +83,7 @@ def main(cfg):
     # The evaluator first (it may train the classifier once): a data set it cannot score fails before sampling.
     evaluator = None
     if cfg.evaluate and prompts is None:
+        moved = data_mismatch(saved, meta)
         if moved:   # its test split may hold images the run trained on, or be another set: the scores would mislead
             raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
                             f"evaluation here would mislead; sample with evaluate=false, or train again")
@@ -147,10 +146,10 @@ def check_out(value):
 def sampler_for(cfg, run_cfg, step: int):
     """The run's saved sampler with this command's overrides, checked before anything slow (evaluator, weights)."""
     from training.errors import UserError
+    from pathlib import Path
+
     from training.generate import check_weak_step
     from training.sampling import check_sampler
-
-    from pathlib import Path
 
     sampler = run_cfg.sampler
     given = [k for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir",

@@ -228,12 +228,12 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    settings = {k: v for k, v in plan.items() if k != "class_names"}   # class names come from the source's files
-    was = {k: v for k, v in (state.get("plan") or {}).items() if k != "class_names"}
-    if not force and (state.get("fingerprint", fp) != fp and was != settings
-                      or not state and (out_dir / META_FILE).exists()):
-        _refuse_other_plan(out_dir, state, settings)
-    if state.get("fingerprint", fp) != fp and not force:   # the same command; images, labels or captions edited since
+    if not force and state.get("fingerprint", fp) != fp or not force and not state and (out_dir / META_FILE).exists():
+        # Something else is there: a set or an encode with other settings is refused; the same settings over an
+        # edited source (images, labels, captions, class names) are the same command, encoded again.
+        diff = _changed_settings(state.get("plan"), plan)
+        if diff or not state.get("plan"):
+            _refuse_other_plan(out_dir, diff)
         print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
               flush=True)
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
@@ -344,12 +344,15 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     return meta
 
 
-def _refuse_other_plan(out_dir: Path, state: dict, plan: dict) -> None:
+def _changed_settings(was: dict | None, plan: dict) -> list[str]:
+    """The plan keys (not the class names, which come from the source's files) that differ from an earlier plan."""
+    return [k for k in sorted(set(plan) | set(was)) if k != "class_names" and was.get(k) != plan.get(k)] if was else []
+
+
+def _refuse_other_plan(out_dir: Path, diff: list[str]) -> None:
     """out= already holds a set (or an interrupted encode) made from another source, VAE or settings, or a set this
     command did not make: replacing it silently deleted it before the new encode had even started."""
-    was = {k: v for k, v in (state.get("plan") or {}).items() if k in plan}
-    diff = [k for k in sorted(plan) if was and was.get(k) != plan.get(k)]
-    what = (f" ({', '.join(diff)} differ)" if diff else "")
+    what = f" ({', '.join(diff)} differ)" if diff else ""
     if (out_dir / META_FILE).exists():
         raise UserError(f"{out_dir} already holds a prepared data set made from something else{what}: pick another "
                         f"out=, or add force=true to replace it (the old set is kept until the new one is complete)")

@@ -133,10 +133,11 @@ def data_identity(meta: dict) -> dict:
     return ident
 
 
-def data_mismatch(saved_config: dict, meta: dict) -> str | None:
-    """None when a run (its saved config) was trained on this copy of the data, else what differs, in words. Runs
-    saved before the identity was recorded are checked on the split rule alone: a built-in set's copies then held
-    LEGACY_SPLITS (only digits' differs from today's)."""
+def data_mismatch(saved_config: dict, meta: dict, keys=None) -> str | None:
+    """None when a run (its saved config) was trained on this copy of the data, else what differs, in words; `keys`:
+    only these parts of the identity (sample.py's decoding needs encoder, shape and dtype alone). Runs saved before
+    the identity was recorded are checked on the split rule alone: a built-in set's copies then held LEGACY_SPLITS
+    (only digits' differs from today's)."""
     now = data_identity(meta)
     was = saved_config.get("data_identity")
     if was is None:
@@ -144,7 +145,7 @@ def data_mismatch(saved_config: dict, meta: dict) -> str | None:
         if (saved_config.get("data") or {}).get("name") == now["name"] and now["name"] in LEGACY_SPLITS:
             was["split_rule"] = LEGACY_SPLITS[now["name"]]
     # a key recorded only by later code is not held against a run saved before it
-    diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ADDED_LATER)]
+    diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ADDED_LATER) and k in (keys or now)]
     return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import UserError, first_line
+from training.files import weights_fingerprint
 
 _SD_ARCH = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
@@ -119,15 +120,16 @@ class Vae:
         return h // self.downsample, w // self.downsample, self.latent_channels
 
     def info(self) -> dict:
-        """What meta.json records under `encoder`; for a local directory also a hash of its weights, so that a
-        VAE retrained or replaced in place is noticed when the set's latents are decoded (vae_for_meta)."""
+        """What meta.json records under `encoder`; for a local directory also a fingerprint of its weights
+        (training.files.weights_fingerprint), so that a VAE retrained or replaced in place is noticed when the set's
+        latents are decoded (vae_for_meta)."""
         info = {"type": "AutoencoderKL", "vae": self.name, "scaling_factor": self.scaling_factor,
                 "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
                 "downsample": self.downsample, "image_channels": self.in_channels,
                 "convention": "stored = (posterior - shift_factor) * scaling_factor (data/vae.py)"}
-        digest = weights_digest(self.name)
+        digest = weights_fingerprint(self.name)
         if digest:
-            info["weights_sha256"] = digest
+            info["weights_fingerprint"] = digest
         return info
 
     def encode(self, images: np.ndarray, *, batch_size: int = 64, sample: bool = False, seed: int = 0) -> np.ndarray:
@@ -351,33 +353,10 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
         if k in enc and not np.isclose(float(getattr(vae, k)), float(enc[k])):
             raise UserError(f"the VAE at {enc['vae']} has {k} {getattr(vae, k)} but data set {meta.get('name')!r} was "
                             f"encoded with {enc[k]}: the VAE changed since; {redo}")
-    if enc.get("weights_sha256") and weights_digest(enc["vae"]) != enc["weights_sha256"]:
+    if enc.get("weights_fingerprint") and weights_fingerprint(enc["vae"]) != enc["weights_fingerprint"]:
         raise UserError(f"the weights of the VAE at {enc['vae']} changed since data set {meta.get('name')!r} was "
                         f"encoded (retrained or replaced in place): its latents would decode wrongly; {redo}")
     return vae
-
-
-def weights_digest(name: str) -> str | None:
-    """sha256 over the safetensors weight files of a local VAE directory (None for hub ids and presets, whose
-    weights are pinned by their name). Cached per file size and modification time: a set's grids decode often."""
-    path = Path(str(name)).expanduser()
-    if not path.is_dir():
-        return None
-    files = sorted(path.glob("*.safetensors"))
-    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)) if files else None
-
-
-@functools.lru_cache(maxsize=16)
-def _digest(files: tuple) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, _, _ in files:
-        h.update(Path(name).name.encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def decode_to_uint8(x_model, meta: dict, *, chunk: int = 64, device: str | None = None) -> np.ndarray:

@@ -234,10 +234,10 @@ def eval_target(meta: dict, data_dir, root) -> tuple[dict, Path]:
             raise UserError(f"{meta.get('name')} was encoded from {pixels} split as '{cut}', but {pixels} is now split "
                             f"as '{now}', so its test images may be in these latents' training "
                             f"set: re-encode it (`python prepare_data.py source={pixels} vae=... out=...`)")
-        h, w, _ = meta.get("shape") or pix_meta["shape"]
-        ds = int(enc.get("downsample", 1)) if meta.get("shape") else 1
-        decoded = [int(h) * ds, int(w) * ds, int(enc.get("image_channels", pix_meta["shape"][-1]))]
-        if decoded != list(pix_meta["shape"]):
+        h, w, _ = meta.get("shape") or (None, None, None)
+        ds = int(enc.get("downsample", 1))
+        decoded = h and [int(h) * ds, int(w) * ds, int(enc.get("image_channels", pix_meta["shape"][-1]))]
+        if decoded and decoded != list(pix_meta["shape"]):
             raise UserError(f"{meta.get('name')} decodes to {decoded[0]}x{decoded[1]}x{decoded[2]} images, but the "
                             f"classifier of {pixels} scores {'x'.join(map(str, pix_meta['shape']))}: {off}, or encode "
                             f"at {pixels}'s own size and channels")
