@@ -209,28 +209,36 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
 
     @eqx.filter_jit
-    def run(model, weak, key, y):
+    def run(model, weak, keys, y):
         v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
                           dtype=DTYPES[precision], cfg_interval=intervals["cfg"],
                           guide_interval=intervals["guide"],
                           guidance=str(sampler_cfg.get("guidance", "cfg")),
                           apg_eta=float(sampler_cfg.get("apg_eta", 0.0)),
                           weak=weak, guide_scale=float(sampler_cfg.get("guide_scale", 1.0)))
-        k_x0, k_w = jax.random.split(key)
-        x0 = jax.random.normal(k_x0 if noise > 0.0 else key, (y[0].shape[0],) + tuple(shape), jnp.float32)
-        return solve(lambda t, x, c: v(t, x, c), x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
-                     rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=y, noise=noise, key=k_w,
-                     shift=shift)
+
+        def one(k, c):
+            # One image: its starting noise (and, for the SDE, its Brownian path) from its own key, and its own solve
+            # (an adaptive solver's step sizes follow this image's error alone). vmap makes it one batched model
+            # call per step, as before; what an image gets no longer depends on the chunk it shares.
+            x0, k_w = image_noise(k, shape), jax.random.split(k)[1]
+            v1 = lambda t, x, cc: v(t, x[None], tuple(a[None] for a in cc))[0]
+            return solve(v1, x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
+                         rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=c, noise=noise, key=k_w,
+                         shift=shift)
+
+        return jax.vmap(one)(keys, y)
 
     out = []
     with DeferredInterrupt() as stop:   # Ctrl-C between chunks, never inside a running solve
-        for i, start in enumerate(range(0, n, chunk)):
+        for start in range(0, n, chunk):
             stop.check()
             y = tuple(c[start:start + chunk] for c in conds)
             pad = chunk - len(y[0])
             y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
             try:
-                x = np.asarray(run(model, weak, jax.random.fold_in(key, i), tuple(jnp.asarray(c) for c in y)))
+                keys = image_keys(key, start, chunk)
+                x = np.asarray(run(model, weak, keys, tuple(jnp.asarray(c) for c in y)))
             except eqx.EquinoxRuntimeError as err:   # raised by diffrax inside the solve, seen when its result is read
                 if "maximum number of solver steps" not in str(err):
                     raise
@@ -240,6 +248,17 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                                 f"(the cap grows with it)") from None
             out.append(x[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
+
+
+def image_keys(key, start: int, count: int):
+    """The keys of images start .. start + count - 1 of a request: image i's randomness is fold_in(key, i), whatever
+    the chunk size, so a seed gives the same images at any sampler.chunk (up to float rounding of batched math)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + count, dtype=jnp.uint32))
+
+
+def image_noise(key, shape) -> jax.Array:
+    """The starting noise x0 of the image whose key (image_keys) is `key`."""
+    return jax.random.normal(jax.random.split(key)[0], tuple(shape), jnp.float32)
 
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
