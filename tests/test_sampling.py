@@ -146,7 +146,8 @@ def test_sampler_t_eps_sets_how_far_the_last_step_goes():
     labels, key = np.array([0, 1], np.int32), jax.random.PRNGKey(3)
     x0 = start_noise(key, 2, (2, 2, 1))
     run = lambda t_eps_train=0.05, **kw: sample(ConstantClean(), labels, key, null_cond=9, shape=(2, 2, 1),
-                                                prediction="x", t_eps=t_eps_train, sampler_cfg=sampler_cfg(steps=8, **kw))
+                                                prediction="x", t_eps=t_eps_train,
+                                                sampler_cfg=sampler_cfg(steps=8, **kw))
     np.testing.assert_allclose(run(t_eps=0.1), 2.0, atol=1e-6)                 # 1 - t >= 1/8 > 0.1 at every step
     # Unclamped, the gap shrinks with 1 - t: (x0 - 2) / 8 before the last step, which the clamp halves.
     np.testing.assert_allclose(run(t_eps=0.25) - 2.0, (x0 - 2.0) / 16, atol=1e-5)
