@@ -251,3 +251,17 @@ def test_a_swap_killed_midway_is_undone_by_the_next_run(tiny_vae, tmp_path):
     with pytest.raises(UserError, match="already holds"):
         train_autoencoder.main(_cfg(tmp_path, out))
     assert _files(out) == before
+
+
+def test_weights_fingerprint_reads_home_relative_directories(tmp_path, monkeypatch):
+    """vae=~/vaes/x is a directory like any other: its fingerprint is its weights', not None (which skipped the
+    check that its weights are the ones the set was encoded with)."""
+    from training.files import weights_fingerprint
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "model.safetensors").write_bytes(b"abc" * 1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fp = weights_fingerprint("~/vae")
+    assert fp is not None and fp == weights_fingerprint(tmp_path / "vae")
+    (tmp_path / "vae" / "model.safetensors").write_bytes(b"abd" * 1000)
+    assert weights_fingerprint("~/vae") != fp

@@ -39,7 +39,8 @@ def weights_fingerprint(directory) -> str | None:
     every block, and ~1 MiB is read per file however large the model. None when there are no such files."""
     import hashlib
 
-    files = sorted(Path(directory).expanduser().glob("*.safetensors")) if Path(str(directory)).is_dir() else []
+    path = Path(str(directory)).expanduser()   # vae=~/vaes/x: is_dir on the unexpanded path said "no weights"
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
         return None
     h = hashlib.sha256()
