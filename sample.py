@@ -145,11 +145,11 @@ def check_out(value):
 
 def sampler_for(cfg, run_cfg, step: int):
     """The run's saved sampler with this command's overrides, checked before anything slow (evaluator, weights)."""
-    from training.errors import UserError
     from pathlib import Path
 
+    from training.errors import UserError
     from training.generate import check_weak_step
-    from training.sampling import check_sampler
+    from training.sampling import ADAPTIVE, check_sampler
 
     sampler = run_cfg.sampler
     given = [k for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir",
@@ -164,8 +164,8 @@ def sampler_for(cfg, run_cfg, step: int):
             raise UserError(f"{k} is for guidance={'auto' if k.startswith('guide_') else 'apg'}, and this sampler "
                             f"uses guidance={g}: add guidance={'auto' if k.startswith('guide_') else 'apg'}, or drop "
                             f"{k}")
-        if k in ("rtol", "atol") and solver not in ("tsit5", "dopri5"):
-            raise UserError(f"{k} is for the adaptive solvers (tsit5, dopri5); solver={solver} takes steps=N")
+        if k in ("rtol", "atol") and solver not in ADAPTIVE:
+            raise UserError(f"{k} is for the adaptive solvers ({', '.join(ADAPTIVE)}); solver={solver} takes steps=N")
     gd = sampler.get("guide_ckpt_dir")
     if gd and Path(str(gd)).expanduser().resolve() == Path(str(cfg.ckpt_dir)).expanduser().resolve():
         sampler.guide_ckpt_dir = None   # the run itself: its own earlier EMA, under the same-run rule below

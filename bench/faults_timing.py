@@ -90,4 +90,5 @@ def rebuild_kill(args):
 
 if __name__ == "__main__":
     what, args = sys.argv[1], dict(a.split("=", 1) for a in sys.argv[2:])
-    print(json.dumps({"bench": what, "runs": {"ctrl_c": ctrl_c, "prepare_race": prepare_race, "rebuild_kill": rebuild_kill}[what](args)}, indent=1))
+    benches = {"ctrl_c": ctrl_c, "prepare_race": prepare_race, "rebuild_kill": rebuild_kill}
+    print(json.dumps({"bench": what, "runs": benches[what](args)}, indent=1))

@@ -228,7 +228,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    if not force and state.get("fingerprint", fp) != fp or not force and not state and (out_dir / META_FILE).exists():
+    if not force and (state.get("fingerprint", fp) != fp or not state and (out_dir / META_FILE).exists()):
         # Something else is there: a set or an encode with other settings is refused; the same settings over an
         # edited source (images, labels, captions, class names) are the same command, encoded again.
         diff = _changed_settings(state.get("plan"), plan)

@@ -171,9 +171,10 @@ def test_sampler_is_deterministic_and_chunked():
     assert not np.allclose(a, run(1, 3))  # another seed, other images
     # Image i's randomness is its own (fold_in(key, i)): the chunk size changes batching only, so the same images
     # up to float rounding. Before, noise was drawn per chunk and chunk 3 vs 7 gave other images from image 1 on.
-    # An adaptive solve follows each image's own error, but rounding can flip a step's acceptance, so there the
-    # same images hold to the solver's tolerance (this random model: 0.07 at 1e-3, 0.02 at 1e-4), not to rounding.
-    for kw, tol in (({}, 1e-4), ({"noise": 0.5}, 1e-4), ({"solver": "tsit5", "rtol": 1e-4, "atol": 1e-4}, 5e-2)):
+    # An adaptive solve follows each image's own error, but rounding can flip a step's acceptance, and this random
+    # model's ODE amplifies that: the same images hold to ~2e-3 at rtol 1e-5 (to 0.04 at 1e-4, too close to the
+    # bound below to hold on every CPU; bench/sampler_chunks.py), not to rounding.
+    for kw, tol in (({}, 1e-4), ({"noise": 0.5}, 1e-4), ({"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5}, 5e-2)):
         cfg_kw = {"steps": 64, **kw} if "solver" in kw else kw
         whole = run(0, 7, **cfg_kw)
         np.testing.assert_allclose(run(0, 3, **cfg_kw), whole, atol=tol, err_msg=str(kw))

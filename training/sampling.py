@@ -209,7 +209,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
 
     @eqx.filter_jit
-    def run(model, weak, keys, y):
+    def run(model, weak, key, start, y):
         v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
                           dtype=DTYPES[precision], cfg_interval=intervals["cfg"],
                           guide_interval=intervals["guide"],
@@ -227,7 +227,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                          rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=c, noise=noise, key=k_w,
                          shift=shift)
 
-        return jax.vmap(one)(keys, y)
+        return jax.vmap(one)(image_keys(key, start, chunk), y)
 
     out = []
     with DeferredInterrupt() as stop:   # Ctrl-C between chunks, never inside a running solve
@@ -237,8 +237,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
             pad = chunk - len(y[0])
             y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
             try:
-                keys = image_keys(key, start, chunk)
-                x = np.asarray(run(model, weak, keys, tuple(jnp.asarray(c) for c in y)))
+                x = np.asarray(run(model, weak, key, jnp.uint32(start), tuple(jnp.asarray(c) for c in y)))
             except eqx.EquinoxRuntimeError as err:   # raised by diffrax inside the solve, seen when its result is read
                 if "maximum number of solver steps" not in str(err):
                     raise
@@ -253,7 +252,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
 def image_keys(key, start: int, count: int):
     """The keys of images start .. start + count - 1 of a request: image i's randomness is fold_in(key, i), whatever
     the chunk size, so a seed gives the same images at any sampler.chunk (up to float rounding of batched math)."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + count, dtype=jnp.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(count, dtype=jnp.uint32))
 
 
 def image_noise(key, shape) -> jax.Array:

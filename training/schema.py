@@ -60,7 +60,8 @@ SAMPLER = {   # training configs keep these under `sampler.`; sample.py has them
     "shift": real(0, lo_open=True), "noise": real(0), "t_eps": real(0, 1, lo_open=True, hi_open=True, null=True),
     "chunk": whole(1)}
 TRAINING = {
-    "train.steps": whole(1), "train.batch_size": whole(1), "train.lr": real(0, lo_open=True), "train.seed": whole(0, hi=SEED_MAX),
+    "train.steps": whole(1), "train.batch_size": whole(1), "train.lr": real(0, lo_open=True),
+    "train.seed": whole(0, hi=SEED_MAX),
     "train.precision": choice(*DTYPES), "train.grad_accum": whole(1),
     "train.prediction": choice(*PREDICTIONS), "train.t_eps": real(0, 1, lo_open=True, hi_open=True),
     "train.time_sampling": choice(*TIME_SAMPLINGS), "train.time_mean": real(),
@@ -83,7 +84,8 @@ TRAINING = {
     **{f"sampler.{k}": rule for k, rule in SAMPLER.items()}}
 RULES = {
     "config": TRAINING, "stage2": TRAINING,
-    "sample": {"num_samples": whole(1, hi=10_000_000), "seed": whole(0, hi=SEED_MAX), "step": whole(0, null=True), "evaluate": choice(True, False),
+    "sample": {"num_samples": whole(1, hi=10_000_000), "seed": whole(0, hi=SEED_MAX), "step": whole(0, null=True),
+               "evaluate": choice(True, False),
                **{k: (lambda v, f=f: v is None or f(v), t + ("" if "null" in t else ", or null"))
                   for k, (f, t) in SAMPLER.items()}},
     "prepare": {"force": choice(True, False), "resolution": whole(1, null=True), "batch_size": whole(1),
