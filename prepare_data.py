@@ -3,6 +3,7 @@
     python prepare_data.py data=fashion_mnist
     python prepare_data.py data=digits data.root=/fast/disk
     python prepare_data.py data=emoji                       # a captioned stage-2 set, with its text features
+    python prepare_data.py data=latents_text data.latents=<dir>   # text features of encoded captioned latents
     python prepare_data.py source=<folder> vae=<dir|hub id|sd3|sdxl|sd> resolution=256 out=<dir>   # VAE latents
     python prepare_data.py source=fashion_mnist vae=autoencoders/fashion_mnist out=prepared/fashion_mnist_latents
 """
@@ -40,7 +41,7 @@ def main(cfg):
 def _prepare(cfg):
     from data.prepare import ensure_prepared
 
-    if cfg.data.get("kind") is not None:   # a captioned stage-2 config (emoji, fashion_mnist_text, folder)
+    if cfg.data.get("kind") is not None:   # a captioned stage-2 config (emoji, fashion_mnist_text, folder, ...)
         from data.captions import ensure_prepared_text
 
         return ensure_prepared_text(cfg.data)
@@ -72,7 +73,9 @@ def encode_latents(cfg):
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "
-          f"data.hflip=false", flush=True)
+          f"data.hflip=false" + (f"; stage 2 on its captions: python train_stage2.py data=latents_text "
+                                 f"data.latents={out}" if meta["encoder"].get("layout") == "captions" else ""),
+          flush=True)
     return meta
 
 

@@ -4,6 +4,8 @@ Kinds (`data.kind`):
   emoji          Noto Color Emoji glyphs + CLDR names (data/emoji.py), at data.size (32 or 64)
   fashion_mnist  Fashion-MNIST with captions from the class names through a few templates
   folder         bring your own: data.folder of images + data.captions_file JSONL lines {"file": ..., "caption": ...}
+  latents        bring your own, in a VAE's latent space: data.latents, a captioned folder encoded by `prepare_data.py
+                 source=... vae=...` (its latents, labels and VAE are copied; its captions-<split>.jsonl get features)
 Text features (data.text_encoder: minilm | t5gemma) are computed here, once: token states up to data.max_tokens
 (stored float16) + mask + the caption string in every record, and meta["text"] = {encoder, dim, max_tokens}.
 """
@@ -99,7 +101,61 @@ def _load(dc) -> dict:
                               None if dc.get("limit") is None else int(dc.limit))
         return {"train": (x, np.zeros(len(x), np.int64), caps), "class_names": ["image"],
                 "source": f"folder {dc.folder} with captions {dc.captions_file}"}
-    raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder")
+    if kind == "latents":
+        return _load_latents(dc)
+    raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder | latents")
+
+
+def _latent_source(dc) -> tuple[Path, dict]:
+    """(dir, meta) of data.latents: VAE latents of a captioned folder, as `prepare_data.py source=... vae=...` wrote
+    them (captions-<split>.jsonl beside the shards, one line per record)."""
+    from data.vae import is_latent
+
+    src = Path(str(dc.latents)).expanduser()
+    encode = (f"`python prepare_data.py source=<folder with captions.jsonl> vae=<VAE> resolution=<size> "
+              f"out={dc.latents}`")
+    if not (src / META_FILE).is_file():
+        raise UserError(f"data.latents={dc.latents} holds no prepared latents: encode a captioned folder first, "
+                        f"{encode}")
+    meta = load_meta(src)
+    if not is_latent(meta) or not (src / "captions-train.jsonl").is_file():
+        what = "latents without captions" if is_latent(meta) else "pixels, not VAE latents"
+        raise UserError(f"data.latents={dc.latents} holds {what}: stage 2 on latents needs a captioned folder encoded "
+                        f"by {encode}" + ("" if is_latent(meta) else "; for pixels use data=folder"))
+    return src, meta
+
+
+def _load_latents(dc) -> dict:
+    """A captioned latent set's splits as (latents in their stored dtype, labels, captions); its VAE (meta["encoder"])
+    travels with them, so grids, sample.py and the evaluation decode stage 2's samples as stage 1's."""
+    from data.loader import load_split
+
+    src, meta = _latent_source(dc)
+    out = {"class_names": meta["class_names"], "encoder": meta["encoder"],
+           "source": f"latents {src.resolve()} of {meta['source']}"}
+    for split in meta["splits"]:
+        f = src / f"captions-{split}.jsonl"
+        if not f.is_file():
+            continue
+        caps = [json.loads(line)["caption"] for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
+        x, y = load_split(meta, src, split)
+        if len(caps) != len(x):
+            raise UserError(f"{f} lists {len(caps)} captions for {len(x)} records of {src}: encode it again (the "
+                            f"prepare_data.py command that made it, with force=true)")
+        n = len(x) if dc.get("limit") is None else int(dc.limit)
+        out[split] = (x[:n], y[:n], caps[:n])
+    return out
+
+
+def _latents_sha256(src: Path) -> str | None:
+    """What a latent source is, by content: its meta.json (VAE and its weights' hash, shapes, counts, statistics) and
+    its captions. None when it is gone."""
+    if not (src / META_FILE).is_file():
+        return None
+    h = hashlib.sha256((src / META_FILE).read_bytes())
+    for f in sorted(src.glob("captions-*.jsonl")):
+        h.update(f.name.encode()), h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _request(dc) -> dict:
@@ -109,10 +165,15 @@ def _request(dc) -> dict:
     from data.text import encoder_weights
 
     opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
-    req = {"kind": str(dc.kind), "size": int(dc.size),
-           "limit": None if dc.get("limit") is None else int(dc.limit), "text_encoder": str(dc.text_encoder),
+    req = {"kind": str(dc.kind), "limit": None if dc.get("limit") is None else int(dc.limit),
+           "text_encoder": str(dc.text_encoder),
            "max_tokens": int(dc.max_tokens),   # not the encoder's path: weights that moved are the same encoder,
            "text_encoder_weights": encoder_weights(str(dc.text_encoder), dc.get("text_encoder_path"))}  # others not
+    if req["kind"] == "latents":   # latents come at the size they were encoded at
+        src = Path(str(dc.latents)).expanduser()
+        req.update(latents=opt_path(src), latents_sha256=_latents_sha256(src))
+    else:
+        req["size"] = int(dc.size)
     if req["kind"] == "folder":
         captions = Path(str(dc.captions_file))
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
@@ -125,6 +186,9 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
     recorded, or by other code (prepare_arrays with text directly), are taken as they are: training reads the token
     count and encoder from their meta, not from the config."""
     if not meta.get("text"):
+        if (out_dir / "captions-train.jsonl").is_file():   # encoded latents of a captioned folder, not yet featurised
+            raise UserError(f"{out_dir} holds the latents of a captioned folder: train stage 2 on them with "
+                            f"data=latents_text data.latents={out_dir}")
         raise UserError(f"{out_dir} holds a data set without captions: pick another data.name for stage 2")
     was = meta["text"].get("request")
     if was is None:
@@ -141,6 +205,12 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
             now.update(captions_file=was.get("captions_file"), captions_sha256=was["captions_sha256"])
             if now["captions_sha256"] is None or not Path(str(was.get("folder"))).is_dir():
                 now["folder"] = was.get("folder")
+    if now["kind"] == "latents" and was.get("latents_sha256"):
+        # The same for latents: moved or gone, the copy here is still theirs; re-encoded or re-captioned, it is not.
+        if now["latents_sha256"] is None:
+            print(f"note: {dc.latents} is gone; using {out_dir}, prepared from {was.get('latents')}", flush=True)
+        if now["latents_sha256"] in (None, was["latents_sha256"]):
+            now.update(latents=was.get("latents"), latents_sha256=was["latents_sha256"])
     # a key recorded only by later code (text_encoder_weights) is not held against a set prepared before it
     diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if k in was and was[k] != now[k]]
     if diff:
@@ -155,6 +225,9 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     from data.prepare import prepare_once
 
     out_dir = Path(dc.root) / dc.name
+    if str(dc.kind) == "latents" and Path(str(dc.latents)).expanduser().resolve() == out_dir.resolve():
+        raise UserError(f"data.root/data.name ({out_dir}) is data.latents itself: give the captioned copy another "
+                        f"data.name (the latents stay as they are, for stage 1)")
 
     def ready():
         if not (out_dir / META_FILE).exists():
@@ -182,7 +255,8 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
             text[split] = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
-    prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
+    prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], encoder=d.get("encoder"), text=text,
+                   text_meta=text_meta)
 
 
 def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:

@@ -78,8 +78,10 @@ def features(x_uint8: np.ndarray, pool: int = 2) -> np.ndarray:
     return x.reshape(n, -1)
 
 
-def topk_hits(generated: np.ndarray, real: np.ndarray, target: np.ndarray, k: int = 5) -> np.ndarray:
-    """For each generated image, whether real[target[i]] is among its k nearest real images (L2 in `features`)."""
+def topk_hits(generated: np.ndarray, real: np.ndarray, target: np.ndarray, k: int = 5,
+              features=features) -> np.ndarray:
+    """For each generated image, whether real[target[i]] is among its k nearest real images (L2 in `features`; latent
+    sets pass their own, see training/text_eval.py)."""
     g, r = features(generated), features(real)
     d = (g ** 2).sum(1)[:, None] - 2 * g @ r.T + (r ** 2).sum(1)[None, :]
     rank = (d < d[np.arange(len(g)), target][:, None]).sum(1)   # how many real emoji are strictly nearer

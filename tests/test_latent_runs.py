@@ -83,3 +83,68 @@ def test_a_latent_run_checks_its_vae_and_evaluation_at_start(monkeypatch, capsys
     assert "cannot be loaded now" in line and "put that VAE back" in line and complete_steps(ck2) == [], line
     line = _sample(monkeypatch, capsys, [f"ckpt_dir={ck}", "num_samples=2", f"out={out}"])
     assert "cannot be loaded now" in line and not os.path.exists(out), line
+
+
+def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp_path):
+    """A captioned folder encoded by a VAE feeds stage 2 (data=latents_text): text features computed once beside a
+    copy of its latents, samples and the evaluation decoded through that VAE, a re-captioned source refused."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    import train_stage2
+    from data.captions import ensure_prepared_text
+    from data.encode import prepare_latents
+    from data.loader import load_split, load_text
+    from data.meta import load_meta
+    from data.vae import load_vae
+    from training.cli import compose
+    from training.errors import UserError
+
+    vae_dir, src, root = make_tiny_vae(tmp_path / "vae"), tmp_path / "src", tmp_path / "data"
+    src.mkdir()
+    names = ["red square", "blue square", "green square", "white square"]
+    rows = []
+    for i, (name, col) in enumerate(zip(names * 2, [(255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)] * 2)):
+        Image.new("RGB", (8, 8), col).save(src / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": name}))
+    (src / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    prepare_latents(str(src), load_vae(vae_dir), root / "lat", resolution=8, progress=False)
+    ck = tmp_path / "ck"
+    over = [f"data.root={root}", "data=latents_text", f"data.latents={root / 'lat'}", "data.name=lat_text",
+            "data.max_tokens=8", "model=tiny_text", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+            f"train.ckpt_dir={ck}", "train.steps=4", "train.batch_size=4", "train.log_every=2", "train.ckpt_every=4",
+            "train.sample_every=0", "train.progress=false", "wandb.mode=disabled", "optim.warmup_steps=1",
+            "sampler.steps=4", "sampler.guidance=cfg", "eval.num_samples=8"]
+    # Stage 2 pointed at the latents themselves (as stage 1 would be) says which config reads them.
+    line = run_cli(monkeypatch, capsys, [o.replace("lat_text", "lat").replace("latents_text", "folder")
+                                         for o in over if not o.startswith("data.latents")],
+                   train_stage2.main, "stage2")
+    assert "data=latents_text" in line, line
+    res = train_stage2.main(compose("stage2", over))
+    assert res["step"] == 4 and complete_steps(ck) == [4]
+    lat, text = load_meta(root / "lat"), load_meta(root / "lat_text")
+    assert text["encoder"] == lat["encoder"] and text["shape"] == lat["shape"] == [4, 4, 4]
+    assert (text["shift"], text["scale"]) == (lat["shift"], lat["scale"]) and text["text"]["dim"] == 384
+    np.testing.assert_array_equal(load_split(text, root / "lat_text", "train")[0],
+                                  load_split(lat, root / "lat", "train")[0])
+    assert load_text(text, root / "lat_text", "train")["caption"] == names * 2
+    # The end-of-run evaluation ranked the samples among the 8 training latents; its grid shows decoded 8x8 images
+    ev = json.loads((ck / "eval-step0000004.json").read_text())
+    assert ev["num_real"] == 8 and 0 <= ev["top1_hit_rate"] <= ev["top5_hit_rate"] <= 1
+    assert Image.open(ck / "eval-step0000004.png").size == (2 * (8 * 8 + 9), 2 * (2 * 8 + 3))   # 1-px gaps, x2
+    out = tmp_path / "s.npz"
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={out}",
+                                      "prompt=a red square"])
+    cli.main("sample", sample.main)
+    assert np.load(out)["images"].shape == (2, 8, 8, 3)
+    # Edited captions re-encode the latents: the featurised copy is no longer theirs, and is refused, not reused.
+    cfg = compose("stage2", over)
+    (src / "captions.jsonl").write_text("\n".join(rows[::-1]) + "\n")
+    prepare_latents(str(src), load_vae(vae_dir), root / "lat", resolution=8, progress=False)
+    with pytest.raises(UserError, match="latents_sha256"):
+        ensure_prepared_text(cfg.data)
+    with pytest.raises(UserError, match="another data.name"):
+        ensure_prepared_text(compose("stage2", over + ["data.name=lat"]).data)

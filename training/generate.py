@@ -8,18 +8,25 @@ from data.vae import decode_to_uint8, is_latent
 from training.sampling import balanced_labels, sample
 
 
-def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg, train_cfg, weak=None) -> np.ndarray:
-    """Images as uint8 (N, H, W, C) for the given labels; latent data sets are decoded by the VAE named in their
-    meta.json (data/vae.py: torch, in chunks, on the CPU unless $DIT_VAE_DEVICE names another device).
+def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg, train_cfg, weak=None,
+             decode: bool = True) -> np.ndarray:
+    """Images as uint8 (N, H, W, C) for the given labels (`to_images`); decode=False: the model-space samples.
     weak: the weaker model for autoguidance (sampler.guidance = auto; see load_weak)."""
     h, w = spec["input_size"]
     null = text_null if spec.get("mixing") else spec["num_classes"]  # stage 2: labels = text_conds(...)
     x = sample(model, labels, key, null_cond=null, shape=(h, w, spec["in_channels"]),
                sampler_cfg=sampler_cfg, prediction=train_cfg.prediction, t_eps=float(train_cfg.t_eps),
                precision=train_cfg.precision, weak=weak)
+    return to_images(x, meta, sampler_cfg) if decode else np.asarray(x)
+
+
+def to_images(x_model, meta: dict, sampler_cfg=None) -> np.ndarray:
+    """Model space -> uint8 images; latent data sets are decoded by the VAE named in their meta.json (data/vae.py:
+    torch, in chunks of sampler.chunk, on the CPU unless $DIT_VAE_DEVICE names another device)."""
     if is_latent(meta):
-        return decode_to_uint8(np.asarray(x), meta, chunk=int(sampler_cfg.get("chunk", 64) or 64))
-    return to_uint8(x, meta)
+        chunk = int((sampler_cfg or {}).get("chunk", 64) or 64)
+        return decode_to_uint8(np.asarray(x_model), meta, chunk=chunk)
+    return to_uint8(x_model, meta)
 
 
 OLD_GUIDE_FRACTION = 5 / 12   # runs saved before sampler.guide_fraction existed kept the EMA at 5/12 of the run

@@ -2,7 +2,9 @@
 
 For n captions spread over the training set: one EMA sample each (CFG, the run's sampler), then the nearest real
 training images in pooled-pixel space (data/emoji.py `features`: the rationale is there); a hit when the captioned
-image is among the k nearest. Written to <ckpt_dir>/eval-step<step>.json with a PNG grid (sample above real).
+image is among the k nearest. Latent sets are ranked in the model's latent space instead (decoding every training
+image through the VAE would cost more than the run; the grid's real row is the VAE's reconstruction). Written to
+<ckpt_dir>/eval-step<step>.json with a PNG grid (sample above real).
 """
 
 import json
@@ -14,9 +16,11 @@ import jax
 import numpy as np
 
 from data.emoji import topk_hits
+from data.meta import to_model
+from data.vae import is_latent
 from training.errors import UserError
 from training.files import write_json
-from training.generate import generate, load_weak, text_conds
+from training.generate import generate, load_weak, text_conds, to_images
 from training.tracking import make_grid, save_png
 
 
@@ -24,18 +28,24 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
     n = min(int(cfg.eval.num_samples), len(real))
     idx = np.linspace(0, len(real) - 1, n).astype(int)
     t0 = time.perf_counter()
-    imgs = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
-                    jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
-                    weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train))
-    hits = topk_hits(imgs, real, idx, k=k)
-    res = {f"top{k}_hit_rate": float(hits.mean()), "top1_hit_rate": float(topk_hits(imgs, real, idx, k=1).mean()),
+    x = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
+                 jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
+                 weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train), decode=False)
+    imgs = to_images(x, meta, cfg.sampler)
+    if is_latent(meta):
+        flat = lambda z: z.reshape(len(z), -1)
+        hit = lambda k: topk_hits(x, to_model(real, meta), idx, k=k, features=flat)
+    else:
+        hit = lambda k: topk_hits(imgs, real, idx, k=k)
+    res = {f"top{k}_hit_rate": float(hit(k).mean()), "top1_hit_rate": float(hit(1).mean()),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
            "sample_seconds": time.perf_counter() - t0}
     out = Path(cfg.train.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"eval-step{step:07d}.json", res)
     m = min(n, 32)   # rows of 8: generated, then the captioned real image
-    pairs = np.concatenate([np.stack([imgs[i:i + 8], real[idx[i:i + 8]]]).reshape(-1, *imgs.shape[1:])
+    shown = to_images(to_model(real[idx[:m]], meta), meta, cfg.sampler) if is_latent(meta) else real[idx[:m]]
+    pairs = np.concatenate([np.stack([imgs[i:i + 8], shown[i:i + 8]]).reshape(-1, *imgs.shape[1:])
                             for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs
     save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}.png", upscale=2)
     print("evaluation: " + json.dumps(res), flush=True)
