@@ -1,6 +1,6 @@
 """Score a stage-2 (text) run trained on Fashion-MNIST captions with stage 1's metric. Prints JSON.
 
-    python bench/text_class_eval.py <ckpt_dir> [num_samples=1000] [seed=0] [step=N] [root=prepared]
+    python bench/text_class_eval.py <ckpt_dir> [num_samples=1000] [seed=0] [step=N] [cfg_scale=S] [root=prepared]
 
 Prompts are the captions the run trained on: data/captions.py's templates filled with each class name, num_samples
 split evenly over the 10 classes, templates in turn. The samples (decoded through the set's VAE for latent runs)
@@ -35,6 +35,7 @@ def main(argv):
     saved, step = read_config(ckpt_dir, int(kv["step"]) if "step" in kv else None)
     cfg = OmegaConf.create(saved)
     cfg.train.ckpt_dir = ckpt_dir
+    cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))   # the run's own unless given
     data_dir = Path(cfg.data.root) / cfg.data.name
     meta = load_meta(data_dir)
     check_text_matches(saved, meta, ckpt_dir)
@@ -49,7 +50,7 @@ def main(argv):
     fm_meta, fm_dir = ensure_prepared("fashion_mnist", root)
     res = evaluator_for(fm_meta, fm_dir, root).evaluate(images, labels)
     print(json.dumps({"ckpt_dir": ckpt_dir, "step": step, "data": meta["name"], "latent": "vae" in (
-        meta.get("encoder") or {}), "seed": seed, **{k: round(v, 4) if isinstance(v, float) else v
+        meta.get("encoder") or {}), "seed": seed, "cfg_scale": cfg.sampler.cfg_scale, **{k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in res.items()}}))
 
 

@@ -146,5 +146,9 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     prepare_latents(str(src), load_vae(vae_dir), root / "lat", resolution=8, progress=False)
     with pytest.raises(UserError, match="latents_sha256"):
         ensure_prepared_text(cfg.data)
+    import prepare_data
+    data_over = [o for o in over if o.startswith("data")]
+    prepare_data.main(compose("prepare", data_over + ["force=true"]))   # the README's way to rebuild it
+    assert load_text(load_meta(root / "lat_text"), root / "lat_text", "train")["caption"] == (names * 2)[::-1]
     with pytest.raises(UserError, match="another data.name"):
-        ensure_prepared_text(compose("stage2", over + ["data.name=lat"]).data)
+        ensure_prepared_text(compose("prepare", data_over + ["data.name=lat"]).data)
