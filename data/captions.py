@@ -260,7 +260,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
 
 
 def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:
-    """sample.py: prompts (one string or a list; None = 8 training captions) -> (prompt index per image, model
+    """sample.py: prompts (one string or a list; None = up to 8 training captions) -> (prompt index per image, model
     conditions, prompts). Prompts go through the encoder that prepared the data (meta["text"]); num_samples images
     are split as evenly as they go over the prompts, in prompt order (at least one each)."""
     from data.loader import load_text
@@ -277,7 +277,8 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
         text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
     else:
         c = load_text(meta, data_dir, "train")
-        pick = np.linspace(0, len(c["caption"]) - 1, min(8, len(c["caption"]))).astype(int)
+        # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts)
+        pick = np.linspace(0, len(c["caption"]) - 1, min(8, len(c["caption"]), int(num_samples))).astype(int)
         prompts, text, mask = [c["caption"][i] for i in pick], c["text"][pick], c["mask"][pick]
     n = int(num_samples)
     if n < len(prompts):

@@ -126,6 +126,10 @@ def test_prompts_share_exactly_the_images_asked_for(root, capsys):
     capsys.readouterr()
     idx, _, _ = prompt_conds(prompts, 2, meta, f"{root}/digits_text")
     assert idx.tolist() == [0, 1, 2] and "one image per prompt" in capsys.readouterr().out
+    # No prompt named: training captions spread over the set, never more of them than the images asked for
+    idx, _, got = prompt_conds(None, 3, meta, f"{root}/digits_text")
+    assert idx.tolist() == [0, 1, 2] and len(got) == 3 and "one image per prompt" not in capsys.readouterr().out
+    assert len(prompt_conds(None, 20, meta, f"{root}/digits_text")[2]) == 8
 
 
 @pytest.mark.parametrize("mixing", ["cross", "joint"])
