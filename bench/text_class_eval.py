@@ -49,9 +49,10 @@ def main(argv):
                       cfg.train, weak=load_weak(ckpt_dir, cfg.sampler, ema, cfg.train))
     fm_meta, fm_dir = ensure_prepared("fashion_mnist", root)
     res = evaluator_for(fm_meta, fm_dir, root).evaluate(images, labels)
-    print(json.dumps({"ckpt_dir": ckpt_dir, "step": step, "data": meta["name"], "latent": "vae" in (
-        meta.get("encoder") or {}), "seed": seed, "cfg_scale": cfg.sampler.cfg_scale, **{k: round(v, 4) if isinstance(v, float) else v
-                                                      for k, v in res.items()}}))
+    latent = "vae" in (meta.get("encoder") or {})
+    print(json.dumps({"ckpt_dir": ckpt_dir, "step": step, "data": meta["name"], "latent": latent, "seed": seed,
+                      "cfg_scale": cfg.sampler.cfg_scale,
+                      **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}}))
 
 
 if __name__ == "__main__":

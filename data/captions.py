@@ -101,8 +101,6 @@ def _load(dc) -> dict:
                               None if dc.get("limit") is None else int(dc.limit))
         return {"train": (x, np.zeros(len(x), np.int64), caps), "class_names": ["image"],
                 "source": f"folder {dc.folder} with captions {dc.captions_file}"}
-    if kind == "latents":
-        return _load_latents(dc)
     raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder | latents")
 
 
@@ -125,26 +123,55 @@ def _latent_source(dc) -> tuple[Path, dict]:
     return src, meta
 
 
-def _load_latents(dc) -> dict:
-    """A captioned latent set's splits as (latents in their stored dtype, labels, captions); its VAE (meta["encoder"])
-    travels with them, so grids, sample.py and the evaluation decode stage 2's samples as stage 1's."""
-    from data.loader import load_split
+def _captions_of(f: Path) -> list[str]:
+    """The captions of an encoded split, one per record in record order (data/encode.py writes them)."""
+    try:
+        return [json.loads(line)["caption"] for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{f} is damaged (not JSON lines with a 'caption'): encode the folder again (the "
+                        f"prepare_data.py command that made it, with force=true)") from None
+
+
+def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict) -> None:
+    """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
+    their captions' features, encoded a shard at a time, so memory holds one shard whatever the set's size (all the
+    features of ImageNet's captions would not fit). The latents are copied as stored, and the source's VAE entry and
+    channel statistics (its normalisation) are taken over, not recomputed."""
+    import math
+
+    from data.loader import read_records
+    from data.meta import META_FORMAT_VERSION, write_meta
+    from data.prepare import RECORDS_PER_SHARD, shard_name, write_shard
 
     src, meta = _latent_source(dc)
-    out = {"class_names": meta["class_names"], "encoder": meta["encoder"],
-           "source": f"latents {src.resolve()} of {meta['source']}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)      # incomplete from now until the new meta lands
+    for old in out_dir.glob("*-of-*.array_record"):
+        old.unlink()
+    splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"
         if not f.is_file():
             continue
-        caps = [json.loads(line)["caption"] for line in f.read_text(encoding="utf-8").split("\n") if line.strip()]
-        x, y = load_split(meta, src, split)
-        if len(caps) != len(x):
-            raise UserError(f"{f} lists {len(caps)} captions for {len(x)} records of {src}: encode it again (the "
+        caps = _captions_of(f)
+        n, records = read_records(meta, src, split)
+        if len(caps) != n:
+            raise UserError(f"{f} lists {len(caps)} captions for {n} records of {src}: encode it again (the "
                             f"prepare_data.py command that made it, with force=true)")
-        n = len(x) if dc.get("limit") is None else int(dc.limit)
-        out[split] = (x[:n], y[:n], caps[:n])
-    return out
+        n = n if dc.get("limit") is None else min(n, int(dc.limit))
+        total = max(1, math.ceil(n / RECORDS_PER_SHARD))
+        files = []
+        for i, idx in enumerate(np.array_split(np.arange(n), total)):
+            recs = [next(records) for _ in idx]
+            x, y = np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64)
+            states, mask = enc.encode([caps[j] for j in idx], int(dc.max_tokens))
+            text = {"text": states.astype(np.float16), "mask": mask, "caption": [caps[j] for j in idx]}
+            files.append(write_shard(out_dir, shard_name(split, i, total), x, y, range(len(idx)), text))
+        splits[split] = {"files": files, "num_records": int(n)}
+    keep = ("encoder", "shape", "dtype", "num_classes", "class_names", "channel_mean", "channel_std", "shift", "scale")
+    write_meta(out_dir, {"format_version": META_FORMAT_VERSION, "name": str(dc.name),
+                         "source": f"latents {src.resolve()} of {meta['source']}", "splits": splits,
+                         **{k: meta[k] for k in keep}, "text": text_meta})
 
 
 def _latents_sha256(src: Path) -> str | None:
@@ -244,8 +271,17 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     from data.text import get_encoder
 
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
-    d = _load(dc)
+    # sources are read (latents: checked) before the text encoder loads, so a wrong path says so at once
+    if str(dc.kind) == "latents":
+        _latent_source(dc)
+        d = None
+    else:
+        d = _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
+    text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
+                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
+    if d is None:   # latents: streamed shard by shard
+        return _prepare_latents_text(dc, out_dir, enc, text_meta)
     splits, text = {}, {}
     for split in ("train", "test"):
         if split in d:
@@ -253,10 +289,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
             states, mask = enc.encode(caps, int(dc.max_tokens))
             splits[split] = (x, y)
             text[split] = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
-    text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
-                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
-    prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], encoder=d.get("encoder"), text=text,
-                   text_meta=text_meta)
+    prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
 
 
 def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:

@@ -168,7 +168,7 @@ def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: in
     return iter(it_ds)
 
 
-def _read_shards(meta: dict, data_dir, split: str, caption: bool = False):
+def read_records(meta: dict, data_dir, split: str, caption: bool = False):
     """(number of records, iterator of decoded + validated records in stored order) of a whole split; a corrupt shard
     or a bad record is a one-line UserError."""
     paths, counts = _shard_paths(meta, data_dir, split)
@@ -194,7 +194,7 @@ def _read_shards(meta: dict, data_dir, split: str, caption: bool = False):
 
 def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All records of a split in stored order: (x in stored dtype (N,H,W,C), labels int64 (N,))."""
-    n, records = _read_shards(meta, data_dir, split)
+    n, records = read_records(meta, data_dir, split)
     x = np.empty((n, *meta["shape"]), ALLOWED_DTYPES[meta["dtype"]])
     y = np.empty(n, np.int64)
     for i, rec in enumerate(records):   # into preallocated arrays: no list of N small arrays
@@ -207,7 +207,7 @@ def load_text(meta: dict, data_dir, split: str) -> dict:
     "caption" [N str]} (for sample grids and the stage-2 metric)."""
     if not meta.get("text"):
         raise UserError(f"data set {meta['name']!r} has no captions (prepare a captioned set for stage 2)")
-    _, records = _read_shards(meta, data_dir, split, caption=True)
+    _, records = read_records(meta, data_dir, split, caption=True)
     text, mask, caption = [], [], []
     for rec in records:
         text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])

@@ -50,21 +50,25 @@ def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_sha
     names = []
     # Contiguous chunks in record order, so reading the shards in order gives back the split in order.
     for i, idx in enumerate(np.array_split(np.arange(len(x)), n_shards)):
-        name = shard_name(split, i, n_shards)
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
-        w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
-        try:
-            for j in idx:
-                if text is None:
-                    w.write(encode_record({"x": x[j]}, label=int(y[j])))
-                else:
-                    w.write(encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
-                                          label=int(y[j]), caption=str(text["caption"][j])))
-        finally:
-            w.close()
-        os.rename(tmp, out_dir / name)
-        names.append(name)
+        names.append(write_shard(out_dir, shard_name(split, i, n_shards), x, y, idx, text))
     return names
+
+
+def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, text: dict | None = None) -> str:
+    """Records idx of (x, y[, text]) as the shard `name`: written under a temporary name, renamed when complete."""
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
+    try:
+        for j in idx:
+            if text is None:
+                w.write(encode_record({"x": x[j]}, label=int(y[j])))
+            else:
+                w.write(encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
+                                      label=int(y[j]), caption=str(text["caption"][j])))
+    finally:
+        w.close()
+    os.rename(tmp, out_dir / name)
+    return name
 
 
 def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: str, encoder=None,

@@ -112,6 +112,7 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
         rows.append(json.dumps({"file": f"{i}.png", "caption": name}))
     (src / "captions.jsonl").write_text("\n".join(rows) + "\n")
     prepare_latents(str(src), load_vae(vae_dir), root / "lat", resolution=8, progress=False)
+    monkeypatch.setattr("data.prepare.RECORDS_PER_SHARD", 3)   # the copy is written shard by shard: 3 + 3 + 2
     ck = tmp_path / "ck"
     over = [f"data.root={root}", "data=latents_text", f"data.latents={root / 'lat'}", "data.name=lat_text",
             "data.max_tokens=8", "model=tiny_text", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
@@ -128,6 +129,7 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     lat, text = load_meta(root / "lat"), load_meta(root / "lat_text")
     assert text["encoder"] == lat["encoder"] and text["shape"] == lat["shape"] == [4, 4, 4]
     assert (text["shift"], text["scale"]) == (lat["shift"], lat["scale"]) and text["text"]["dim"] == 384
+    assert [len(v["files"]) for v in text["splits"].values()] == [3]
     np.testing.assert_array_equal(load_split(text, root / "lat_text", "train")[0],
                                   load_split(lat, root / "lat", "train")[0])
     assert load_text(text, root / "lat_text", "train")["caption"] == names * 2
