@@ -110,16 +110,16 @@ def _latent_source(dc) -> tuple[Path, dict]:
     from data.vae import is_latent
 
     src = Path(str(dc.latents)).expanduser()
-    encode = (f"`python prepare_data.py source=<folder with captions.jsonl> vae=<VAE> resolution=<size> "
-              f"out={dc.latents}`")
+    encode = lambda out: (f"`python prepare_data.py source=<folder with captions.jsonl> vae=<VAE> "
+                          f"resolution=<size> out={out}`")
     if not (src / META_FILE).is_file():
         raise UserError(f"data.latents={dc.latents} holds no prepared latents: encode a captioned folder first, "
-                        f"{encode}")
+                        f"{encode(dc.latents)}")
     meta = load_meta(src)
     if not is_latent(meta) or not (src / "captions-train.jsonl").is_file():
         what = "latents without captions" if is_latent(meta) else "pixels, not VAE latents"
         raise UserError(f"data.latents={dc.latents} holds {what}: stage 2 on latents needs a captioned folder encoded "
-                        f"by {encode}" + ("" if is_latent(meta) else "; for pixels use data=folder"))
+                        f"by {encode('<new dir>')}" + ("" if is_latent(meta) else "; for pixels use data=folder"))
     return src, meta
 
 

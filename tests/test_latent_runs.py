@@ -154,3 +154,10 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     assert load_text(load_meta(root / "lat_text"), root / "lat_text", "train")["caption"] == (names * 2)[::-1]
     with pytest.raises(UserError, match="another data.name"):
         ensure_prepared_text(compose("prepare", data_over + ["data.name=lat"]).data)
+    from data.prepare import prepare_arrays
+    prepare_arrays(root / "pix", "pix", {"train": (np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int64))}, ["a"],
+                   "a pixel set")
+    for bad, msg in ((root / "pix", "pixels, not VAE latents"), (tmp_path / "none", "holds no prepared latents")):
+        with pytest.raises(UserError, match=msg):
+            ensure_prepared_text(compose("prepare", data_over + [f"data.latents={bad}", "data.name=other"]).data)
+    assert not (root / "other").exists()
