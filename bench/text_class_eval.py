@@ -18,33 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main(argv):
     import jax
-    from omegaconf import OmegaConf
 
-    from data.captions import FASHION_NAMES, FASHION_TEMPLATES, check_text_matches
-    from data.meta import load_meta
+    from data.captions import FASHION_NAMES, FASHION_TEMPLATES
     from data.prepare import ensure_prepared
     from data.text import get_encoder
-    from models import build_model
-    from training.checkpoint import Checkpointer, read_config
     from training.evaluate import evaluator_for
     from training.generate import generate, load_weak, text_conds
     from training.sampling import balanced_labels
+    from training.text_eval import load_run
 
     ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
     n, seed, root = int(kv.get("num_samples", 1000)), int(kv.get("seed", 0)), kv.get("root", "prepared")
-    saved, step = read_config(ckpt_dir, int(kv["step"]) if "step" in kv else None)
-    cfg = OmegaConf.create(saved)
-    cfg.train.ckpt_dir = ckpt_dir
-    cfg.sampler.cfg_scale = float(kv.get("cfg_scale", cfg.sampler.cfg_scale))   # the run's own unless given
-    data_dir = Path(cfg.data.root) / cfg.data.name
-    meta = load_meta(data_dir)
-    check_text_matches(saved, meta, ckpt_dir)
+    saved, cfg, step, meta, _, ema = load_run(ckpt_dir, int(kv["step"]) if "step" in kv else None, **(
+        {"cfg_scale": float(kv["cfg_scale"])} if "cfg_scale" in kv else {}))   # the run's own guidance unless given
     labels = balanced_labels(n, len(FASHION_NAMES))
     prompts = [FASHION_TEMPLATES[i % len(FASHION_TEMPLATES)].format(FASHION_NAMES[c]) for i, c in enumerate(labels)]
     t = meta["text"]
     text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
-    with Checkpointer(ckpt_dir, create=False) as ck:
-        ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
     images = generate(ema, saved["model_spec"], meta, text_conds(text, mask), jax.random.PRNGKey(seed), cfg.sampler,
                       cfg.train, weak=load_weak(ckpt_dir, cfg.sampler, ema, cfg.train))
     fm_meta, fm_dir = ensure_prepared("fashion_mnist", root)

@@ -132,7 +132,7 @@ def _captions_of(f: Path) -> list[str]:
                         f"prepare_data.py command that made it, with force=true)") from None
 
 
-def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict) -> None:
+def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
     """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
     their captions' features, encoded a shard at a time, so memory holds one shard whatever the set's size (all the
     features of ImageNet's captions would not fit). The latents are copied as stored, and the source's VAE entry and
@@ -141,13 +141,10 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict) -> None:
 
     from data.loader import read_records
     from data.meta import META_FORMAT_VERSION, write_meta
-    from data.prepare import RECORDS_PER_SHARD, shard_name, write_shard
+    from data.prepare import RECORDS_PER_SHARD, clear_set, shard_name, write_shard
 
-    src, meta = _latent_source(dc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)      # incomplete from now until the new meta lands
-    for old in out_dir.glob("*-of-*.array_record"):
-        old.unlink()
+    clear_set(out_dir)
     splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"
@@ -272,16 +269,13 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
 
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     # sources are read (latents: checked) before the text encoder loads, so a wrong path says so at once
-    if str(dc.kind) == "latents":
-        _latent_source(dc)
-        d = None
-    else:
-        d = _load(dc)
+    latents = _latent_source(dc) if str(dc.kind) == "latents" else None
+    d = None if latents else _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
-    if d is None:   # latents: streamed shard by shard
-        return _prepare_latents_text(dc, out_dir, enc, text_meta)
+    if latents:   # streamed shard by shard
+        return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
     splits, text = {}, {}
     for split in ("train", "test"):
         if split in d:

@@ -78,11 +78,14 @@ def features(x_uint8: np.ndarray, pool: int = 2) -> np.ndarray:
     return x.reshape(n, -1)
 
 
-def topk_hits(generated: np.ndarray, real: np.ndarray, target: np.ndarray, k: int = 5,
-              features=features) -> np.ndarray:
-    """For each generated image, whether real[target[i]] is among its k nearest real images (L2 in `features`; latent
-    sets pass their own, see training/text_eval.py)."""
+def target_ranks(generated: np.ndarray, real: np.ndarray, target: np.ndarray, features=features) -> np.ndarray:
+    """For each generated image, how many real images are strictly nearer to it than real[target[i]] (L2 in
+    `features`; latent sets pass their own, see training/text_eval.py). 0: the captioned image is the nearest."""
     g, r = features(generated), features(real)
     d = (g ** 2).sum(1)[:, None] - 2 * g @ r.T + (r ** 2).sum(1)[None, :]
-    rank = (d < d[np.arange(len(g)), target][:, None]).sum(1)   # how many real emoji are strictly nearer
-    return rank < k
+    return (d < d[np.arange(len(g)), target][:, None]).sum(1)
+
+
+def topk_hits(generated: np.ndarray, real: np.ndarray, target: np.ndarray, k: int = 5) -> np.ndarray:
+    """For each generated image, whether real[target[i]] is among its k nearest real images (L2 in `features`)."""
+    return target_ranks(generated, real, target) < k

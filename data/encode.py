@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data.meta import META_FILE, META_FORMAT_VERSION, load_meta, write_meta
-from data.prepare import _write_shards, shard_name
+from data.prepare import _write_shards, clear_set, shard_name
 from training.errors import UserError
 from training.files import write_json
 
@@ -237,9 +237,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
               flush=True)
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
-        (out_dir / META_FILE).unlink(missing_ok=True)
-        for old in out_dir.glob("*-of-*.array_record"):
-            old.unlink()
+        clear_set(out_dir)
         state = {"fingerprint": fp, "plan": plan, "shards": {}}
         _save_state(out_dir, state)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.

@@ -54,6 +54,14 @@ def _write_shards(out_dir: Path, split: str, x: np.ndarray, y: np.ndarray, n_sha
     return names
 
 
+def clear_set(out_dir: Path) -> None:
+    """Before writing a set into out_dir: its meta.json goes first (the set is incomplete from now until the new meta
+    lands), then the shards of an earlier preparation (other counts would leave stale ones)."""
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    for old in out_dir.glob("*-of-*.array_record"):
+        old.unlink()
+
+
 def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, text: dict | None = None) -> str:
     """Records idx of (x, y[, text]) as the shard `name`: written under a temporary name, renamed when complete."""
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
@@ -84,9 +92,7 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
     out_dir = Path(out_dir)
     shape, dtype = _check_splits(splits, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)     # the set is incomplete from now until the new meta lands
-    for old in out_dir.glob("*-of-*.array_record"):      # stale shards of an earlier preparation (other counts)
-        old.unlink()
+    clear_set(out_dir)
     meta_splits = {}
     for split, (x, y) in splits.items():
         n = num_shards.get(split) if isinstance(num_shards, dict) else num_shards

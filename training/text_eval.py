@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from data.emoji import topk_hits
+from data.emoji import target_ranks
 from data.meta import to_model
 from data.vae import is_latent
 from training.errors import UserError
@@ -32,12 +32,11 @@ def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray
                  jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
                  weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train), decode=False)
     imgs = to_images(x, meta, cfg.sampler)
-    if is_latent(meta):
-        flat = lambda z: z.reshape(len(z), -1)
-        hit = lambda k: topk_hits(x, to_model(real, meta), idx, k=k, features=flat)
+    if is_latent(meta):   # one distance matrix for both k
+        rank = target_ranks(x, to_model(real, meta), idx, features=lambda z: z.reshape(len(z), -1))
     else:
-        hit = lambda k: topk_hits(imgs, real, idx, k=k)
-    res = {f"top{k}_hit_rate": float(hit(k).mean()), "top1_hit_rate": float(hit(1).mean()),
+        rank = target_ranks(imgs, real, idx)
+    res = {f"top{k}_hit_rate": float(np.mean(rank < k)), "top1_hit_rate": float(np.mean(rank < 1)),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
            "sample_seconds": time.perf_counter() - t0}
     out = Path(cfg.train.ckpt_dir)
@@ -75,13 +74,13 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
     return argv[0], kv
 
 
-def main(argv: list[str]) -> dict:
-    """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
-    Keys: step, num_samples, cfg_scale, steps (sampler)."""
+def load_run(ckpt_dir, step=None, **sampler) -> tuple:
+    """(saved config, cfg, step, meta, data_dir, EMA model) of a saved stage-2 run, with `sampler` overrides
+    (cfg_scale, steps ...), checked before anything slow: a stage-1 run, a sampler the run cannot use, or data
+    re-prepared since (other caption features, other images) are refused in one line."""
     from omegaconf import OmegaConf
 
     from data.captions import check_text_matches
-    from data.loader import load_split, load_text
     from data.meta import load_meta
     from data.prepare import data_mismatch
     from models import build_model
@@ -89,16 +88,14 @@ def main(argv: list[str]) -> dict:
     from training.generate import check_weak_step
     from training.sampling import check_sampler
 
-    ckpt_dir, kv = parse_args(argv)
-    saved, step = read_config(ckpt_dir, kv.get("step"))
+    saved, step = read_config(ckpt_dir, step)
     if saved.get("model_spec", {}).get("mixing") is None:
         raise UserError(f"{ckpt_dir} is a class-conditional (stage-1) run: text_eval checks stage-2 runs; score "
                         f"stage 1 with python sample.py ckpt_dir={ckpt_dir} evaluate=true")
     cfg = OmegaConf.create(saved)
     cfg.train.ckpt_dir = ckpt_dir   # the run may have moved: read the weak model (autoguidance) and write results here
-    cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
-    cfg.sampler.cfg_scale = kv.get("cfg_scale", cfg.sampler.cfg_scale)
-    cfg.sampler.steps = kv.get("steps", cfg.sampler.steps)
+    for k, v in sampler.items():
+        cfg.sampler[k] = v
     check_sampler(cfg.sampler)
     check_weak_step(cfg.sampler, cfg.train, step)
     data_dir = Path(cfg.data.root) / cfg.data.name
@@ -110,6 +107,18 @@ def main(argv: list[str]) -> dict:
                         f"it saw, or train again")
     with Checkpointer(ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step)
+    return saved, cfg, step, meta, data_dir, ema
+
+
+def main(argv: list[str]) -> dict:
+    """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
+    Keys: step, num_samples, cfg_scale, steps (sampler)."""
+    from data.loader import load_split, load_text
+
+    ckpt_dir, kv = parse_args(argv)
+    saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), **{
+        k: kv[k] for k in ("cfg_scale", "steps") if k in kv})
+    cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
     return caption_topk(ema, saved["model_spec"], meta, load_text(meta, data_dir, "train"),
                         load_split(meta, data_dir, "train")[0], cfg, step)
 
