@@ -12,6 +12,7 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,9 @@ def fashion_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
     return [FASHION_TEMPLATES[p].format(FASHION_NAMES[int(y)]) for p, y in zip(picks, labels)]
 
 
-def read_folder(folder, captions_file, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Bring-your-own: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) (centre-cropped square, resized).
-    Decoded by stage 1's data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white);
-    the crop and LANCZOS resize stay this function's own, so sets prepared before keep their pixels."""
-    from PIL import Image
-
-    from data.folders import open_image
-
-    folder, captions_file = Path(folder), Path(captions_file)
+def _caption_rows(folder: Path, captions_file: Path, limit: int | None) -> list[tuple[int, str, str]]:
+    """(line number, file, caption) of each image the JSONL lists (data.limit: the first `limit`), every line checked
+    before any image is read, so a typo on line 900,000 is reported at once."""
     if not captions_file.is_file():
         raise UserError(f"captions file {captions_file} not found: give data.captions_file=<JSONL of "
                         '{"file": ..., "caption": ...}>')
@@ -48,11 +43,11 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
         text = captions_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{captions_file} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
-    images, caps = [], []
+    rows = []
     for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 and friends may sit inside a caption
         if not line.strip():
             continue
-        if limit is not None and len(images) >= limit:   # data.limit: the first `limit` images listed
+        if limit is not None and len(rows) >= limit:
             break
         try:
             row = json.loads(line)
@@ -63,21 +58,41 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
             raise UserError(f"{captions_file} line {n}: file must be a path relative to {folder}, got {file!r}")
         if not isinstance(cap, str) or not cap.strip():
             raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
-        try:
-            im = open_image(folder / file, 3)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
-            raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
-        s = min(im.size)
-        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-        images.append(np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)))
-        caps.append(cap)
-    if not images:
+        rows.append((n, file, cap))
+    if not rows:
         raise UserError(f"{captions_file} lists no images")
-    return np.stack(images), caps
+    return rows
+
+
+def _folder_image(folder: Path, captions_file: Path, row: tuple[int, str, str], size: int) -> np.ndarray:
+    """One listed image as RGB uint8 (size, size, 3), centre-cropped square and resized. Decoded by stage 1's
+    data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white); the crop and LANCZOS
+    resize stay this function's own, so sets prepared before keep their pixels."""
+    from PIL import Image
+
+    from data.folders import open_image
+
+    n, file, _ = row
+    try:
+        im = open_image(folder / file, 3)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
+        raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
+    s = min(im.size)
+    left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+    return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS))
+
+
+def read_folder(folder, captions_file, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Bring-your-own, in memory: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) and the captions. Preparing
+    a set streams instead (_prepare_folder_text); this reads the same pixels."""
+    folder, captions_file = Path(folder), Path(captions_file)
+    rows = _caption_rows(folder, captions_file, limit)
+    return np.stack([_folder_image(folder, captions_file, r, size) for r in rows]), [r[2] for r in rows]
 
 
 def _load(dc) -> dict:
-    """{"train": (x, y, captions), maybe "test": ..., "class_names", "source"}."""
+    """The small built-in captioned sets, in memory: {"train": (x, y, captions), maybe "test": ..., "class_names",
+    "source"}. Folders and latents, of any size, are streamed a shard at a time instead."""
     kind = str(dc.kind)
     if kind == "emoji":
         from data.emoji import load_emoji
@@ -96,11 +111,6 @@ def _load(dc) -> dict:
                 x, y = x[:int(dc.limit)], y[:int(dc.limit)]
             out[split] = (x, y, fashion_captions(y, seed=i))
         return out
-    if kind == "folder":
-        x, caps = read_folder(dc.folder, dc.captions_file, int(dc.size),
-                              None if dc.get("limit") is None else int(dc.limit))
-        return {"train": (x, np.zeros(len(x), np.int64), caps), "class_names": ["image"],
-                "source": f"folder {dc.folder} with captions {dc.captions_file}"}
     raise UserError(f"unknown captioned data kind {kind!r}: emoji | fashion_mnist | folder | latents")
 
 
@@ -132,16 +142,59 @@ def _captions_of(f: Path) -> list[str]:
                         f"prepare_data.py command that made it, with force=true)") from None
 
 
+SHARD_BYTES = 1 << 29   # a streamed set holds at most ~512 MB of images per shard in memory while it is written
+
+
+def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int):
+    """Records 0..n-1 of a split written a shard at a time, so memory holds one shard whatever the set's size (all
+    the caption features of ImageNet would not fit): chunk(indices) -> (x, labels, captions) of the next records, in
+    order, whose caption features are computed per shard. Returns (shard names, shard_stats of each)."""
+    from data.meta import shard_stats
+    from data.prepare import shard_name, write_shard
+
+    total = max(1, math.ceil(n / per_shard))
+    files, stats = [], []
+    for i, idx in enumerate(np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
+        x, y, caps = chunk(idx)
+        states, mask = enc.encode(caps, max_tokens)
+        text = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
+        files.append(write_shard(out_dir, shard_name(split, i, total), x, y, range(len(idx)), text))
+        stats.append(shard_stats(x))
+    return files, stats
+
+
+def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) -> None:
+    """kind `folder`, streamed: `rows` (_caption_rows, every line already checked) are decoded a few threads at a time
+    (PIL lets go of the GIL) and written with their captions' features a shard at a time; the channel statistics are
+    merged across shards."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data.meta import combine_stats, write_meta
+    from data.prepare import RECORDS_PER_SHARD, clear_set, set_meta
+
+    folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
+    per_shard = min(RECORDS_PER_SHARD, max(1, SHARD_BYTES // (size * size * 3)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_set(out_dir)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        def chunk(idx):
+            x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
+            return x, np.zeros(len(idx), np.int64), [rows[j][2] for j in idx]
+
+        files, stats = _write_captioned(out_dir, "train", len(rows), per_shard, chunk, enc, int(dc.max_tokens))
+    meta = set_meta(str(dc.name), f"folder {dc.folder} with captions {dc.captions_file}", (size, size, 3), "uint8",
+                    ["image"], {"train": {"files": files, "num_records": len(rows)}}, *combine_stats(stats))
+    write_meta(out_dir, {**meta, "text": text_meta})
+
+
 def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
     """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
-    their captions' features, encoded a shard at a time, so memory holds one shard whatever the set's size (all the
-    features of ImageNet's captions would not fit). The latents are copied as stored, and the source's VAE entry and
-    channel statistics (its normalisation) are taken over, not recomputed."""
-    import math
-
+    their captions' features. The latents are copied as stored, and the source's VAE entry and channel statistics
+    (its normalisation) are taken over, not recomputed."""
     from data.loader import read_records
     from data.meta import META_FORMAT_VERSION, write_meta
-    from data.prepare import RECORDS_PER_SHARD, clear_set, shard_name, write_shard
+    from data.prepare import RECORDS_PER_SHARD, clear_set
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_set(out_dir)
@@ -156,14 +209,13 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
             raise UserError(f"{f} lists {len(caps)} captions for {n} records of {src}: encode it again (the "
                             f"prepare_data.py command that made it, with force=true)")
         n = n if dc.get("limit") is None else min(n, int(dc.limit))
-        total = max(1, math.ceil(n / RECORDS_PER_SHARD))
-        files = []
-        for i, idx in enumerate(np.array_split(np.arange(n), total)):
+
+        def chunk(idx):
             recs = [next(records) for _ in idx]
-            x, y = np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64)
-            states, mask = enc.encode([caps[j] for j in idx], int(dc.max_tokens))
-            text = {"text": states.astype(np.float16), "mask": mask, "caption": [caps[j] for j in idx]}
-            files.append(write_shard(out_dir, shard_name(split, i, total), x, y, range(len(idx)), text))
+            return (np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64),
+                    [caps[j] for j in idx])
+
+        files, _ = _write_captioned(out_dir, split, n, RECORDS_PER_SHARD, chunk, enc, int(dc.max_tokens))
         splits[split] = {"files": files, "num_records": int(n)}
     keep = ("encoder", "shape", "dtype", "num_classes", "class_names", "channel_mean", "channel_std", "shift", "scale")
     write_meta(out_dir, {"format_version": META_FORMAT_VERSION, "name": str(dc.name),
@@ -268,14 +320,19 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     from data.text import get_encoder
 
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
-    # sources are read (latents: checked) before the text encoder loads, so a wrong path says so at once
-    latents = _latent_source(dc) if str(dc.kind) == "latents" else None
-    d = None if latents else _load(dc)
+    # sources are read (latents, folders: checked) before the text encoder loads, so a wrong path says so at once
+    kind = str(dc.kind)
+    latents = _latent_source(dc) if kind == "latents" else None
+    rows = _caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
+                         None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
+    d = None if latents or rows else _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
+    if rows:
+        return _prepare_folder_text(dc, out_dir, enc, text_meta, rows)
     splits, text = {}, {}
     for split in ("train", "test"):
         if split in d:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.meta import META_FILE, META_FORMAT_VERSION, load_meta, write_meta
-from data.prepare import _write_shards, clear_set, shard_name
+from data.meta import META_FILE, combine_stats, load_meta, shard_stats, write_meta
+from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
 from training.files import write_json
 
@@ -103,30 +103,6 @@ def _vae_identity(vae) -> dict:
         ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
                                 if f.suffix in (".safetensors", ".bin"))
     return json.loads(json.dumps(ident, default=str))
-
-
-def _stats(x: np.ndarray) -> dict:
-    """Per-channel count, mean, M2 (float64) of x (..., C): combined across shards with Chan's formula."""
-    f = x.reshape(-1, x.shape[-1]).astype(np.float64)
-    mean = f.mean(0)
-    return {"count": len(f), "mean": mean.tolist(), "m2": ((f - mean) ** 2).sum(0).tolist()}
-
-
-def _combine(stats: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    n, mean, m2 = 0, None, None
-    for s in stats:
-        if not s["count"]:
-            continue
-        nb, mb, m2b = s["count"], np.asarray(s["mean"]), np.asarray(s["m2"])
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-            continue
-        d = mb - mean
-        tot = n + nb
-        mean, m2, n = mean + d * nb / tot, m2 + m2b + d ** 2 * n * nb / tot, tot
-    if mean is None:
-        raise UserError("every training image was skipped as undecodable: nothing to encode")
-    return mean, np.sqrt(m2 / n)
 
 
 def _shard_intact(path: Path, records: int) -> bool:
@@ -302,7 +278,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
             scratch.mkdir(exist_ok=True)
             (tmp_name,) = _write_shards(scratch, split, x, np.asarray(ys, np.int64), 1)
             os.rename(scratch / tmp_name, out_dir / name)
-            info = {"records": len(x), "skipped": skipped, "stats": _stats(x) if len(x) else {"count": 0}}
+            info = {"records": len(x), "skipped": skipped, "stats": shard_stats(x) if len(x) else {"count": 0}}
             if caps:
                 info["captions"] = caps
             state["shards"][name] = info
@@ -323,7 +299,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
                 f.writelines(json.dumps(c) + "\n" for c in caps)
     if meta_splits["train"]["num_records"] == 0:
         raise UserError(f"no decodable training images in {source}: every file was skipped")
-    mean, std = _combine([state["shards"][nm]["stats"] for nm in meta_splits["train"]["files"]])
+    mean, std = combine_stats([state["shards"][nm]["stats"] for nm in meta_splits["train"]["files"]])
     skipped = sum(v["skipped"] for v in meta_splits.values())
     if skipped:
         warnings.warn(f"{skipped} undecodable image(s) skipped (counted per split in meta.json)", stacklevel=2)
@@ -332,10 +308,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     if is_builtin:
         enc["pixels"] = str(source)   # the pixel data set these latents came from (evaluation decodes against it)
         enc["pixels_split"] = BUILTIN_SPLITS[str(source)]   # ... and how it was cut (its test images must be unseen)
-    meta = {"format_version": META_FORMAT_VERSION, "name": out_dir.name, "source": src_desc, "encoder": enc,
-            "shape": list(latent_shape), "dtype": dtype, "num_classes": len(class_names),
-            "class_names": list(class_names), "splits": meta_splits, "channel_mean": mean.tolist(),
-            "channel_std": std.tolist(), "shift": mean.tolist(), "scale": [1.0 / s if s > 0 else 1.0 for s in std]}
+    meta = set_meta(out_dir.name, src_desc, latent_shape, dtype, class_names, meta_splits, mean, std, encoder=enc)
     write_meta(out_dir, meta)
     dt = time.perf_counter() - t0
     print(f"encoded {n_img} images in {dt:.1f} s ({n_img / max(dt, 1e-9):.1f} images/s), {skipped} skipped", flush=True)

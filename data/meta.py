@@ -141,3 +141,29 @@ def channel_stats(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndar
     for i in range(0, n, chunk):
         sq += ((x[i:i + chunk].reshape(-1, c).astype(np.float64) - mean) ** 2).sum(0)
     return mean, np.sqrt(sq / count)
+
+
+def shard_stats(x: np.ndarray) -> dict:
+    """Per-channel count, mean and M2 (float64) of one part of a split x (..., C), for sets written a shard at a
+    time: combine_stats merges the parts (Chan et al.'s pairwise formula, no one-pass sum of squares)."""
+    f = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mean = f.mean(0)
+    return {"count": len(f), "mean": mean.tolist(), "m2": ((f - mean) ** 2).sum(0).tolist()}
+
+
+def combine_stats(stats: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per channel of the parts shard_stats described (empty parts, {"count": 0}, count for nothing)."""
+    n, mean, m2 = 0, None, None
+    for s in stats:
+        if not s["count"]:
+            continue
+        nb, mb, m2b = s["count"], np.asarray(s["mean"]), np.asarray(s["m2"])
+        if mean is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        d = mb - mean
+        tot = n + nb
+        mean, m2, n = mean + d * nb / tot, m2 + m2b + d ** 2 * n * nb / tot, tot
+    if mean is None:
+        raise UserError("cannot compute channel statistics of an empty split")
+    return mean, np.sqrt(m2 / n)

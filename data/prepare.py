@@ -99,22 +99,29 @@ def prepare_arrays(out_dir, name: str, splits: dict, class_names: list, source: 
         n = n or math.ceil(len(x) / RECORDS_PER_SHARD)
         files = _write_shards(out_dir, split, x, np.asarray(y), n, None if text is None else text[split])
         meta_splits[split] = {"files": files, "num_records": len(x)}
-    mean, std = channel_stats(splits["train"][0])
-    c = shape[-1]
-    if dtype == "uint8":   # pixels: a fixed map to [-1, 1], independent of the data
-        shift, scale = [127.5] * c, [1 / 127.5] * c
-    else:                  # latents/features: standardise per channel
-        shift, scale = mean.tolist(), [1.0 / s if s > 0 else 1.0 for s in std]
-    meta = {"format_version": META_FORMAT_VERSION, "name": name, "source": source, "encoder": encoder,
-            "shape": list(shape), "dtype": dtype, "num_classes": len(class_names), "class_names": list(class_names),
-            "splits": meta_splits, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
-            "shift": shift, "scale": scale}
+    meta = set_meta(name, source, shape, dtype, class_names, meta_splits, *channel_stats(splits["train"][0]),
+                    encoder=encoder)
     if split_rule is not None:
         meta["split_rule"] = split_rule
     if text is not None:
         meta["text"] = dict(text_meta or {})
     write_meta(out_dir, meta)
     return meta
+
+
+def set_meta(name: str, source: str, shape, dtype: str, class_names: list, splits: dict, mean, std,
+             encoder: dict | str | None = None) -> dict:
+    """meta.json of a set (CONTRACTS.md) from its train split's channel statistics: pixels (uint8) map to [-1, 1]
+    by a fixed affine, independent of the data; latents and features are standardised per channel."""
+    c = len(mean)
+    if dtype == "uint8":
+        shift, scale = [127.5] * c, [1 / 127.5] * c
+    else:
+        shift, scale = [float(m) for m in mean], [1.0 / s if s > 0 else 1.0 for s in std]
+    return {"format_version": META_FORMAT_VERSION, "name": name, "source": source, "encoder": encoder,
+            "shape": list(shape), "dtype": dtype, "num_classes": len(class_names), "class_names": list(class_names),
+            "splits": splits, "channel_mean": [float(m) for m in mean], "channel_std": [float(s) for s in std],
+            "shift": shift, "scale": scale}
 
 
 def split_rule_of(meta: dict) -> str:

@@ -44,7 +44,7 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
                         is_encoder_decoder=True)
     T5GemmaModel(cfg).save_pretrained(tmp_path / "t5g")          # a full enc-dec checkpoint, random weights
     minilm.tokenizer.save_pretrained(tmp_path / "t5g")           # any tokenizer with a matching vocabulary
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)   # set by other test files at import; not when run alone
     enc = get_encoder("t5gemma", str(tmp_path / "t5g"))
     import os
     assert os.environ["HF_HUB_OFFLINE"] == "1" and enc.dim == 32
@@ -184,3 +184,39 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
     with pytest.raises(UserError, match="captions_sha256"):   # edited captions: not the set that was prepared
         ensure_prepared_text(dc, encoder=minilm)
     assert (d / "meta.json").is_file()   # nothing the user had is removed
+
+
+def test_captioned_folder_is_streamed_a_shard_at_a_time(tmp_path, minilm, monkeypatch):
+    """A captioned folder was read whole into memory, with every caption's features at once: at ImageNet size that
+    does not fit. Now each shard's images and features are made in turn, and the records are the same."""
+    from PIL import Image
+
+    import data.captions as captions
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": f"picture number {i}"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    monkeypatch.setattr(captions, "SHARD_BYTES", 3 * 8 * 8 * 3)   # 3 images of 8x8 RGB per shard
+    seen = []
+    encode = minilm.encode
+    monkeypatch.setattr(minilm, "encode", lambda caps, n: seen.append(list(caps)) or encode(caps, n))
+    dc = OmegaConf.create({"name": "st", "kind": "folder", "folder": str(tmp_path), "captions_file":
+                           str(tmp_path / "c.jsonl"), "size": 8, "root": str(tmp_path / "prep"),
+                           "text_encoder": "minilm", "max_tokens": 6, "limit": None})
+    meta, d = ensure_prepared_text(dc, encoder=minilm)
+    assert [len(c) for c in seen] == [3, 2, 2] and len(meta["splits"]["train"]["files"]) == 3
+    x, caps = read_folder(tmp_path, tmp_path / "c.jsonl", 8)   # the in-memory reader: the same pixels and captions
+    batch = next(make_iterator(meta, d, "train", batch_size=7, seed=0, shuffle=False))
+    np.testing.assert_array_equal(np.rint((batch["x"] + 1) * 127.5), x)
+    assert load_text(meta, d, "train")["caption"] == caps
+    np.testing.assert_allclose(meta["channel_mean"], x.reshape(-1, 3).mean(0))
+    np.testing.assert_allclose(meta["channel_std"], x.reshape(-1, 3).std(0))
+    states, _ = encode(caps, 6)
+    np.testing.assert_allclose(batch["text"], states.astype(np.float16), atol=0)
+    # every line is checked before an image is read: a bad last line is reported, not the missing first image
+    (tmp_path / "c.jsonl").write_text("\n".join([json.dumps({"file": "gone.png", "caption": "x"}), *rows, "{oops"]))
+    with pytest.raises(UserError, match="line 9 is not a JSON object"):
+        ensure_prepared_text(OmegaConf.merge(dc, {"name": "st2"}), encoder=minilm)
