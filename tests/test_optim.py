@@ -138,7 +138,7 @@ def test_decay_mask_decays_matrices_not_stacked_block_vectors():
         assert all(not m for k, (m, shape) in s2.items() if k.startswith(".blocks.") and len(shape) < 3)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_warmup_zero_means_no_warmup_and_the_default_keeps_its_schedule(schedule):
     import optax
     from omegaconf import OmegaConf
@@ -156,5 +156,12 @@ def test_warmup_zero_means_no_warmup_and_the_default_keeps_its_schedule(schedule
         t = np.arange(0, steps + 50, 7)
         np.testing.assert_array_equal(jax.vmap(got)(t), jax.vmap(ref)(t))
         assert float(got(0)) == 0.0
+    if schedule == "wsd":   # flat at lr after the warm-up until the last decay_frac, then 1 - sqrt down to the floor
+        cfg.optim.decay_frac = 0.25
+        got, low = lr_schedule(2.0, 400, cfg.optim), 2.0 * cfg.optim.min_lr_ratio
+        assert float(got(100)) == pytest.approx(1.0)     # half-way up the 200-step warm-up
+        assert [float(got(s)) for s in (200, 250, 300)] == [2.0, 2.0, 2.0]
+        assert float(got(350)) == pytest.approx(low + (2.0 - low) * (1 - 0.5 ** 0.5))
+        assert float(got(400)) == pytest.approx(low) and float(got(500)) == pytest.approx(low)
     with pytest.raises(UserError, match="warmup_steps"):
         lr_schedule(1.0, 100, OmegaConf.merge(cfg.optim, {"warmup_steps": -1}))

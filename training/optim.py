@@ -1,4 +1,4 @@
-"""Optimizer from config: global-norm clipping, then AdamW or Muon on a warm-up + cosine/constant schedule.
+"""Optimizer from config: global-norm clipping, then AdamW or Muon on a warm-up + cosine/WSD/constant schedule.
 
 `optim=muon` (stage 1's default) or `optim=adamw` (stage 2's) (configs/optim/). Muon (Jordan et al. 2024;
 optax.contrib.muon) replaces the Adam update of the transformer blocks' weight matrices by the orthogonalised
@@ -21,9 +21,13 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def lr_schedule(lr: float, steps: int, optim_cfg):
-    """Linear warm-up over optim.warmup_steps (capped below train.steps) from 0 to `lr`, then cosine decay to
-    min_lr_ratio x lr at train.steps, or constant. warmup_steps=0: no warm-up, `lr` (cosine: the top of the cosine)
-    from step 0; warmup_steps > 0 keeps exactly the schedule it always had."""
+    """Linear warm-up over optim.warmup_steps (capped below train.steps) from 0 to `lr`, then one of
+    - cosine: cosine decay to min_lr_ratio x lr at train.steps;
+    - wsd (warm-up, stable, decay; Hagele et al. 2024): `lr` until the last optim.decay_frac of train.steps, then down
+      to min_lr_ratio x lr at train.steps along 1 - sqrt(progress) (that paper's best cool-down shape);
+    - constant.
+    warmup_steps=0: no warm-up, `lr` (cosine: the top of the cosine) from step 0; warmup_steps > 0 keeps exactly the
+    schedule it always had."""
     warmup = min(check_whole("optim.warmup_steps", optim_cfg.warmup_steps, 0, "0: no warm-up"), max(steps - 1, 0))
     if optim_cfg.schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
@@ -33,7 +37,17 @@ def lr_schedule(lr: float, steps: int, optim_cfg):
             return optax.cosine_decay_schedule(lr, max(steps, 1), alpha=float(optim_cfg.min_lr_ratio))
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1),
                                                   end_value=lr * float(optim_cfg.min_lr_ratio))
-    raise UserError(f"unknown optim.schedule {optim_cfg.schedule!r}: use cosine or constant")
+    if optim_cfg.schedule == "wsd":
+        low = lr * float(optim_cfg.min_lr_ratio)
+        start = max(warmup, int(round(steps * (1.0 - float(optim_cfg.decay_frac)))))
+        length = max(steps - start, 1)
+
+        def wsd(count):
+            ramp = lr * count / max(warmup, 1)
+            done = jnp.clip((count - start) / length, 0.0, 1.0)
+            return jnp.where(count < warmup, ramp, low + (lr - low) * (1.0 - jnp.sqrt(done)))
+        return wsd
+    raise UserError(f"unknown optim.schedule {optim_cfg.schedule!r}: use cosine, wsd or constant")
 
 
 def decay_mask(params):
