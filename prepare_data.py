@@ -26,10 +26,11 @@ def main(cfg):
         return encode_latents(cfg)
     target = Path(cfg.data.root) / cfg.data.name
     if cfg.force and (target / "meta.json").exists():
-        if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # e.g. latents: not rebuilt from a name
+        if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
             raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data config; "
                             f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
-                            f"command that made it (latents: prepare_data.py source=... vae=... out={target} force=true)")
+                            f"command that made it (latents: prepare_data.py source=... vae=... out={target} "
+                            f"force=true)")
         meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg))
     else:
         meta, data_dir = _prepare(cfg)

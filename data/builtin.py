@@ -59,8 +59,9 @@ def _fashion_mnist() -> dict:
     root = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     files = [root / f for pair in _FASHION_FILES.values() for f in pair]
     if not all(f.is_file() for f in files):
-        raise UserError(f"Fashion-MNIST not found in {root}: install it with `apt-get install -y dataset-fashion-mnist` "
-                        "(or set FASHION_MNIST_DIR), or train on the built-in `data=digits`")
+        raise UserError(f"Fashion-MNIST not found in {root}: install it with "
+                        "`apt-get install -y dataset-fashion-mnist` (or set FASHION_MNIST_DIR), or train on the "
+                        "built-in `data=digits`")
     out = {"class_names": list(FASHION_CLASSES), "source": _SOURCE_PREFIX["fashion_mnist"] + str(root),
            "split_rule": BUILTIN_SPLITS["fashion_mnist"]}
     for split, (img, lab) in _FASHION_FILES.items():

@@ -54,7 +54,8 @@ class Source:
 
 
 def _images(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return sorted(p for p in d.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
 def _subdirs(d: Path) -> list[Path]:

@@ -65,7 +65,8 @@ class _Source(grain.sources.ArrayRecordDataSource):
 
 
 class _Decode:
-    """Record bytes -> {"x": stored array (H,W,C), "label": int32}, checked against meta.json (picklable for workers)."""
+    """Record bytes -> {"x": stored array (H,W,C), "label": int32}, checked against meta.json (picklable for
+    workers)."""
 
     def __init__(self, meta: dict, paths: list[str], counts: list[int], caption: bool = False):
         self.shape, self.dtype, self.k = tuple(meta["shape"]), ALLOWED_DTYPES[meta["dtype"]], int(meta["num_classes"])

@@ -195,8 +195,8 @@ def run(cfg, task: Task) -> dict:
     bar = _progress(start, total, enabled=is_main and tc.progress)
     pending, t_last, n_last, compiled = [], time.perf_counter(), start, start > total
     if is_main and start < total:
-        print(f"compiling the train step (first step; usually {'10-60 s' if jax.default_backend() == 'cpu' else '1-3 min'})...",
-              flush=True)
+        usual = "10-60 s" if jax.default_backend() == "cpu" else "1-3 min"
+        print(f"compiling the train step (first step; usually {usual})...", flush=True)
     step = start
     # Non-finite steps: the per-step `skipped` flags are checked every min(log_every, max_bad_steps) steps and before
     # every save (one host sync each), so a streak of exactly max_bad_steps always stops the run.
@@ -271,8 +271,8 @@ def _next_batch(it, step: int, tc, debug_nan: set):
     try:
         batch = next(it)
     except UserError as err:  # a bad record met mid-run, raised inside the Grain iterator
-        raise UserError(f"{err} (at step {step + 1}; the checkpoints in {tc.ckpt_dir} are intact: fix or re-prepare the "
-                        f"data set, then resume with train.is_restore=true)") from None
+        raise UserError(f"{err} (at step {step + 1}; the checkpoints in {tc.ckpt_dir} are intact: fix or re-prepare "
+                        f"the data set, then resume with train.is_restore=true)") from None
     if step + 1 in debug_nan:  # train.debug_nan_steps (tests): a non-finite batch, as corrupt data would give
         batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
     return batch
@@ -304,7 +304,8 @@ def evaluate(model, task: Task, cfg, n: int, step: int, weak=None) -> dict:
     t0 = time.perf_counter()
     images = generate(model, task.spec, task.meta, labels, jax.random.PRNGKey(int(cfg.train.seed) + 2),
                       cfg.sampler, cfg.train, weak=weak)
-    res = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in evaluator.evaluate(images, labels).items()}
+    res = {k: (float(v) if isinstance(v, (float, np.floating)) else v)
+           for k, v in evaluator.evaluate(images, labels).items()}
     res["sample_seconds"] = time.perf_counter() - t0
     Path(cfg.train.ckpt_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.train.ckpt_dir) / f"eval-step{step:07d}.json", res)

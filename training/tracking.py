@@ -45,9 +45,9 @@ class Tracker:
                                   dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
                                   resume="allow" if run_id else None)
         except wandb.errors.Error as err:   # no login (UsageError), no network or a bad entity (CommError) ...
-            raise UserError(f"W&B could not start a wandb.mode={wandb_cfg.mode} run ({first_line(err)}): run `wandb login` "
-                            f"(or set WANDB_API_KEY), or train with wandb.mode=offline (sync later with `wandb sync`) "
-                            f"or wandb.mode=disabled") from None
+            raise UserError(f"W&B could not start a wandb.mode={wandb_cfg.mode} run ({first_line(err)}): run "
+                            f"`wandb login` (or set WANDB_API_KEY), or train with wandb.mode=offline (sync later with "
+                            f"`wandb sync`) or wandb.mode=disabled") from None
         self.enabled = wandb_cfg.mode != "disabled"
 
     @property
