@@ -142,24 +142,34 @@ def _captions_of(f: Path) -> list[str]:
                         f"prepare_data.py command that made it, with force=true)") from None
 
 
-SHARD_BYTES = 1 << 29   # a streamed set holds at most ~512 MB of images per shard in memory while it is written
+SHARD_BYTES = 1 << 29   # captioned folders: at most ~512 MB of images per shard file
+FEATURE_BATCH = 1024    # records made (decoded, caption features computed) and written at a time: a multiple of the
+                        # text encoder's own batch (256), so the features are those of one call over the whole split
 
 
 def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int):
-    """Records 0..n-1 of a split written a shard at a time, so memory holds one shard whatever the set's size (all
-    the caption features of ImageNet would not fit): chunk(indices) -> (x, labels, captions) of the next records, in
-    order, whose caption features are computed per shard. Returns (shard names, shard_stats of each)."""
+    """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of images and
+    caption features whatever the set's size or the shard's (all of ImageNet's caption features would not fit, nor
+    7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order.
+    Returns (shard names, shard_stats of each batch)."""
     from data.meta import shard_stats
-    from data.prepare import shard_name, write_shard
+    from data.prepare import shard_name, write_records
+    from data.records import encode_record
 
     total = max(1, math.ceil(n / per_shard))
     files, stats = [], []
+
+    def records(idx):
+        for lo in range(0, len(idx), FEATURE_BATCH):
+            x, y, caps = chunk(idx[lo:lo + FEATURE_BATCH])
+            states, mask = enc.encode(caps, max_tokens)
+            states = states.astype(np.float16)
+            stats.append(shard_stats(x))
+            for j, cap in enumerate(caps):
+                yield encode_record({"x": x[j], "text": states[j], "mask": mask[j]}, label=int(y[j]), caption=str(cap))
+
     for i, idx in enumerate(np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
-        x, y, caps = chunk(idx)
-        states, mask = enc.encode(caps, max_tokens)
-        text = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
-        files.append(write_shard(out_dir, shard_name(split, i, total), x, y, range(len(idx)), text))
-        stats.append(shard_stats(x))
+        files.append(write_records(out_dir, shard_name(split, i, total), records(idx)))
     return files, stats
 
 

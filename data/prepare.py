@@ -63,16 +63,21 @@ def clear_set(out_dir: Path) -> None:
 
 
 def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, text: dict | None = None) -> str:
-    """Records idx of (x, y[, text]) as the shard `name`: written under a temporary name, renamed when complete."""
+    """Records idx of (x, y[, text]) as the shard `name` (write_records)."""
+    if text is None:
+        return write_records(out_dir, name, (encode_record({"x": x[j]}, label=int(y[j])) for j in idx))
+    return write_records(out_dir, name, (encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
+                                                       label=int(y[j]), caption=str(text["caption"][j])) for j in idx))
+
+
+def write_records(out_dir: Path, name: str, records) -> str:
+    """Encoded records (an iterable, consumed as written) as the shard `name`: written under a temporary name,
+    renamed when complete."""
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
     try:
-        for j in idx:
-            if text is None:
-                w.write(encode_record({"x": x[j]}, label=int(y[j])))
-            else:
-                w.write(encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
-                                      label=int(y[j]), caption=str(text["caption"][j])))
+        for r in records:
+            w.write(r)
     finally:
         w.close()
     os.rename(tmp, out_dir / name)
