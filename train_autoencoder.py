@@ -49,19 +49,10 @@ def holds_model(d) -> bool:
     return d.is_dir() and any(_is_model_file(p.name) for p in d.iterdir())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's live process
-        return True
-    return True
-
-
 def recover_interrupted(out) -> None:
     """What a run killed outright (kill -9, power loss) left in out=: a half-written new model is deleted; an old one
-    set aside during a swap goes back unless the new one was completely moved in (its config.json moves last)."""
+    set aside during a swap goes back unless the new one was completely moved in (its config.json moves last).
+    Called holding out='s run lock, so whatever is there is a dead run's (a pid could be reused, or another host's)."""
     import shutil
     from pathlib import Path
 
@@ -70,8 +61,7 @@ def recover_interrupted(out) -> None:
         return
     for d in sorted(out.glob(".autoencoder-*-*")):
         kind, pid = d.name[:-len(d.name.rpartition("-")[2])], d.name.rpartition("-")[2]
-        # this process's own id too is a dead run's (in a container a restarted run often gets the same id)
-        if kind not in (NEW, OLD) or not pid.isdigit() or int(pid) != os.getpid() and _alive(int(pid)):
+        if kind not in (NEW, OLD) or not pid.isdigit():
             continue
         if kind == OLD and (d / "config.json").exists() and not (out / "config.json").exists():
             for f in d.iterdir():
@@ -94,7 +84,7 @@ def publish(tmp, out, force: bool) -> None:
     if holds_model(out):
         from training.errors import UserError
 
-        if not force:   # another run saved one there while this one trained: keep both
+        if not force:   # one was copied in while this one trained (runs of this script hold out='s lock): keep both
             keep = out / f"autoencoder-{os.getpid()}"
             os.rename(tmp, keep)
             raise UserError(f"out={out} got an autoencoder while this one trained; the new one is in {keep}: move "
@@ -152,6 +142,7 @@ def main(cfg):
 
     from data.builtin import load_builtin
     from training.errors import UserError
+    from training.runlock import RunLock
 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -168,24 +159,32 @@ def main(cfg):
     if int(cfg.steps) < 1:
         raise UserError(f"steps={cfg.steps} must be >= 1")
     out = Path(cfg.out).expanduser()
-    recover_interrupted(out)
-    if holds_model(out) and not cfg.force:   # refused now, not after 12-14 minutes of training
-        raise UserError(f"out={out} already holds an autoencoder, and the latent data sets and runs made with it need "
-                        "it to decode: pick another out=, or pass force=true to replace it")
-    tmp = out / f"{NEW}{os.getpid()}"
     try:   # an unusable out path should fail now, not after 12-14 minutes of training
         out.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        probe = tmp / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # One run per out= (the kernel drops the lock however a run ends): a second one is refused now instead of
+        # training 15 minutes for nothing, and what a killed run left can be cleared without guessing by pid.
+        lock = RunLock(out, "choose another out=").acquire()
     except OSError as e:
         raise UserError(f"cannot write the autoencoder to out={out} ({type(e).__name__}): pick a writable "
                         f"directory") from None
+    tmp = out / f"{NEW}{os.getpid()}"
     try:
+        recover_interrupted(out)
+        if holds_model(out) and not cfg.force:   # refused now, not after 12-14 minutes of training
+            raise UserError(f"out={out} already holds an autoencoder, and the latent data sets and runs made with it "
+                            "need it to decode: pick another out=, or pass force=true to replace it")
+        try:
+            tmp.mkdir()
+            probe = tmp / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write the autoencoder to out={out} ({type(e).__name__}): pick a writable "
+                            f"directory") from None
         return _train_and_save(cfg, out, tmp, x_train, x_test, d, h, w, c, down)
     finally:   # an interrupted or failed run leaves out= as it was
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
 
 
 def _train_and_save(cfg, out, tmp, x_train, x_test, d, h, w, c, down):

@@ -3,6 +3,7 @@ directory that is not an AutoencoderKL is refused in one line, and train_autoenc
 autoencoder unless told to, and then keeps the old one until the new one is completely written."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,8 +37,9 @@ def tiny_vae(tmp_path_factory):
 
 
 def _files(d) -> dict:
-    """Every entry of folder `d`, with the bytes of the files (folders as None): what a user would see there."""
-    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(Path(d).iterdir())}
+    """Every entry of folder `d`, with the bytes of the files (folders as None): what a user would see there. The
+    run lock a train_autoencoder run leaves in out= (an empty-of-meaning hidden file, like a ckpt_dir's) is not."""
+    return {p.name: p.read_bytes() if p.is_file() else None for p in sorted(Path(d).iterdir()) if p.name != ".run.lock"}
 
 
 def _one_line(err) -> str:
@@ -210,8 +212,8 @@ def test_force_replaces_it_and_keeps_the_users_other_files(tiny_vae, tmp_path):
     (out / "notes.txt").write_text("mine")
     report = train_autoencoder.main(_cfg(tmp_path, out, "force=true"))
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
-                                                     "notes.txt", "train_report.json"]   # no hidden leftovers
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock", "config.json", "diffusion_pytorch_model.safetensors",
+                                                     "notes.txt", "train_report.json"]   # no other hidden leftovers
     vae = load_vae(str(out))
     assert vae.in_channels == 1 and vae.scaling_factor == pytest.approx(report["scaling_factor"])
 
@@ -237,10 +239,12 @@ def test_force_keeps_the_old_autoencoder_until_the_new_one_is_written(tiny_vae, 
 
 def test_a_swap_killed_midway_is_undone_by_the_next_run(tiny_vae, tmp_path):
     """kill -9 between setting the old model aside and moving the new one in (no config.json in out= yet): the next
-    run puts the old one back before it looks at out=; a half-written new model of a dead run is deleted."""
+    run puts the old one back before it looks at out=; a half-written new model of a dead run is deleted. The dead
+    run's pid may be a live process now (reused, or another host's on a shared disk): out='s lock, not the pid, says
+    the run is gone (a live pid left the debris in place)."""
     import train_autoencoder
 
-    dead = 2 ** 31 - 1   # above any pid_max: no such process
+    dead = os.getppid()   # alive, and not a train_autoencoder run
     out = tmp_path / "ae"
     out.mkdir()
     before = _files(tiny_vae)
@@ -250,6 +254,25 @@ def test_a_swap_killed_midway_is_undone_by_the_next_run(tiny_vae, tmp_path):
     (out / f"{train_autoencoder.NEW}{dead}").mkdir()
     with pytest.raises(UserError, match="already holds"):
         train_autoencoder.main(_cfg(tmp_path, out))
+    assert _files(out) == before
+
+
+def test_a_second_autoencoder_run_into_the_same_out_is_refused_at_once(tiny_vae, tmp_path):
+    """Two runs into one out= both trained for 15 minutes; the second then kept its model aside. Now the second is
+    refused at start in one line, naming the first, and out= is left as it was."""
+    import train_autoencoder
+    from training.runlock import RunLock
+
+    out = tmp_path / "ae"
+    shutil.copytree(tiny_vae, out)
+    before = _files(out)
+    first = RunLock(out, "unused").acquire()   # a run in progress (flock: per open file, so this process counts)
+    try:
+        with pytest.raises(UserError, match=r"another run \(pid \d+ on .*\) is writing to .*ae: wait for it to end "
+                                            r"or stop it, or choose another out=$"):
+            train_autoencoder.main(_cfg(tmp_path, out, "force=true"))
+    finally:
+        first.release()
     assert _files(out) == before
 
 

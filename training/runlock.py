@@ -34,8 +34,9 @@ def _flock(fd: int, wait: bool) -> bool:
 
 
 class RunLock:
-    def __init__(self, directory):
+    def __init__(self, directory, elsewhere: str = "choose another train.ckpt_dir"):
         self.path = Path(directory) / LOCK_FILE
+        self.elsewhere = elsewhere   # the refusal's way out
         self.fd = None
 
     def acquire(self) -> "RunLock":
@@ -44,7 +45,7 @@ class RunLock:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
             raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to end or stop "
-                            f"it, or choose another train.ckpt_dir")
+                            f"it, or {self.elsewhere}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
