@@ -92,7 +92,7 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
 
 def _load(dc) -> dict:
     """The small built-in captioned sets, in memory: {"train": (x, y, captions), maybe "test": ..., "class_names",
-    "source"}. Folders and latents, of any size, are streamed a shard at a time instead."""
+    "source"}. Folders and latents, of any size, are written a batch at a time instead (_write_captioned)."""
     kind = str(dc.kind)
     if kind == "emoji":
         from data.emoji import load_emoji
@@ -148,9 +148,9 @@ FEATURE_BATCH = 1024    # records made (decoded, caption features computed) and 
 
 
 def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int):
-    """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of images and
-    caption features whatever the set's size or the shard's (all of ImageNet's caption features would not fit, nor
-    7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order.
+    """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of
+    images and caption features whatever the set's size or the shard's (all of ImageNet's caption features would not
+    fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order.
     Returns (shard names, shard_stats of each batch)."""
     from data.meta import shard_stats
     from data.prepare import shard_name, write_records
@@ -175,8 +175,8 @@ def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, e
 
 def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) -> None:
     """kind `folder`, streamed: `rows` (_caption_rows, every line already checked) are decoded a few threads at a time
-    (PIL lets go of the GIL) and written with their captions' features a shard at a time; the channel statistics are
-    merged across shards."""
+    (PIL lets go of the GIL) and written with their captions' features a batch at a time; the channel statistics are
+    merged across batches."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 

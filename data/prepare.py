@@ -72,14 +72,19 @@ def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, tex
 
 def write_records(out_dir: Path, name: str, records) -> str:
     """Encoded records (an iterable, consumed as written) as the shard `name`: written under a temporary name,
-    renamed when complete."""
+    renamed when complete. If making the records fails (an unreadable image half-way through a folder), the partial
+    file goes, rather than stay behind as gigabytes of debris."""
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
+    done = False
     try:
         for r in records:
             w.write(r)
+        done = True
     finally:
         w.close()
+        if not done:
+            tmp.unlink(missing_ok=True)
     os.rename(tmp, out_dir / name)
     return name
 

@@ -221,3 +221,9 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     (tmp_path / "c.jsonl").write_text("\n".join([json.dumps({"file": "gone.png", "caption": "x"}), *rows, "{oops"]))
     with pytest.raises(UserError, match="line 9 is not a JSON object"):
         ensure_prepared_text(OmegaConf.merge(dc, {"name": "st2"}), encoder=minilm)
+    # an image that cannot be read half-way through: one line naming it, and no partial shard left behind
+    (tmp_path / "c.jsonl").write_text("\n".join([*rows[:4], json.dumps({"file": "gone.png", "caption": "x"})]))
+    with pytest.raises(UserError, match=r"line 5: cannot read image .*gone\.png"):
+        ensure_prepared_text(OmegaConf.merge(dc, {"name": "st3"}), encoder=minilm)
+    left = sorted(p.name for p in (tmp_path / "prep" / "st3").iterdir())
+    assert left == ["train-00000-of-00002.array_record"], left   # the first shard done; no meta.json, no temp file
