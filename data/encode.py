@@ -33,6 +33,9 @@ from training.files import write_json
 
 STATE_FILE = ".prepare-state.json"
 SHARD_SIZE = 4096        # source images per shard (x2 records with hflip copies)
+# How images are read (data.folders.open_image), kept in the resume state: 2 = photos turned upright by their EXIF
+# orientation (2026-12-06); an encode state without it is version 1. Raise it whenever reading changes pixels.
+READER_VERSION = 2
 
 
 class _Items:
@@ -214,7 +217,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
               flush=True)
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
         clear_set(out_dir)
-        state = {"fingerprint": fp, "plan": plan, "shards": {}}
+        state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
         _save_state(out_dir, state)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items() if _shard_intact(out_dir / name, info["records"])}
@@ -223,6 +226,16 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         if meta is not None and len(done) == len(jobs) and _meta_agrees(meta, state, jobs):
             print(f"{out_dir} is already prepared with this source, VAE and settings", flush=True)
             return meta
+    if done and len(done) < len(jobs) and state.get("reader", 1) != READER_VERSION:
+        # Shards to write now would read some images (rotated photos) otherwise than the finished ones did: the set
+        # would hold both. A complete set is left as it is (one reader throughout); this one is encoded whole.
+        print(f"{out_dir}: its finished shards were read by an older image reader (photos' EXIF orientation not "
+              f"applied): encoding all of it again, so that every image is read alike", flush=True)
+        clear_set(out_dir)
+        state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
+        _save_state(out_dir, state)
+        done = set()
+    elif (out_dir / META_FILE).exists():
         print(f"{out_dir} was prepared with these settings but " + (
             f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"
             if len(done) < len(jobs) else "its meta.json does not match the shards: writing it again"), flush=True)

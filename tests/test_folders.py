@@ -158,6 +158,37 @@ def test_symlinked_images_outside_the_source(vae, tmp_path):
     assert y.tolist() == [0, 1, 1] and np.array_equal(x[0], x[1]) and not np.array_equal(x[0], x[2])
 
 
+def test_an_encode_interrupted_under_an_older_image_reader_is_encoded_whole(vae, tmp_path, capsys):
+    """An encode interrupted before photos were turned upright by their EXIF orientation, and resumed after, kept its
+    finished shards and wrote the rest with the new reader: a rotated photo could be stored both ways. Such a resume
+    now encodes the whole set again; a complete set is left as it is."""
+    from data.encode import STATE_FILE
+
+    write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(5)])
+    write_images(tmp_path / "s" / "b", [f"{i}.png" for i in range(4)], seed=1)
+    meta = _prep(tmp_path / "s", vae, tmp_path / "full", shard_size=3)
+
+    def stop_after_one(name):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=3, on_shard=stop_after_one)
+    state = json.loads((tmp_path / "o" / STATE_FILE).read_text())
+    assert len(state["shards"]) == 1
+    state.pop("reader", None)                              # what the encoder wrote before the reader was versioned
+    (tmp_path / "o" / STATE_FILE).write_text(json.dumps(state))
+    written = []
+    assert _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=3, on_shard=written.append) == {**meta, "name": "o"}
+    assert len(written) == 3 and "encoding all of it again" in capsys.readouterr().out
+    shards = lambda d: {p.name: p.read_bytes() for p in d.glob("*.array_record")}
+    assert shards(tmp_path / "o") == shards(tmp_path / "full")
+    # a complete set made under the older reader is reused as it is, without a word about readers
+    state = json.loads((tmp_path / "full" / STATE_FILE).read_text())
+    state.pop("reader", None)
+    (tmp_path / "full" / STATE_FILE).write_text(json.dumps(state))
+    assert _prep(tmp_path / "s", vae, tmp_path / "full", shard_size=3, on_shard=written.append) == meta
+    assert len(written) == 3 and "already prepared" in capsys.readouterr().out
+
+
 def test_a_lost_shard_is_re_encoded_alone(vae, tmp_path, capsys):
     write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(5)])
     write_images(tmp_path / "s" / "b", [f"{i}.png" for i in range(4)], seed=1)
