@@ -153,8 +153,7 @@ def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, e
     fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order.
     Returns (shard names, shard_stats of each batch)."""
     from data.meta import shard_stats
-    from data.prepare import shard_name, write_records
-    from data.records import encode_record
+    from data.prepare import captioned_record, shard_name, write_records
 
     total = max(1, math.ceil(n / per_shard))
     files, stats = [], []
@@ -165,8 +164,7 @@ def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, e
             states, mask = enc.encode(caps, max_tokens)
             states = states.astype(np.float16)
             stats.append(shard_stats(x))
-            for j, cap in enumerate(caps):
-                yield encode_record({"x": x[j], "text": states[j], "mask": mask[j]}, label=int(y[j]), caption=str(cap))
+            yield from (captioned_record(x[j], y[j], states[j], mask[j], cap) for j, cap in enumerate(caps))
 
     for i, idx in enumerate(np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
         files.append(write_records(out_dir, shard_name(split, i, total), records(idx)))

@@ -143,6 +143,14 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
         isinstance(have[s], dict) and {k: have[s].get(k) for k in ("files", "num_records")} == want[s] for s in want)
 
 
+def _start_over(out_dir: Path, fp: str, plan: dict) -> dict:
+    """An empty set and a fresh resume state for this plan, read by today's image reader."""
+    clear_set(out_dir)
+    state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
+    _save_state(out_dir, state)
+    return state
+
+
 def _save_state(out_dir: Path, state: dict) -> None:
     write_json(out_dir / STATE_FILE, state, indent=None)
 
@@ -216,9 +224,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
               flush=True)
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
-        clear_set(out_dir)
-        state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
-        _save_state(out_dir, state)
+        state = _start_over(out_dir, fp, plan)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items() if _shard_intact(out_dir / name, info["records"])}
     if (out_dir / META_FILE).exists():
@@ -231,10 +237,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         # would hold both. A complete set is left as it is (one reader throughout); this one is encoded whole.
         print(f"{out_dir}: its finished shards were read by an older image reader (photos' EXIF orientation not "
               f"applied): encoding all of it again, so that every image is read alike", flush=True)
-        clear_set(out_dir)
-        state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
-        _save_state(out_dir, state)
-        done = set()
+        state, done = _start_over(out_dir, fp, plan), set()
     elif (out_dir / META_FILE).exists():
         print(f"{out_dir} was prepared with these settings but " + (
             f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"

@@ -62,12 +62,17 @@ def clear_set(out_dir: Path) -> None:
         old.unlink()
 
 
+def captioned_record(x: np.ndarray, label: int, states: np.ndarray, mask: np.ndarray, caption: str) -> bytes:
+    """A stage-2 record: the example, its caption's token states and mask, and the caption itself."""
+    return encode_record({"x": x, "text": states, "mask": mask}, label=int(label), caption=str(caption))
+
+
 def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, text: dict | None = None) -> str:
     """Records idx of (x, y[, text]) as the shard `name` (write_records)."""
     if text is None:
         return write_records(out_dir, name, (encode_record({"x": x[j]}, label=int(y[j])) for j in idx))
-    return write_records(out_dir, name, (encode_record({"x": x[j], "text": text["text"][j], "mask": text["mask"][j]},
-                                                       label=int(y[j]), caption=str(text["caption"][j])) for j in idx))
+    return write_records(out_dir, name, (captioned_record(x[j], y[j], text["text"][j], text["mask"][j],
+                                                          text["caption"][j]) for j in idx))
 
 
 def write_records(out_dir: Path, name: str, records) -> str:
