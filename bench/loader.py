@@ -1,13 +1,14 @@
 """Throughput of the Grain training loader alone (no model) on real prepared shards. Prints JSON.
 
-    python bench/loader.py data=/path/to/prepared/<name> batch=256 workers=0 seconds=20
+    python bench/loader.py data=/path/to/prepared/<name> batch=256 workers=0 seconds=20 [threads=N]
     python bench/loader.py data=fashion_mnist root=data                     # <root>/<name>, prepared on first use
     python bench/loader.py synthetic=4,32,32 records=50000 dir=/tmp/latents  # write a float16 latent set, then read it
 
 It reads batches from `data.loader.make_iterator` (the iterator the stage scripts train from: ArrayRecord read, msgpack
 decode + validation, per-process slice, shuffle, batch, map to float32 model space), after `warmup` batches, for at
 least `seconds`. `records_per_cpu_s` (this process's CPU time, all threads; workers=0) is the rate per busy core,
-which does not depend on how loaded a shared machine is. `xl2_ratio` compares the rate with what a DiT-XL/2 step consumes at the 720 images/s target
+which does not depend on how loaded a shared machine is. `xl2_ratio` compares the rate with what a DiT-XL/2 step
+consumes at the 720 images/s target
 (issue 4 asks for >= 5x).
 """
 
@@ -46,7 +47,9 @@ def main(argv):
     batch, workers = int(args.pop("batch", 256)), int(args.pop("workers", 0))
     seconds, warmup = float(args.pop("seconds", 20)), int(args.pop("warmup", 5))
     split, hflip = args.pop("split", "train"), args.pop("hflip", "false") == "true"
-    from data.loader import make_iterator
+    threads = args.pop("threads", None)   # Grain's reading threads (None: data.loader.read_threads())
+    threads = None if threads is None else int(threads)
+    from data.loader import make_iterator, read_threads
     from data.meta import load_meta
 
     if "synthetic" in args:
@@ -62,11 +65,13 @@ def main(argv):
     else:
         from data.prepare import ensure_prepared
 
-        _, data_dir = ensure_prepared(args.pop("data", "fashion_mnist"), args.pop("root", os.environ.get("DIT_DATA_ROOT", "prepared")))
+        root = args.pop("root", os.environ.get("DIT_DATA_ROOT", "prepared"))
+        _, data_dir = ensure_prepared(args.pop("data", "fashion_mnist"), root)
     if args:
         raise SystemExit(f"error: unknown arguments {sorted(args)}")
     meta = load_meta(data_dir)
-    it = make_iterator(meta, data_dir, split, batch_size=batch, seed=0, hflip=hflip, workers=workers)
+    it = make_iterator(meta, data_dir, split, batch_size=batch, seed=0, hflip=hflip, workers=workers,
+                       threads=threads)
     for _ in range(warmup):
         next(it)
     n, t0, c0 = 0, time.perf_counter(), time.process_time()
@@ -77,6 +82,7 @@ def main(argv):
     rate = n * batch / dt
     out = {"data": str(data_dir), "shape": meta["shape"], "stored_dtype": meta["dtype"], "split": split,
            "num_records": meta["splits"][split]["num_records"], "batch": batch, "workers": workers, "hflip": hflip,
+           "threads": read_threads() if threads is None else threads,
            "batches": n, "seconds": dt, "records_per_s": rate, "batches_per_s": n / dt,
            "cpu_seconds": cpu, "records_per_cpu_s": n * batch / max(cpu, 1e-9),
            "model_MB_per_s": rate * b["x"][0].nbytes / 1e6, "cpus": os.cpu_count(),

@@ -130,10 +130,11 @@ def _records(meta: dict, data_dir, split: str) -> grain.MapDataset:
 
 def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: int, shuffle: bool = True,
                   hflip: bool = False, workers: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None):
+                  num_epochs: int | None = None, threads: int | None = None):
     """Checkpointable grain iterator yielding {"x": float32 (B,H,W,C), "label": int32 (B,)} (captioned sets also
     "text": float32 (B,T,E), "mask": bool (B,T)); repeats forever by
-    default, reshuffled each epoch. Process p of P reads its own disjoint 1/P of the records."""
+    default, reshuffled each epoch. Process p of P reads its own disjoint 1/P of the records.
+    threads: Grain's reading threads (None: read_threads()); which records a batch holds does not depend on it."""
     if not 0 <= process_index < process_count:
         raise UserError(f"process_index {process_index} must lie in [0, {process_count})")
     if not 0 <= int(seed) < 2**32:
@@ -158,7 +159,7 @@ def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: in
         ds = ds.random_map(_random_hflip)
     # Batch inside the MapDataset: one element of the iterator = one batch (stack.md: ~2x faster than batching later).
     ds = ds.batch(batch_size, drop_remainder=True).map(_ToModel(meta))
-    threads = max(1, min(4, os.cpu_count() or 1))
+    threads = read_threads() if threads is None else int(threads)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
     if workers > 0:
         from absl import flags  # grain's worker code reads absl flags; pytest/Hydra never parse them
@@ -167,6 +168,15 @@ def make_iterator(meta: dict, data_dir, split: str, *, batch_size: int, seed: in
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it_ds)
+
+
+def read_threads() -> int:
+    """Grain's reading threads. The decode is Python under the GIL, so on 2 cores a second thread only fights the
+    first (and the train step) for it: `python bench/loader.py data=fashion_mnist threads=1|2` read 53-56 batches/s
+    at 18-19 CPU ms each with one thread, 43 at 31 ms with two (digits: 57-64 at 16-18 ms vs 35-38 at 32-34 ms;
+    development_log.md, thirty-fifth session). Larger hosts keep up to 4 (more I/O to overlap; not measured here)."""
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(4, cpus)
 
 
 def read_records(meta: dict, data_dir, split: str, caption: bool = False):
