@@ -50,7 +50,8 @@ def main(argv):
     fa, xb = ev.f_test[a_idx], xt[b_idx].astype(np.float32)
     u8 = lambda x: np.clip(x, 0, 255).round().astype(np.uint8)
     changes = {"real B (floor)": xt[b_idx], "blur 0.5 px": u8(nd.gaussian_filter(xb, (0, .5, .5, 0))),
-               "blur 0.8 px": u8(nd.gaussian_filter(xb, (0, .8, .8, 0))), "noise sd 8": u8(xb + rs.normal(0, 8, xb.shape)),
+               "blur 0.8 px": u8(nd.gaussian_filter(xb, (0, .8, .8, 0))),
+               "noise sd 8": u8(xb + rs.normal(0, 8, xb.shape)),
                "brightness x1.1": u8(xb * 1.1), "gamma 0.8": u8(255 * (xb / 255) ** 0.8)}
     # What a random horizontal flip at training time teaches the model to produce: half of the images mirrored
     # (own RandomState, so the draws above and below stay those of the logged runs).

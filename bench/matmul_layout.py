@@ -51,7 +51,8 @@ def main(argv):
     # (AVX512-BF16's dot product where the CPU has it; development_log.md, twenty-fourth session).
     xb, wb = x2.astype(jnp.bfloat16), w1.astype(jnp.bfloat16)
     out["matmul_gflops_bf16_out"] = gflops(lambda x, w: x @ w, xb, wb)
-    out["matmul_gflops_bf16_in_f32_out"] = gflops(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), xb, wb)
+    f32_out = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+    out["matmul_gflops_bf16_in_f32_out"] = gflops(f32_out, xb, wb)
     spec = dict(input_size=(28, 28), in_channels=1, num_classes=10, hidden_size=d, depth=6, num_heads=d // 32,
                 patch_size=7, mlp_ratio=4.0, scan_blocks=False)
     model = build_model(spec, key=jax.random.PRNGKey(0))

@@ -18,7 +18,8 @@ class Script:
     """`python train_stage1.py <overrides>` with its stdout read line by line on a thread (so waits can time out)."""
 
     def __init__(self, args, env_extra=None, script="train_stage1.py"):
-        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env_extra or {})}
+        env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+               **(env_extra or {})}
         self.p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, bufsize=1)
         self.lines, self._q = [], queue.Queue()

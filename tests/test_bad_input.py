@@ -259,7 +259,8 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if not f.metadata.get("static")}
     del fields["final"]
     before = snapshot(ck)
-    with Checkpointer(str(ck), create=False) as c, pytest.raises(UserError, match=r"differs at: final\b.*another version"):
+    with Checkpointer(str(ck), create=False) as c, \
+            pytest.raises(UserError, match=r"differs at: final\b.*another version"):
         c.restore_weights(fields, step)
     assert snapshot(ck) == before
 

@@ -229,7 +229,8 @@ def test_disk_full_at_save_time(digits_root, small_disk):
     # Orbax's writer threads log their own ERROR:absl lines (and may print more at interpreter exit); ours is the one
     # "error:" line.
     # Those threads write concurrently, so our line may be glued to the end of one of theirs: look for it anywhere.
-    ours = [l[l.index("error: writing a checkpoint"):] for l in s.stderr.splitlines() if "error: writing a checkpoint" in l]
+    msg = "error: writing a checkpoint"
+    ours = [l[l.index(msg):] for l in s.stderr.splitlines() if msg in l]
     assert rc == 2 and len(ours) == 1, [l[:300] for l in s.stderr.splitlines() if "error" in l.lower()][:8]
     last = ours[0]
     assert last.startswith("error: writing a checkpoint") and "No space left on device" in last, s.output()

@@ -130,7 +130,8 @@ def test_decay_mask_decays_matrices_not_stacked_block_vectors():
     for mixing in ("cross", "joint"):
         s2 = mask_of("stage2", [f"model.mixing={mixing}", "model.depth=2", "model.hidden_size=32",
                                 "model.num_heads=2"], text)
-        vectors = [".blocks.table", ".null_text"] + ([".blocks.txt_table", ".blocks.txt_gain"] if mixing == "joint" else [])
+        vectors = [".blocks.table", ".null_text"] + \
+            ([".blocks.txt_table", ".blocks.txt_gain"] if mixing == "joint" else [])
         for k in vectors:
             assert k in s2 and not s2[k][0], (k, s2.get(k))
         matrices = [k for k, (_, shape) in s2.items() if k.endswith(".weight")]

@@ -170,7 +170,8 @@ def child(tmp: str) -> dict:
         cont_state, _ = _train(mesh, 1, steps=1, state=restored)
         cont.append(_max_diff(cont_state, cont_src))
     return {"devices": jax.device_count(), "runs": runs,
-            "checkpoint": {"max_diff": max(diffs), "restored_on_target_mesh": bool(ok), "train_continues_diff": max(cont)}}
+            "checkpoint": {"max_diff": max(diffs), "restored_on_target_mesh": bool(ok),
+                           "train_continues_diff": max(cont)}}
 
 
 def eqx_arrays(*trees):

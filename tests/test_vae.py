@@ -90,7 +90,8 @@ def test_load_errors_are_user_errors(tmp_path):
 
     assert PRESETS["sd3"]["config"]["latent_channels"] == 16 and PRESETS["sd3"]["config"]["scaling_factor"] == 1.5305
     assert PRESETS["sd3"]["config"]["shift_factor"] == 0.0609
-    assert PRESETS["sdxl"]["config"]["scaling_factor"] == 0.13025 and PRESETS["sd"]["config"]["scaling_factor"] == 0.18215
+    assert PRESETS["sdxl"]["config"]["scaling_factor"] == 0.13025
+    assert PRESETS["sd"]["config"]["scaling_factor"] == 0.18215
     with pytest.raises(UserError, match="does not exist"):
         load_vae(str(tmp_path / "absent"))
     (tmp_path / "noconfig").mkdir()
