@@ -174,8 +174,9 @@ def read_threads() -> int:
     """Grain's reading threads. The decode is Python under the GIL, so on 2 cores a second thread only fights the
     first (and the train step) for it: `python bench/loader.py data=fashion_mnist threads=1|2` read 53-56 batches/s
     at 18-19 CPU ms each with one thread, 43 at 31 ms with two (digits: 57-64 at 16-18 ms vs 35-38 at 32-34 ms;
-    development_log.md, thirty-fifth session). Larger hosts keep up to 4 (more I/O to overlap; not measured here)."""
-    cpus = os.cpu_count() or 1
+    development_log.md, thirty-fifth session). Larger hosts keep up to 4 (more I/O to overlap; not measured here).
+    Cores are those this process may run on (a Slurm job or `taskset` gets its share of a node, not the node)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 1 if cpus <= 2 else min(4, cpus)
 
 

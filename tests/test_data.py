@@ -5,6 +5,7 @@ Fast by design: tiny synthetic arrays in tmp_path.
 """
 
 import json
+import os
 import pickle
 
 import msgpack
@@ -286,6 +287,17 @@ def test_state_resume_is_exact(synth, hflip):
     for e in expected:
         g = next(it2)
         assert g["x"].tobytes() == e["x"].tobytes() and g["label"].tobytes() == e["label"].tobytes()
+
+
+def test_reading_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    """One thread on 2 usable cores (a second fights the first for the GIL), up to 4 beyond; a job pinned to 2 cores
+    of a 64-core node counts 2."""
+    from data.loader import read_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    for usable, want in ((1, 1), (2, 1), (3, 3), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=usable: set(range(n)), raising=False)
+        assert read_threads() == want, usable
 
 
 def test_process_shards_are_disjoint_and_equal(synth):
