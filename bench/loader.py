@@ -47,10 +47,10 @@ def main(argv):
     batch, workers = int(args.pop("batch", 256)), int(args.pop("workers", 0))
     seconds, warmup = float(args.pop("seconds", 20)), int(args.pop("warmup", 5))
     split, hflip = args.pop("split", "train"), args.pop("hflip", "false") == "true"
-    threads = args.pop("threads", None)   # Grain's reading threads (None: data.loader.read_threads())
-    threads = None if threads is None else int(threads)
     from data.loader import make_iterator, read_threads
     from data.meta import load_meta
+
+    threads = int(args.pop("threads", read_threads()))   # Grain's reading threads (default: what training uses)
 
     if "synthetic" in args:
         shape = tuple(int(s) for s in args.pop("synthetic").split(","))
@@ -82,7 +82,7 @@ def main(argv):
     rate = n * batch / dt
     out = {"data": str(data_dir), "shape": meta["shape"], "stored_dtype": meta["dtype"], "split": split,
            "num_records": meta["splits"][split]["num_records"], "batch": batch, "workers": workers, "hflip": hflip,
-           "threads": read_threads() if threads is None else threads,
+           "threads": threads,
            "batches": n, "seconds": dt, "records_per_s": rate, "batches_per_s": n / dt,
            "cpu_seconds": cpu, "records_per_cpu_s": n * batch / max(cpu, 1e-9),
            "model_MB_per_s": rate * b["x"][0].nbytes / 1e6, "cpus": os.cpu_count(),
