@@ -9,6 +9,7 @@ than `chunk` run chunk by chunk through one compiled function, so memory is boun
 of samples (the JiT reproduction crashed sampling 50k images at once).
 """
 
+import functools
 from typing import Callable
 
 import diffrax
@@ -205,29 +206,15 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
     chunk = int(min(sampler_cfg.chunk, max(n, 1)))
-    cfg_scale = float(sampler_cfg.cfg_scale)
-    t_eps = t_eps if own_t_eps is None else own_t_eps   # null: the training clamp passed in
-
-    @eqx.filter_jit
-    def run(model, weak, key, start, y):
-        v = make_velocity(model, null_cond, cfg_scale=cfg_scale, prediction=prediction, t_eps=t_eps,
-                          dtype=DTYPES[precision], cfg_interval=intervals["cfg"],
-                          guide_interval=intervals["guide"],
-                          guidance=str(sampler_cfg.get("guidance", "cfg")),
-                          apg_eta=float(sampler_cfg.get("apg_eta", 0.0)),
-                          weak=weak, guide_scale=float(sampler_cfg.get("guide_scale", 1.0)))
-
-        def one(k, c):
-            # One image: its starting noise (and, for the SDE, its Brownian path) from its own key, and its own solve
-            # (an adaptive solver's step sizes follow this image's error alone). vmap makes it one batched model
-            # call per step, as before; what an image gets no longer depends on the chunk it shares.
-            x0, k_w = image_noise(k, shape), jax.random.split(k)[1]
-            v1 = lambda t, x, cc: v(t, x[None], tuple(a[None] for a in cc))[0]
-            return solve(v1, x0, solver=sampler_cfg.solver, steps=int(sampler_cfg.steps),
-                         rtol=float(sampler_cfg.rtol), atol=float(sampler_cfg.atol), args=c, noise=noise, key=k_w,
-                         shift=shift)
-
-        return jax.vmap(one)(image_keys(key, start, chunk), y)
+    velocity = (("cfg_scale", float(sampler_cfg.cfg_scale)), ("prediction", prediction),
+                ("t_eps", float(t_eps if own_t_eps is None else own_t_eps)),   # null: the training clamp passed in
+                ("dtype", DTYPES[precision]), ("cfg_interval", intervals["cfg"]),
+                ("guide_interval", intervals["guide"]), ("guidance", str(sampler_cfg.get("guidance", "cfg"))),
+                ("apg_eta", float(sampler_cfg.get("apg_eta", 0.0))),
+                ("guide_scale", float(sampler_cfg.get("guide_scale", 1.0))))
+    solver = (("solver", str(sampler_cfg.solver)), ("steps", int(sampler_cfg.steps)),
+              ("rtol", float(sampler_cfg.rtol)), ("atol", float(sampler_cfg.atol)), ("noise", noise), ("shift", shift))
+    run = _chunk_sampler(null_cond, tuple(int(d) for d in shape), chunk, velocity, solver)
 
     out = []
     with DeferredInterrupt() as stop:   # Ctrl-C between chunks, never inside a running solve
@@ -247,6 +234,29 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                                 f"(the cap grows with it)") from None
             out.append(x[:chunk - pad])
     return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_sampler(null_cond, shape: tuple, chunk: int, velocity: tuple, solver: tuple) -> Callable:
+    """The compiled function that samples one chunk, one per setting: made afresh inside `sample`, it was traced and
+    compiled again at every call (each grid during training, 3-11 s each on 2 CPU cores; development_log.md).
+    velocity / solver: make_velocity's and solve's keyword arguments, as hashable (name, value) pairs."""
+
+    @eqx.filter_jit
+    def run(model, weak, key, start, y):
+        v = make_velocity(model, null_cond, weak=weak, **dict(velocity))
+
+        def one(k, c):
+            # One image: its starting noise (and, for the SDE, its Brownian path) from its own key, and its own solve
+            # (an adaptive solver's step sizes follow this image's error alone). vmap makes it one batched model
+            # call per step, as before; what an image gets no longer depends on the chunk it shares.
+            x0, k_w = image_noise(k, shape), jax.random.split(k)[1]
+            v1 = lambda t, x, cc: v(t, x[None], tuple(a[None] for a in cc))[0]
+            return solve(v1, x0, args=c, key=k_w, **dict(solver))
+
+        return jax.vmap(one)(image_keys(key, start, chunk), y)
+
+    return run
 
 
 def image_keys(key, start: int, count: int):
