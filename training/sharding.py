@@ -5,6 +5,7 @@ Mesh axes ("data", "fsdp"). The batch is split over both axes. Parameters, optim
 replicated when fsdp = 1. XLA (GSPMD/Shardy) inserts the all-gathers and reduce-scatters.
 """
 
+import functools
 import math
 
 import equinox as eqx
@@ -99,8 +100,15 @@ def host_local(tree, mesh: Mesh):
         return tree
     barrier("host_local")  # line the processes up first: gloo gives a collective 30 s to start on all of them
     arrays, static = eqx.partition(tree, eqx.is_array)
-    replicated = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(arrays)
+    replicated = _replicator(mesh)(arrays)
     return eqx.combine(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), replicated), static)
+
+
+@functools.lru_cache(maxsize=4)
+def _replicator(mesh: Mesh):
+    """One jitted identity per mesh that replicates its input: made inside host_local, it compiled again at every
+    sample grid."""
+    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))
 
 
 _BARRIERS = {}
