@@ -7,6 +7,7 @@ Hydra's own command-line flags (`--cfg job`, `--help`, `-m` ...) still work: tho
 """
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -74,10 +75,12 @@ CACHE_OFF = ("", "0", "off", "false", "none", "null")
 def compile_cache_dir(environ) -> str | None:
     """Where the scripts keep XLA's compiled programs between runs, or None for no cache of ours.
 
-    Why: every start compiled the train step and the samplers again, also when resuming the same run (13.5 s of a
+    Why: every start compiled the train step again, also when resuming the same run (13.5 s of a
     `small` start on 2 Zen 3 cores, 4.0 s from the cache; minutes for XL on a GPU). JAX's persistent cache keys each
     program by its HLO, compile options, JAX version, backend and device kind, so a hit is the program that would have
-    been compiled. $DIT_COMPILE_CACHE picks the directory (off: none); $JAX_COMPILATION_CACHE_DIR, JAX's own
+    been compiled (XLA:CPU also refuses, and recompiles, a program built for other CPU features: a home directory
+    shared across machines is safe). Programs with host callbacks are not stored, so diffrax's samplers still compile
+    once per process (training.sampling._chunk_sampler). $DIT_COMPILE_CACHE picks the directory (off: none); $JAX_COMPILATION_CACHE_DIR, JAX's own
     setting, wins over both and is left to JAX; the default is $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
@@ -103,12 +106,8 @@ def use_compile_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
-    try:   # with a size bound, JAX evicts old entries and locks the directory (filelock) for concurrent runs
-        import filelock  # noqa: F401
-
-        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
-    except ImportError:
-        pass
+    if importlib.util.find_spec("filelock") is not None:   # JAX needs it to bound the cache: it then evicts the
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)   # oldest and locks the dir
 
 
 def compose(config_name: str, overrides: list[str]):
