@@ -80,8 +80,9 @@ def compile_cache_dir(environ) -> str | None:
     program by its HLO, compile options, JAX version, backend and device kind, so a hit is the program that would have
     been compiled (XLA:CPU also refuses, and recompiles, a program built for other CPU features: a home directory
     shared across machines is safe). Programs with host callbacks are not stored, so diffrax's samplers still compile
-    once per process (training.sampling._chunk_sampler). $DIT_COMPILE_CACHE picks the directory (off: none); $JAX_COMPILATION_CACHE_DIR, JAX's own
-    setting, wins over both and is left to JAX; the default is $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
+    once per process (training.sampling._chunk_sampler). $DIT_COMPILE_CACHE picks the directory (off: none);
+    $JAX_COMPILATION_CACHE_DIR, JAX's own setting, wins over both and is left to JAX; the default is
+    $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     choice = environ.get("DIT_COMPILE_CACHE")
