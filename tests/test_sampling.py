@@ -346,16 +346,22 @@ def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch, python_sigin
     real_solve = training.sampling.solve
 
     def solve_then_ctrl_c(*a, **kw):
-        out = real_solve(*a, **kw)
+        x, result = real_solve(*a, **kw)
         # one Ctrl-C, at the first image's solve (vmapped: the callback runs once per image of the chunk)
         ctrl_c = lambda x: calls.append(1) or (len(calls) == 1 and os.kill(os.getpid(), signal.SIGINT))
-        return jax.debug.callback(ctrl_c, out[0, 0]) or out
+        return jax.debug.callback(ctrl_c, x[0, 0]) or x, result
     monkeypatch.setattr(training.sampling, "solve", solve_then_ctrl_c)
+    # Compiled samplers are kept per setting: one made earlier would not trace the patched solve, and the one made
+    # here must not outlive the patch.
+    training.sampling._chunk_sampler.cache_clear()
     cfg = compose("config", ["model=tiny"])
     model = build_model(model_spec(cfg.model, {"shape": [8, 8, 1], "num_classes": 10}), key=jax.random.PRNGKey(0))
-    with pytest.raises(KeyboardInterrupt):
-        sample(model, balanced_labels(9, 10), jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
-               sampler_cfg=sampler_cfg(steps=2, chunk=3))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sample(model, balanced_labels(9, 10), jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
+                   sampler_cfg=sampler_cfg(steps=2, chunk=3))
+    finally:
+        training.sampling._chunk_sampler.cache_clear()
     # the running chunk's 3 solves (one per image, vmapped) finished; the chunks after it never started
     assert len(calls) == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
