@@ -75,14 +75,14 @@ CACHE_OFF = ("", "0", "off", "false", "none", "null")
 def compile_cache_dir(environ) -> str | None:
     """Where the scripts keep XLA's compiled programs between runs, or None for no cache of ours.
 
-    Why: every start compiled the train step again, also when resuming the same run (13.5 s of a
-    `small` start on 2 Zen 3 cores, 4.0 s from the cache; minutes for XL on a GPU). JAX's persistent cache keys each
+    Why: every start compiled the train step and the samplers again, also when resuming the same run (13.5 s of a
+    `small` start on 2 Zen 3 cores, 4.0 s from the cache; more for larger models). JAX's persistent cache keys each
     program by its HLO, compile options, JAX version, backend and device kind, so a hit is the program that would have
-    been compiled (XLA:CPU also refuses, and recompiles, a program built for other CPU features: a home directory
-    shared across machines is safe). Programs with host callbacks are not stored, so diffrax's samplers still compile
-    once per process (training.sampling._chunk_sampler). $DIT_COMPILE_CACHE picks the directory (off: none);
-    $JAX_COMPILATION_CACHE_DIR, JAX's own setting, wins over both and is left to JAX; the default is
-    $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
+    been compiled (XLA:CPU's loader also refuses, and JAX recompiles, a program built for other CPU features, as
+    jax-ml/jax#38445 shows: a home directory shared by different machines costs hits, not crashes). JAX stores no
+    program with a host callback, which is why the samplers check diffrax's result on the host (training.sampling).
+    $DIT_COMPILE_CACHE picks the directory (off: none); $JAX_COMPILATION_CACHE_DIR, JAX's own setting, wins over both
+    and is left to JAX; the default is $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     choice = environ.get("DIT_COMPILE_CACHE")
