@@ -1,15 +1,12 @@
 """Compiled programs are reused: within a process, the sampler per setting (training.sampling._chunk_sampler); between
 runs, the train step and the samplers through JAX's persistent cache (training.cli.use_compile_cache)."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_overrides
+from conftest import tiny_overrides
+from faults_helpers import run_script
 from test_sampling import GaussianShift, sampler_cfg
 from training import cli
 from training.sampling import sample
@@ -29,15 +26,16 @@ def test_compile_cache_dir_follows_the_environment(environ, expected, monkeypatc
 
 
 def train(digits_root, ckpt, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "DIT_COMPILE_CACHE")}
-    env.update(JAX_LOG_COMPILES="1", **env_extra)   # JAX logs cache hits as warnings
-    p = subprocess.run([sys.executable, "train_stage1.py", *tiny_overrides(digits_root, str(ckpt), steps=4)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    return p
+    """A tiny run (faults_helpers.run_script) with the tests' own cache out (JAX reads an empty dir as none) and JAX
+    logging its cache hits as warnings."""
+    rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=4),
+                       env_extra={"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1", **env_extra})
+    assert rc == 0, s.output()
+    return s
 
 
-def test_a_second_run_loads_its_train_step_from_the_cache(digits_root, tmp_path):
+def test_a_second_run_loads_its_train_step_from_the_cache(digits_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("DIT_COMPILE_CACHE", raising=False)   # the default place, whatever the caller set
     xdg, hit = str(tmp_path / "xdg"), "Persistent compilation cache hit for 'jit_train_step'"
     grid_hit = "Persistent compilation cache hit for 'jit_run'"   # the final grid's sampler (training.sampling)
     cache = tmp_path / "xdg" / "flow-dit" / "jax"   # the default place, under $XDG_CACHE_HOME
@@ -48,7 +46,7 @@ def test_a_second_run_loads_its_train_step_from_the_cache(digits_root, tmp_path)
     second = train(digits_root, tmp_path / "b", XDG_CACHE_HOME=xdg)
     assert hit in second.stderr and grid_hit in second.stderr     # ... loaded by the second, not compiled again
     assert steps() == entries
-    losses = lambda p: [l.split("perf/")[0] for l in p.stdout.splitlines() if "train/loss" in l]
+    losses = lambda p: [l.split("perf/")[0] for l in p.lines if "train/loss" in l]
     assert losses(second) == losses(first) != []
     off = train(digits_root, tmp_path / "c", XDG_CACHE_HOME=str(tmp_path / "xdg_off"), DIT_COMPILE_CACHE="off")
     assert hit not in off.stderr and not (tmp_path / "xdg_off").exists()
