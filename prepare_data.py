@@ -31,6 +31,14 @@ def main(cfg):
                             f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
                             f"command that made it (latents: prepare_data.py source=... vae=... out={target} "
                             f"force=true)")
+        if cfg.data.get("kind") is not None:   # a captioned config replaces only what a data config can remake
+            from data.builtin import is_builtin_copy
+            from data.meta import load_meta
+
+            old = load_meta(target)
+            if not old.get("text") and not is_builtin_copy(cfg.data.name, old):
+                raise UserError(f"{target} holds a data set without captions ({old.get('source')}), which force=true "
+                                f"would delete for good: give the captioned set another data.name")
         meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg))
     else:
         meta, data_dir = _prepare(cfg)

@@ -25,11 +25,17 @@ def main(cfg):
     from training.loop import Task, run
     from training.step import text_conditioning
 
+    if cfg.data.get("kind") is None:   # data=fashion_mnist / digits: a stage-1 (class-labelled) data config
+        raise UserError(f"stage 2 trains on captioned data, and data={cfg.data.name} is a class-labelled (stage-1) "
+                        "data config: use data=emoji, data=fashion_mnist_text, data=folder or data=latents_text")
     if cfg.model.get("mixing") is None:
         raise UserError("stage 2 needs a text model preset (model=small_text or model.mixing=cross|joint)")
     meta, data_dir = ensure_prepared_text(cfg.data)
     spec = model_spec(cfg.model, meta)
-    captions = load_text(meta, data_dir, "train")
+    num_train = int(meta["splits"]["train"]["num_records"])
+
+    def captions(idx):   # only the records asked for: the whole split's features can be more than memory holds
+        return load_text(meta, data_dir, "train", idx)
 
     def iterator(batch_size, process_index, process_count):
         return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
@@ -47,8 +53,8 @@ def main(cfg):
         return model
 
     def grid_conds():  # 8 training captions spread over the set, 8 samples each (one caption per row)
-        idx = np.repeat(np.linspace(0, len(captions["caption"]) - 1, 8).astype(int), 8)
-        return text_conds(captions["text"][idx], captions["mask"][idx])
+        c = captions(np.repeat(np.linspace(0, num_train - 1, 8).astype(int), 8))
+        return text_conds(c["text"], c["mask"])
 
     def final_eval(ema, step):
         from training.text_eval import caption_topk

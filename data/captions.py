@@ -368,10 +368,12 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
                             "reads as values: 'prompt=\"123\"', or 'prompt=[\"a red apple\",\"true\"]')")
         text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
     else:
-        c = load_text(meta, data_dir, "train")
-        # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts)
-        pick = np.linspace(0, len(c["caption"]) - 1, min(8, len(c["caption"]), int(num_samples))).astype(int)
-        prompts, text, mask = [c["caption"][i] for i in pick], c["text"][pick], c["mask"][pick]
+        n_train = int(meta["splits"]["train"]["num_records"])
+        # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts);
+        # only those records are read (not every caption's features)
+        pick = np.linspace(0, n_train - 1, min(8, n_train, int(num_samples))).astype(int)
+        c = load_text(meta, data_dir, "train", pick)
+        prompts, text, mask = c["caption"], c["text"], c["mask"]
     n = int(num_samples)
     if n < len(prompts):
         print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)

@@ -127,7 +127,9 @@ def _scan(d: Path) -> tuple[str, list[Path], list, list | None]:
     imgs, subs = _images(d), _subdirs(d)
     caps = [d / n for n in CAPTION_FILES if (d / n).is_file()]
     labs = [d / n for n in LABEL_FILES if (d / n).is_file()]
-    if imgs and caps:
+    # captions.jsonl names its files relative to the folder, sub-folders included ("images/0001.png", as
+    # stage 2's data=folder reads it): it says what the folder is even when no image sits directly inside.
+    if caps:
         files, captions = _flat(d, caps[0], "captions")
         return "captions", files, None, [str(c) for c in captions]
     if imgs and labs:

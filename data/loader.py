@@ -214,12 +214,22 @@ def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
-def load_text(meta: dict, data_dir, split: str) -> dict:
+def load_text(meta: dict, data_dir, split: str, indices=None) -> dict:
     """Cached caption features of a captioned split in stored order: {"text" float32 (N,T,E), "mask" bool (N,T),
-    "caption" [N str]} (for sample grids and the stage-2 metric)."""
+    "caption" [N str]} (for sample grids and the stage-2 metric). `indices`: only these records (in the order given),
+    read by random access, so that picking a few captions does not hold every caption's features in memory
+    (Fashion-MNIST's 60,000: 1.5 GB as float32; a large captioned folder: more than the machine has)."""
     if not meta.get("text"):
         raise UserError(f"data set {meta['name']!r} has no captions (prepare a captioned set for stage 2)")
-    _, records = read_records(meta, data_dir, split, caption=True)
+    if indices is None:
+        _, records = read_records(meta, data_dir, split, caption=True)
+    else:
+        paths, counts = _shard_paths(meta, data_dir, split)
+        source, decode = _Source(paths, counts), _Decode(meta, paths, counts, caption=True)
+        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+        if any(not 0 <= i < len(source) for i in idx):
+            raise UserError(f"record indices must lie in [0, {len(source)}) for split {split!r} of {meta['name']!r}")
+        records = (decode(i, source[i]) for i in idx)
     text, mask, caption = [], [], []
     for rec in records:
         text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])

@@ -149,7 +149,11 @@ def split_rule_of(meta: dict) -> str:
     return meta.get("split_rule", LEGACY_SPLITS.get(meta.get("name"), ""))
 
 
-ADDED_LATER = ("encoder",)   # data_identity keys that checkpoints written before 2026-12-05 do not hold
+ADDED_LATER = ("encoder", "text")   # data_identity keys that older checkpoints do not hold
+# What a captioned set's features were made from (data.captions._request), without paths: a folder or latents that
+# moved are the same data, other captions (their hash) or another encoder are not.
+TEXT_IDENTITY = ("kind", "limit", "size", "text_encoder", "text_encoder_weights", "max_tokens", "captions_sha256",
+                 "latents_sha256")
 
 
 def data_identity(meta: dict) -> dict:
@@ -162,6 +166,11 @@ def data_identity(meta: dict) -> dict:
     enc = meta.get("encoder") or {}
     if enc.get("vae"):
         ident["encoder"] = {"vae": enc.get("vae"), "shift": meta.get("shift"), "scale": meta.get("scale")}
+    text = meta.get("text")
+    if isinstance(text, dict):   # stage 2: the same record count re-prepared from other captions is other data
+        request = text.get("request") or {}
+        ident["text"] = {"encoder": text.get("encoder"), "dim": text.get("dim"), "max_tokens": text.get("max_tokens"),
+                         **{k: request[k] for k in TEXT_IDENTITY if k in request}}
     return ident
 
 
@@ -178,7 +187,20 @@ def data_mismatch(saved_config: dict, meta: dict, keys=None) -> str | None:
             was["split_rule"] = LEGACY_SPLITS[now["name"]]
     # a key recorded only by later code is not held against a run saved before it
     diff = [k for k in now if was.get(k) != now[k] and (k in was or k not in ADDED_LATER) and k in (keys or now)]
-    return ", ".join(f"{k}: run {was.get(k)!r} vs now {now[k]!r}" for k in diff) or None
+    return ", ".join(_difference(k, was.get(k), now[k]) for k in diff) or None
+
+
+def _difference(key: str, was, now) -> str:
+    """One identity key's change in words; of a dict (the encoder, the captions) only the entries that differ, and
+    a hash by its first 12 digits, so the error stays one readable line."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return ", ".join(_difference(f"{key}.{k}", was.get(k), now.get(k))
+                         for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+    return f"{key}: run {_short(was)!r} vs now {_short(now)!r}"
+
+
+def _short(value):
+    return value[:12] + "..." if isinstance(value, str) and len(value) == 64 else value   # a sha256 in hex
 
 
 def ensure_prepared(name: str, root) -> tuple[dict, Path]:

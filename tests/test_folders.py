@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from test_vae import make_tiny_vae, write_images
 from training.errors import UserError
@@ -321,3 +322,19 @@ def test_exif_orientation_is_applied(tmp_path):
     up = np.asarray(open_image(tmp_path / "p.jpg", 3)).astype(int)
     assert up.shape == (16, 8, 3)                                     # upright: portrait
     assert up[2, 4, 0] > 200 and up[2, 4, 2] < 60 and up[13, 4, 2] > 200 and up[13, 4, 0] < 60   # red on top
+
+
+def test_captions_file_may_name_images_in_sub_folders(tmp_path):
+    """captions.jsonl listing images/<file> was read as an ImageFolder with one class 'images' and its captions
+    dropped (the encode then made latents that stage 2 refuses)."""
+    from data.folders import scan_source
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        rows.append(json.dumps({"file": f"images/{i}.png", "caption": f"grey {i}"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    src = scan_source(tmp_path)
+    assert src.layout == "captions"
+    assert src.splits["train"].captions == ["grey 0", "grey 1", "grey 2"]

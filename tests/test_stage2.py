@@ -184,3 +184,13 @@ def test_text_eval_mistakes_end_in_one_line(tmp_path, capsys):
             text_eval.run(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_a_stage1_data_config_is_one_line(monkeypatch, capsys, tmp_path):
+    """`train_stage2.py data=digits` (data=fashion_mnist_text mistyped): a traceback (ConfigAttributeError on
+    data.kind) before."""
+    from faults_helpers import run_cli
+
+    line = run_cli(monkeypatch, capsys, ["data=digits", "model=tiny_text", f"train.ckpt_dir={tmp_path / 'ck'}",
+                                         "wandb.mode=disabled"], script=train_stage2.main, config="stage2")
+    assert "captioned" in line and "data=fashion_mnist_text" in line

@@ -27,8 +27,10 @@ from training.tracking import make_grid, save_png
 def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray, cfg, step: int, k: int = 5) -> dict:
     n = min(int(cfg.eval.num_samples), len(real))
     idx = np.linspace(0, len(real) - 1, n).astype(int)
+    # captions: the split's (load_text), or a function of the record indices that reads only those
+    c = captions(idx) if callable(captions) else {k: np.asarray(captions[k])[idx] for k in ("text", "mask")}
     t0 = time.perf_counter()
-    x = generate(model, spec, meta, text_conds(captions["text"][idx], captions["mask"][idx]),
+    x = generate(model, spec, meta, text_conds(c["text"], c["mask"]),
                  jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
                  weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train), decode=False)
     imgs = to_images(x, meta, cfg.sampler)
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> dict:
     saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), **{
         k: kv[k] for k in ("cfg_scale", "steps") if k in kv})
     cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
-    return caption_topk(ema, saved["model_spec"], meta, load_text(meta, data_dir, "train"),
+    return caption_topk(ema, saved["model_spec"], meta, lambda idx: load_text(meta, data_dir, "train", idx),
                         load_split(meta, data_dir, "train")[0], cfg, step)
 
 
