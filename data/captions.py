@@ -103,6 +103,9 @@ def _load(dc) -> dict:
     if kind == "fashion_mnist":
         from data.builtin import load_builtin
 
+        if int(dc.size) != 28:   # the images are Fashion-MNIST's own; a stage-1 run to start from shares the size
+            raise UserError(f"data.size={dc.size}: Fashion-MNIST's images are 28x28 and are not resized; leave "
+                            "data.size at 28")
         d = load_builtin("fashion_mnist")
         out = {"class_names": d["class_names"], "source": d["source"] + " + template captions"}
         for i, split in enumerate(("train", "test")):

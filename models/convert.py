@@ -14,6 +14,8 @@ New text parts keep their initial values, which add nothing (see models/mmdit.py
 stage-2 model equals the stage-1 model for the null class at t = t* to fp32 rounding.
 """
 
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,9 @@ def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
 
+    if not Path(ckpt_dir).is_dir():   # read_config's own hint (ckpt_dir=...) is sample.py's key, not this one
+        raise UserError(f"train.init_from={ckpt_dir} is no directory: give the train.ckpt_dir of a stage-1 run "
+                        "(e.g. checkpoints/stage1), or train.init_from=null to start from scratch")
     saved, step = read_config(ckpt_dir, step)
     spec = saved.get("model_spec", {})
     if spec.get("mixing") is not None or "num_classes" not in spec:

@@ -105,6 +105,14 @@ def test_init_from_a_stage1_checkpoint(digits_text_root, digits_root, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_a_missing_init_from_names_the_key(tmp_path):
+    """It used to say 'pass ckpt_dir=<dir of a run>', sample.py's key, to a user who had typed train.init_from."""
+    from training.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.init_from=.*no directory.*train.ckpt_dir of a stage-1 run"):
+        load_stage1(str(tmp_path / "absent"))
+
+
 @pytest.fixture(scope="session")
 def digits_text_root(tmp_path_factory):
     return prepare_digits_text(str(tmp_path_factory.mktemp("text")))

@@ -129,6 +129,16 @@ def test_fashion_captions_and_folder(tmp_path):
             read_folder(tmp_path, tmp_path / "nf.jsonl", 16)
 
 
+def test_fashion_mnist_text_at_another_size_is_one_line(tmp_path):
+    """data.size was ignored for Fashion-MNIST's captioned copy: the set came out 28x28 whatever was asked."""
+    from training.cli import compose
+
+    dc = compose("stage2", ["data=fashion_mnist_text", "data.size=32", f"data.root={tmp_path}"]).data
+    with pytest.raises(UserError, match="data.size=32: Fashion-MNIST's images are 28x28"):
+        ensure_prepared_text(dc)
+    assert not (tmp_path / "fashion_mnist_text").exists()   # nothing prepared (a lock file aside)
+
+
 def test_max_tokens_outside_the_encoders_range_is_one_line(minilm):
     """MiniLM takes 3 to 512 tokens ([CLS] and [SEP] included): 600 was a torch size error, 1 a broadcast error."""
     for n in (1, 2, 600):
