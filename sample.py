@@ -100,9 +100,8 @@ def main(cfg):
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
 
-    # The scores beside an npz are that npz's: those of the file being replaced go with it (and come back below
-    # when this one is evaluated).
-    out.with_suffix(".eval.json").unlink(missing_ok=True)
+    # The scores beside an npz are that npz's: those of the file being replaced go with it once it is replaced
+    # (write_npz; they come back below when this one is evaluated).
     write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
               **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
@@ -118,13 +117,23 @@ def main(cfg):
 
 def write_npz(out, **arrays):
     """np.savez through a temporary file renamed over `out`: a write cut short (disk full, Ctrl-C) leaves the file
-    `out` held before, never half of a new one."""
+    `out` held before, never half of a new one, and its evaluation (<out>.eval.json), which goes only once `out` is
+    replaced."""
+    from pathlib import Path
+
     import numpy as np
 
+    from training.errors import UserError
     from training.files import atomic_write
 
-    with atomic_write(out) as tmp:
-        np.savez(tmp, **arrays)
+    out = Path(out)
+    try:
+        with atomic_write(out) as tmp:
+            np.savez(tmp, **arrays)
+    except OSError as err:   # disk full, quota, file too large: zipfile's own errors name no file (a traceback)
+        raise UserError(f"writing {out} failed ({err.strerror or err}); the file that was there and its "
+                        f"evaluation are unchanged: free disk space or choose another out=, then rerun") from None
+    out.with_suffix(".eval.json").unlink(missing_ok=True)   # the replaced file's scores go only once it is replaced
 
 
 def check_out(value):

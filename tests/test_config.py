@@ -118,6 +118,12 @@ def test_cadence_settings_are_checked_at_start(key, value, tmp_path):
     ("prepare", ["resolution=-8"], "resolution=-8 is not allowed"),
     ("autoencoder", ["block_out_channels=[]"], "block_out_channels=[] is not allowed"),
     ("autoencoder", ["lr=-1"], "lr=-1 is not allowed"),
+    # path keys: null or a list reached Path() as a TypeError traceback
+    ("sample", ["ckpt_dir=null"], "ckpt_dir=null is not allowed: ckpt_dir takes a path"),
+    ("sample", ["guide_ckpt_dir=[1]"], "guide_ckpt_dir takes a path, or null"),
+    ("config", ["train.ckpt_dir=null"], "train.ckpt_dir=null is not allowed"),
+    ("config", ["data.root=''"], "data.root takes a path"),
+    ("config", ["train.debug_nan_steps=[abc]"], "train.debug_nan_steps takes a list of whole numbers"),
     ("config", [], None), ("stage2", [], None), ("sample", [], None), ("prepare", [], None),
     ("autoencoder", [], None),
     ("config", ["model=B-4", "train.stop_at_step=5", "train.loss_weight_max=4", "sampler.t_eps=0.1"], None),

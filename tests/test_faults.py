@@ -247,3 +247,20 @@ def test_disk_full_before_training(digits_root, small_disk):
     assert rc == 2 and len(lines) == 1 and "Traceback" not in s.stderr, s.output()
     assert ("MiB free but one checkpoint needs" in lines[0] or "No space left" in lines[0]), lines[0]
     assert "compiling" not in "".join(s.lines)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_a_sampler_setting_that_fails_skips_grids_not_the_run(digits_root, tmp_path, capsys):
+    """A guidance scale that overflows fp32 fails every grid. Mid-run that cost the steps since the last checkpoint
+    (the error ended the run); now each such grid is one skipped line, training goes on, and the final grid raises
+    the error only after the last save."""
+    import train_stage1
+    from training.cli import compose
+    from training.errors import UserError
+
+    ckpt = str(tmp_path / "ck")
+    with pytest.raises(UserError, match="non-finite images"):
+        train_stage1.main(compose("config", tiny_overrides(digits_root, ckpt, steps=6, **{
+            "train.ckpt_every": 4, "train.sample_every": 2, "sampler.cfg_scale": 1e39})))   # inf in fp32
+    assert re.findall(r"sample grid at step (\d+) skipped", capsys.readouterr().out) == ["2", "4"]
+    assert complete_steps(ckpt)[-1] == 6

@@ -72,25 +72,32 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
     assert png.read_bytes() == b"the user's own picture"   # out=mine.png used to write mine.png.npz, then the grid here
 
 
-def test_sample_py_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch):
-    """A write cut short (disk full, Ctrl-C) leaves the npz that was there, not half of a new one; a finished one
-    replaces it and reads back without pickle."""
+@pytest.mark.parametrize("names_file", [True, False])
+def test_sample_py_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch, names_file):
+    """A write cut short (disk full, a file-size limit, Ctrl-C) leaves the npz that was there and its evaluation, not
+    half of a new one, in one line (zipfile's own errors at close name no file: that was a traceback, and the old
+    .eval.json was already deleted); a finished one replaces the npz, reads back without pickle, and takes the
+    replaced file's scores with it."""
     import errno
 
     import sample
 
-    out = tmp_path / "s.npz"
+    out, scores = tmp_path / "s.npz", tmp_path / "s.eval.json"
     np.savez(out, images=np.zeros((2, 4, 4, 1), np.uint8))
+    scores.write_text('{"fd": 1.0}')
     before = out.read_bytes()
     real = np.savez
 
     def full_disk(path, **arrays):
         open(path, "wb").write(b"PK\x03\x04 half")
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if names_file:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise OSError(errno.EFBIG, "File too large")
     monkeypatch.setattr(np, "savez", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="unchanged"):
         sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
-    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.eval.json", "s.npz"]
+    assert scores.read_text() == '{"fd": 1.0}'
     monkeypatch.setattr(np, "savez", real)
     sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
     assert np.load(out, allow_pickle=False)["images"].shape == (3, 4, 4, 1)

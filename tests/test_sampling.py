@@ -204,6 +204,26 @@ def test_an_adaptive_solve_over_its_step_cap_is_one_user_error():
                sampler_cfg=sampler_cfg(solver="tsit5", steps=1, rtol=1e-12, atol=1e-12))
 
 
+class Overflowing(eqx.Module):
+    """What a guidance scale or SDE noise too large for fp32 does to the velocity."""
+
+    def __call__(self, x, t, y):
+        return x * jnp.float32(1e38) * jnp.float32(1e38)
+
+
+def test_non_finite_samples_are_one_user_error():
+    """Velocities that overflow fp32 (sample.py cfg_scale=1e30) made NaN images that the uint8 conversion turned
+    all-black without a word (fixed-step solvers); an adaptive solver rejects every step, and its step-cap line now
+    names the guidance too."""
+    run = lambda solver: sample(Overflowing(), np.array([1, 2], np.int32), jax.random.PRNGKey(0), null_cond=0,
+                                shape=(2,), sampler_cfg=sampler_cfg(solver=solver, steps=8, cfg_scale=2.0))
+    for solver in ("euler", "heun"):
+        with pytest.raises(UserError, match=r"non-finite images \(2 of 2 in this chunk\) with cfg_scale=2.0"):
+            run(solver)
+    with pytest.raises(UserError, match="needed more than .* the velocity itself is not finite"):
+        run("tsit5")
+
+
 def test_autoguidance_from_the_same_run_needs_an_earlier_step():
     from training.generate import check_weak_step
 

@@ -227,8 +227,12 @@ def run(cfg, task: Task) -> dict:
                 unchecked = []
             if step % tc.ckpt_every == 0 or step == weak_step:
                 save()          # before the grid: a grid that fails must not cost the step's checkpoint
-            if tc.sample_every and step % tc.sample_every == 0:
-                sample_grid(step)
+            if tc.sample_every and step % tc.sample_every == 0 and step < total:   # the final grid comes below
+                try:
+                    sample_grid(step)
+                except UserError as err:   # a sampler setting that cannot work (a guidance scale that overflows):
+                    if is_main:            # the training is fine; the final grid, after the last save, raises it
+                        print(f"sample grid at step {step} skipped: {err}", flush=True)
             bar.update(1)
             if tc.stop_at_step is not None and step >= int(tc.stop_at_step) and step < total:
                 stop.signal = f"train.stop_at_step={int(tc.stop_at_step)}"

@@ -226,11 +226,18 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
             y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
             x, over, failed = (np.asarray(a) for a in run(model, weak, key, jnp.uint32(start),
                                                           tuple(jnp.asarray(c) for c in y)))
+            bad = ~np.isfinite(x[:chunk - pad]).reshape(chunk - pad, -1).all(1)
+            if bad.any():   # checked first: an adaptive solver meets NaN as endless step rejections (`over`)
+                raise UserError(f"the sampler produced non-finite images ({int(bad.sum())} of {chunk - pad} in this "
+                                f"chunk) with cfg_scale={sampler_cfg.cfg_scale}, "
+                                f"guide_scale={sampler_cfg.get('guide_scale', 1.0)}, "
+                                f"noise={sampler_cfg.get('noise', 0.0)}: lower the guidance scales or the noise")
             if over.any():
                 raise UserError(f"sampler.solver={sampler_cfg.solver} needed more than "
                                 f"{adaptive_cap(int(sampler_cfg.steps))} steps at rtol={sampler_cfg.rtol}, "
                                 f"atol={sampler_cfg.atol}: loosen sampler.rtol/atol (e.g. 1e-3) or raise sampler.steps "
-                                f"(the cap grows with it)")
+                                f"(the cap grows with it); at loose tolerances the velocity itself is not finite: "
+                                f"lower cfg_scale / guide_scale")
             if failed.any():
                 raise RuntimeError(f"the sampler's ODE solve failed for {int(failed.sum())} of {chunk} images")
             out.append(x[:chunk - pad])

@@ -51,6 +51,17 @@ def pair(null: bool = True):
     return (lambda v: (null and v is None) or ok(v)), "[lo, hi] with 0 <= lo <= hi <= 1" + (", or null" if null else "")
 
 
+def path(null: bool = False):
+    """A file or directory name: a non-empty string (null only where the key says so)."""
+    return (lambda v: (null and v is None) or (isinstance(v, str) and v.strip() != "")), \
+        "a path" + (", or null" if null else "")
+
+
+def whole_list(lo: int = 1):
+    return (lambda v: isinstance(v, list) and all(is_whole(s, lo) for s in v)), \
+        f"a list of whole numbers >= {lo}, e.g. [3,7]"
+
+
 PROB = real(0.0, 1.0, hi_open=True)          # momenta, decays: [0, 1)
 SAMPLER = {   # training configs keep these under `sampler.`; sample.py has them at the top level, null = saved
     "solver": choice(*SOLVERS), "steps": whole(1), "rtol": real(0, lo_open=True),
@@ -67,6 +78,8 @@ TRAINING = {
     "train.time_sampling": choice(*TIME_SAMPLINGS), "train.time_mean": real(),
     "train.time_std": real(0, lo_open=True), "train.time_uniform_frac": real(0, 1),
     "train.time_stratified": choice(True, False), "train.loss_weight_max": real(0, lo_open=True, null=True),
+    "train.ckpt_dir": path(), "train.debug_nan_steps": whole_list(), "data.root": path(), "wandb.dir": path(),
+    "sampler.guide_ckpt_dir": path(null=True),
     "train.cfg_p": real(0, 1, hi_open=True), "train.ema_decay": PROB, "train.ema_warmup": choice(True, False),
     "train.ema_warmup_offset": real(1), "train.stop_at_step": whole(1, null=True),
     "optim.name": choice(*OPTIMIZERS), "optim.schedule": choice("cosine", "wsd", "constant"), "optim.b1": PROB,
@@ -86,7 +99,8 @@ TRAINING = {
 RULES = {
     "config": TRAINING, "stage2": TRAINING,
     "sample": {"num_samples": whole(1, hi=10_000_000), "seed": whole(0, hi=SEED_MAX), "step": whole(0, null=True),
-               "evaluate": choice(True, False),
+               "evaluate": choice(True, False), "ckpt_dir": path(), "out": path(), "data_root": path(null=True),
+               "guide_ckpt_dir": path(null=True),
                **{k: (lambda v, f=f: v is None or f(v), t + ("" if "null" in t else ", or null"))
                   for k, (f, t) in SAMPLER.items()}},
     "prepare": {"force": choice(True, False), "resolution": whole(1, null=True), "batch_size": whole(1),
