@@ -236,7 +236,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                 raise UserError(f"sampler.solver={sampler_cfg.solver} needed more than "
                                 f"{adaptive_cap(int(sampler_cfg.steps))} steps at rtol={sampler_cfg.rtol}, "
                                 f"atol={sampler_cfg.atol}: loosen sampler.rtol/atol (e.g. 1e-3) or raise sampler.steps "
-                                f"(the cap grows with it); at loose tolerances the velocity itself is not finite: "
+                                f"(the cap grows with it); if they are loose already, the velocity may not be finite: "
                                 f"lower cfg_scale / guide_scale")
             if failed.any():
                 raise RuntimeError(f"the sampler's ODE solve failed for {int(failed.sum())} of {chunk} images")
