@@ -15,6 +15,8 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
+    import functools
+
     import numpy as np
 
     from data.captions import ensure_prepared_text
@@ -52,9 +54,10 @@ def main(cfg):
         print(f"initialised from stage 1 {cfg.train.init_from} (adaLN folded at t={cfg.train.init_fold_t})", flush=True)
         return model
 
+    @functools.cache   # read once: the same 8 captions at every grid
     def grid_conds():  # 8 training captions spread over the set, 8 samples each (one caption per row)
-        c = captions(np.repeat(np.linspace(0, num_train - 1, 8).astype(int), 8))
-        return text_conds(c["text"], c["mask"])
+        c = captions(np.linspace(0, num_train - 1, 8).astype(int))
+        return text_conds(np.repeat(c["text"], 8, axis=0), np.repeat(c["mask"], 8, axis=0))
 
     def final_eval(ema, step):
         from training.text_eval import caption_topk

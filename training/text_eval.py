@@ -24,11 +24,11 @@ from training.generate import generate, load_weak, text_conds, to_images
 from training.tracking import make_grid, save_png
 
 
-def caption_topk(model, spec: dict, meta: dict, captions: dict, real: np.ndarray, cfg, step: int, k: int = 5) -> dict:
+def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg, step: int, k: int = 5) -> dict:
+    """captions: record indices -> load_text's dict for those records only (the split's features can exceed memory)."""
     n = min(int(cfg.eval.num_samples), len(real))
     idx = np.linspace(0, len(real) - 1, n).astype(int)
-    # captions: the split's (load_text), or a function of the record indices that reads only those
-    c = captions(idx) if callable(captions) else {k: np.asarray(captions[k])[idx] for k in ("text", "mask")}
+    c = captions(idx)
     t0 = time.perf_counter()
     x = generate(model, spec, meta, text_conds(c["text"], c["mask"]),
                  jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
