@@ -312,6 +312,8 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     from data.prepare import prepare_once
 
     out_dir = Path(dc.root) / dc.name
+    if str(dc.kind) == "folder":   # read now: one left unset (???) is one line before "preparing" is printed
+        _ = (dc.folder, dc.captions_file)
     if str(dc.kind) == "latents" and Path(str(dc.latents)).expanduser().resolve() == out_dir.resolve():
         raise UserError(f"data.root/data.name ({out_dir}) is data.latents itself: give the captioned copy another "
                         f"data.name (the latents stay as they are, for stage 1)")

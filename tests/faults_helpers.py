@@ -106,9 +106,9 @@ def partial_saves(ckpt_dir) -> list[str]:
 SIGKILL, SIGTERM, SIGINT = signal.SIGKILL, signal.SIGTERM, signal.SIGINT
 
 
-def run_cli(monkeypatch, capsys, args, script=None, config: str = "config") -> str:
+def run_cli(monkeypatch, capsys, args, script=None, config: str = "config", silent: bool = False) -> str:
     """A stage script's entry point in-process with `args`; returns its single stderr line after asserting exit code
-    2, one `error:` line (absl's own log lines aside) and no traceback."""
+    2, one `error:` line (absl's own log lines aside), no traceback and, if `silent`, nothing on stdout."""
     import pytest
 
     import train_stage1
@@ -118,7 +118,8 @@ def run_cli(monkeypatch, capsys, args, script=None, config: str = "config") -> s
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         cli.main(config, script or train_stage1.main)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert not (silent and out.strip()), out
     lines = [l for l in err.strip().splitlines() if l.strip() and not l.startswith(("WARNING:absl", "INFO:absl"))]
     assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err, err

@@ -152,9 +152,10 @@ def test_cli_flags_unset_keys_and_unwritable_paths_are_one_line(monkeypatch, cap
     assert "unknown flag --steps: settings are key=value overrides" in run_cli(monkeypatch, capsys, ["--steps", "4"])
     import prepare_data
 
-    line = run_cli(monkeypatch, capsys, ["data=folder", f"data.root={tmp_path}"], script=prepare_data.main,
-                   config="prepare")
-    assert line == f"error: data.folder must be set: pass data.folder=<value> (see the preset under {CONFIG_DIR})"
+    for args, key in ([], "folder"), (["data.folder=/tmp"], "captions_file"):   # said before "preparing ..."
+        line = run_cli(monkeypatch, capsys, ["data=folder", f"data.root={tmp_path}", *args], script=prepare_data.main,
+                       config="prepare", silent=True)
+        assert line == f"error: data.{key} must be set: pass data.{key}=<value> (see the preset under {CONFIG_DIR})"
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     line = run_cli(monkeypatch, capsys, ["data=digits", "model=tiny", f"data.root={blocker}", "wandb.mode=disabled",
