@@ -16,6 +16,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, muon
 
 from training.errors import UserError, check_whole
+from training.newton_schulz import gram_muon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -130,12 +131,13 @@ def make_optimizer(train_cfg, optim_cfg):
                              weight_decay=float(optim_cfg.weight_decay), mask=decay_mask)
     elif name == "muon":
         ratio, adam_decay = float(optim_cfg.muon_lr_ratio), _adam_decay(optim_cfg)
-        update = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
-                      ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
-                      weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
-                      adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                      adam_weight_decay=float(optim_cfg.weight_decay) if adam_decay == "all" else 0.0,
-                      consistent_rms=0.2, muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
+        muon_tx = muon(lambda s: ratio * schedule(s), beta=float(optim_cfg.muon_beta),
+                       ns_steps=int(optim_cfg.muon_ns_steps), weight_decay=float(optim_cfg.weight_decay),
+                       weight_decay_mask=decay_mask, adam_learning_rate=schedule, adam_b1=float(optim_cfg.b1),
+                       adam_b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                       adam_weight_decay=float(optim_cfg.weight_decay) if adam_decay == "all" else 0.0,
+                       consistent_rms=0.2, muon_weight_dimension_numbers=lambda p: muon_dims(p, modulation))
+        update = gram_muon(muon_tx)   # the same Muon, its Newton-Schulz in fewer flops (training/newton_schulz.py)
         if adam_decay == "matrices":
             update = optax.chain(update, decoupled_decay(schedule, float(optim_cfg.weight_decay),
                                                          lambda p: adam_matrices(p, modulation)))
