@@ -312,8 +312,6 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     from data.prepare import prepare_once
 
     out_dir = Path(dc.root) / dc.name
-    if str(dc.kind) == "folder":   # read now: one left unset (???) is one line before "preparing" is printed
-        _ = (dc.folder, dc.captions_file)
     if str(dc.kind) == "latents" and Path(str(dc.latents)).expanduser().resolve() == out_dir.resolve():
         raise UserError(f"data.root/data.name ({out_dir}) is data.latents itself: give the captioned copy another "
                         f"data.name (the latents stay as they are, for stage 1)")
@@ -332,6 +330,8 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     from data.prepare import prepare_arrays
     from data.text import get_encoder
 
+    if str(dc.kind) == "folder":   # read first: one left unset (???) is one line, with no "preparing" before it
+        _ = (dc.folder, dc.captions_file)
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     # sources are read (latents, folders: checked) before the text encoder loads, so a wrong path says so at once
     kind = str(dc.kind)
