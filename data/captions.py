@@ -330,14 +330,13 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     from data.prepare import prepare_arrays
     from data.text import get_encoder
 
-    if str(dc.kind) == "folder":   # read first: one left unset (???) is one line, with no "preparing" before it
-        _ = (dc.folder, dc.captions_file)
-    print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
-    # sources are read (latents, folders: checked) before the text encoder loads, so a wrong path says so at once
+    # sources are read (latents, folders: checked) before anything is said or the text encoder loads, so a wrong path
+    # or an unset key (???) is one line at once
     kind = str(dc.kind)
     latents = _latent_source(dc) if kind == "latents" else None
     rows = _caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
                          None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
+    print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     d = None if latents or rows else _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),

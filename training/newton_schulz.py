@@ -27,11 +27,10 @@ def _orthogonalize_2d(x, coeffs, steps: int, eps):
     m, n = wide.shape
     x0 = wide / (jnp.linalg.norm(wide) + eps)   # optax's "frobenius" preconditioning
     a, b, c = coeffs[0], coeffs[1], coeffs[2]
-    if n < 2 * m:
+    if n < 2 * m:   # nearly square: optax's own step
         y = x0
         for _ in range(steps):
-            r = y @ y.T
-            y = a * y + (b * r + c * (r @ r)) @ y
+            y = _muon._base_newton_schulz_iteration(y, coeffs)
     else:
         r, q, eye = x0 @ x0.T, None, jnp.eye(m, dtype=x0.dtype)
         for k in range(steps):
