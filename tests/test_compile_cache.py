@@ -52,6 +52,41 @@ def test_a_second_run_loads_its_train_step_from_the_cache(digits_root, tmp_path,
     assert hit not in off.stderr and not (tmp_path / "xdg_off").exists()
 
 
+def test_a_damaged_cache_entry_is_rewritten_not_warned_about_at_every_start(digits_root, tmp_path):
+    """JAX writes an entry in place and never replaces an existing key: a run killed mid-write left a truncated entry
+    that warned and recompiled at every later start. It is now deleted when it fails to load, so the compile that
+    follows writes it afresh; and an entry whose access-time file is missing (killed between JAX's two writes, which
+    made every later cache write fail in JAX's size accounting) gets one at start."""
+    xdg, cache = str(tmp_path / "xdg"), tmp_path / "xdg" / "flow-dit" / "jax"
+    bad = "Error reading persistent compilation cache entry"
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    train(digits_root, tmp_path / "a", XDG_CACHE_HOME=xdg)
+    step_entry = next(cache.glob("jit_train_step*-cache"))
+    whole = step_entry.read_bytes()
+    step_entry.write_bytes(whole[:len(whole) // 2])                 # what a kill mid-write leaves
+    orphan = next(cache.glob("jit_run*-atime"))
+    orphan.unlink()                                                 # what a kill between the two writes leaves
+    healed = train(digits_root, tmp_path / "b", XDG_CACHE_HOME=xdg)
+    assert bad in healed.stderr and hit not in healed.stderr        # compiled around it once ...
+    assert len(step_entry.read_bytes()) > len(whole) // 2 and orphan.exists()
+    again = train(digits_root, tmp_path / "c", XDG_CACHE_HOME=xdg)
+    assert bad not in again.stderr and hit in again.stderr          # ... and loaded from then on
+
+
+def test_an_entry_without_its_access_time_gets_one_so_jax_can_size_the_cache(tmp_path):
+    from jax._src import lru_cache
+
+    (tmp_path / "k1-cache").write_bytes(b"x" * 10)                  # JAX killed between its two writes
+    (tmp_path / "k2-cache").write_bytes(b"y" * 10)
+    (tmp_path / "k2-atime").write_bytes((5).to_bytes(8, "little"))
+    with pytest.raises(FileNotFoundError):   # why: JAX's size accounting reads every entry's access time
+        lru_cache.LRUCache(str(tmp_path), max_size=25).put("k0", b"w" * 10)
+    cli.mend_compile_cache(str(tmp_path))
+    assert (tmp_path / "k1-atime").exists() and (tmp_path / "k2-atime").read_bytes() == (5).to_bytes(8, "little")
+    lru_cache.LRUCache(str(tmp_path), max_size=25).put("k3", b"z" * 10)   # JAX's sizing read k1's atime: it raised
+    assert sorted(p.name for p in tmp_path.glob("*-cache")) == ["k2-cache", "k3-cache"]   # the mended one went first
+
+
 def test_a_repeated_request_reuses_the_compiled_sampler():
     """Each grid during training used to trace and compile the sampler again (3-11 s per grid on 2 CPU cores): the
     compiled chunk sampler is now kept per setting, and a changed setting still gets its own."""

@@ -79,7 +79,8 @@ def compile_cache_dir(environ) -> str | None:
     `small` start on 2 Zen 3 cores, 4.0 s from the cache; more for larger models). JAX's persistent cache keys each
     program by its HLO, compile options, JAX version, backend and device kind, so a hit is the program that would have
     been compiled (XLA:CPU's loader also refuses, and JAX recompiles, a program built for other CPU features, as
-    jax-ml/jax#38445 shows: a home directory shared by different machines costs hits, not crashes). JAX stores no
+    jax-ml/jax#38445 shows: a home directory shared by different machines costs hits, not crashes; such an
+    entry is then rewritten by the machine that failed to load it, `mend_compile_cache`). JAX stores no
     program with a host callback, which is why the samplers check diffrax's result on the host (training.sampling).
     $DIT_COMPILE_CACHE picks the directory (off: none); $JAX_COMPILATION_CACHE_DIR, JAX's own setting, wins over both
     and is left to JAX; the default is $XDG_CACHE_HOME/flow-dit/jax (~/.cache/flow-dit/jax)."""
@@ -109,6 +110,46 @@ def use_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     if importlib.util.find_spec("filelock") is not None:   # JAX needs it to bound the cache: it then evicts the
         jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)   # oldest and locks the dir
+    mend_compile_cache(path)
+
+
+def mend_compile_cache(path: str) -> None:
+    """What a process killed inside JAX's cache writes leaves behind stops costing every later start.
+
+    JAX 0.10.2 writes `<key>-cache`, then `<key>-atime`, each in place, and never replaces an existing key. Killed
+    in the first write, the entry is truncated: it failed to load, with a warning and a fresh compile, at every start.
+    It is now deleted when it fails to load, so that compile writes it again. Killed between the two, the access time
+    is missing: JAX's size accounting reads every entry's, so every later cache write failed; it gets one here, as old
+    as can be, so it goes first. Both reach into JAX's private cache modules (tests/test_compile_cache.py)."""
+    try:
+        from jax._src import compilation_cache, lru_cache
+    except ImportError:
+        return
+    if not all(hasattr(m, n) for m, n in ((compilation_cache, "get_executable_and_time"), (compilation_cache, "_cache"),
+                                         (lru_cache, "_CACHE_SUFFIX"), (lru_cache, "_ATIME_SUFFIX"))):
+        return   # another JAX than requirements.txt pins: its cache as it comes
+    for entry in Path(path).glob(f"*{lru_cache._CACHE_SUFFIX}"):
+        atime = entry.with_name(entry.name.removesuffix(lru_cache._CACHE_SUFFIX) + lru_cache._ATIME_SUFFIX)
+        if not atime.exists():
+            with contextlib.suppress(OSError):
+                atime.write_bytes((0).to_bytes(8, "little"))
+    load = compilation_cache.get_executable_and_time
+    if getattr(load, "deletes_what_fails", False):
+        return
+
+    def get_executable_and_time(cache_key, *args, **kwargs):
+        try:
+            return load(cache_key, *args, **kwargs)
+        except Exception:   # JAX warns and compiles (or raises, if so configured); the entry is not worth keeping
+            cache = compilation_cache._cache
+            if isinstance(cache, lru_cache.LRUCache):
+                for suffix in (lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX):
+                    with contextlib.suppress(OSError):
+                        (cache.path / f"{cache_key}{suffix}").unlink(missing_ok=True)
+            raise
+
+    get_executable_and_time.deletes_what_fails = True
+    compilation_cache.get_executable_and_time = get_executable_and_time
 
 
 def compose(config_name: str, overrides: list[str]):
