@@ -140,9 +140,9 @@ def mend_compile_cache(path: str) -> None:
     def get_executable_and_time(cache_key, *args, **kwargs):
         try:
             return load(cache_key, *args, **kwargs)
-        except Exception:   # JAX warns and compiles (or raises, if so configured); the entry is not worth keeping
+        except Exception as err:   # JAX warns and compiles (or raises, if so configured): the entry is no use
             cache = compilation_cache._cache
-            if isinstance(cache, lru_cache.LRUCache):
+            if isinstance(cache, lru_cache.LRUCache) and not isinstance(err, TimeoutError):   # (a busy lock is)
                 for suffix in (lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX):
                     with contextlib.suppress(OSError):
                         (cache.path / f"{cache_key}{suffix}").unlink(missing_ok=True)
