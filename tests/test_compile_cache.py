@@ -83,7 +83,7 @@ def test_an_entry_without_its_access_time_gets_one_so_jax_can_size_the_cache(tmp
         lru_cache.LRUCache(str(tmp_path), max_size=25).put("k0", b"w" * 10)
     cli.mend_compile_cache(str(tmp_path))
     assert (tmp_path / "k1-atime").exists() and (tmp_path / "k2-atime").read_bytes() == (5).to_bytes(8, "little")
-    lru_cache.LRUCache(str(tmp_path), max_size=25).put("k3", b"z" * 10)   # JAX's sizing read k1's atime: it raised
+    lru_cache.LRUCache(str(tmp_path), max_size=25).put("k3", b"z" * 10)   # the put that raised above now works
     assert sorted(p.name for p in tmp_path.glob("*-cache")) == ["k2-cache", "k3-cache"]   # the mended one went first
 
 
