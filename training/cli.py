@@ -123,17 +123,15 @@ def mend_compile_cache(path: str) -> None:
     as can be, so it goes first. Both reach into JAX's private cache modules (tests/test_compile_cache.py)."""
     try:
         from jax._src import compilation_cache, lru_cache
-    except ImportError:
+        load, lru, data, atime = (compilation_cache.get_executable_and_time, lru_cache.LRUCache,
+                                  lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX)
+    except (ImportError, AttributeError):   # another JAX than requirements.txt pins: its cache as it comes
         return
-    if not all(hasattr(m, n) for m, n in ((compilation_cache, "get_executable_and_time"), (compilation_cache, "_cache"),
-                                         (lru_cache, "_CACHE_SUFFIX"), (lru_cache, "_ATIME_SUFFIX"))):
-        return   # another JAX than requirements.txt pins: its cache as it comes
-    for entry in Path(path).glob(f"*{lru_cache._CACHE_SUFFIX}"):
-        atime = entry.with_name(entry.name.removesuffix(lru_cache._CACHE_SUFFIX) + lru_cache._ATIME_SUFFIX)
-        if not atime.exists():
+    for entry in Path(path).glob(f"*{data}"):
+        stamp = entry.with_name(entry.name.removesuffix(data) + atime)
+        if not stamp.exists():
             with contextlib.suppress(OSError):
-                atime.write_bytes((0).to_bytes(8, "little"))
-    load = compilation_cache.get_executable_and_time
+                stamp.write_bytes((0).to_bytes(8, "little"))
     if getattr(load, "deletes_what_fails", False):
         return
 
@@ -141,9 +139,9 @@ def mend_compile_cache(path: str) -> None:
         try:
             return load(cache_key, *args, **kwargs)
         except Exception as err:   # JAX warns and compiles (or raises, if so configured): the entry is no use
-            cache = compilation_cache._cache
-            if isinstance(cache, lru_cache.LRUCache) and not isinstance(err, TimeoutError):   # (a busy lock is)
-                for suffix in (lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX):
+            cache = getattr(compilation_cache, "_cache", None)
+            if isinstance(cache, lru) and not isinstance(err, TimeoutError):   # (a busy lock is not the entry's)
+                for suffix in (data, atime):
                     with contextlib.suppress(OSError):
                         (cache.path / f"{cache_key}{suffix}").unlink(missing_ok=True)
             raise
