@@ -233,7 +233,12 @@ def open_image(path, channels: int):
 
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im)   # a phone photo's EXIF orientation: stored upright, as viewers show it
+        try:
+            im = ImageOps.exif_transpose(im)   # a phone photo's EXIF orientation: stored upright, as viewers show it
+        except Exception as e:   # noqa: BLE001 - a damaged EXIF block (Pillow: struct.error, TypeError, KeyError...)
+            # The pixels decoded; only the orientation tag is unreadable. Use the image as stored rather than lose it.
+            warnings.warn(f"{path}: its EXIF block is damaged ({type(e).__name__}); used as stored, not rotated",
+                          stacklevel=2)
         im = _scale_to_8bit(im)
         if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
             rgba = im.convert("RGBA")

@@ -324,6 +324,27 @@ def test_exif_orientation_is_applied(tmp_path):
     assert up[2, 4, 0] > 200 and up[2, 4, 2] < 60 and up[13, 4, 2] > 200 and up[13, 4, 0] < 60   # red on top
 
 
+def test_a_damaged_exif_block_keeps_the_image_as_stored(tmp_path):
+    """A JPEG whose EXIF tag has a corrupt type field decodes fine, but Pillow's exif_transpose raised struct.error,
+    which no reader caught: a stage-1 encode and stage 2's folder reader ended in a traceback over one photo."""
+    from PIL import Image
+
+    from data.folders import load_image, open_image
+
+    a = (np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)
+    exif = Image.fromarray(a).getexif()
+    exif[0x0112], exif[0x010F], exif[0x0132] = 6, "Canon", "2020:01:01 00:00:00"
+    raw = bytearray(exif.tobytes())
+    for i, v in zip([17, 56, 58, 77], [0x53, 0x46, 0x86, 0x4b]):   # one tag's type and count bytes damaged
+        raw[i] = v
+    Image.fromarray(a).save(tmp_path / "bad.jpg", "JPEG", exif=bytes(raw))
+    with pytest.warns(UserWarning, match="EXIF block is damaged"):
+        im = open_image(tmp_path / "bad.jpg", 3)
+    assert im.size == (50, 40)                                        # as stored: not rotated, not lost
+    with pytest.warns(UserWarning, match="EXIF"):
+        assert load_image(tmp_path / "bad.jpg", 16, 3).shape == (16, 16, 3)
+
+
 def test_captions_file_may_name_images_in_sub_folders(tmp_path):
     """captions.jsonl listing images/<file> was read as an ImageFolder with one class 'images' and its captions
     dropped (the encode then made latents that stage 2 refuses)."""
