@@ -58,7 +58,7 @@ def clear_set(out_dir: Path) -> None:
     """Before writing a set into out_dir: its meta.json goes first (the set is incomplete from now until the new meta
     lands), then the shards of an earlier preparation (other counts would leave stale ones)."""
     (out_dir / META_FILE).unlink(missing_ok=True)
-    for old in out_dir.glob("*-of-*.array_record"):
+    for old in list(out_dir.glob("*-of-*.array_record")) + list(out_dir.glob(".*.tmp-*")):   # + a killed write's
         old.unlink()
 
 
@@ -77,20 +77,28 @@ def write_shard(out_dir: Path, name: str, x: np.ndarray, y: np.ndarray, idx, tex
 
 def write_records(out_dir: Path, name: str, records) -> str:
     """Encoded records (an iterable, consumed as written) as the shard `name`: written under a temporary name,
-    renamed when complete. If making the records fails (an unreadable image half-way through a folder), the partial
-    file goes, rather than stay behind as gigabytes of debris."""
+    renamed when complete. If making or writing the records fails (an unreadable image half-way through a folder, a
+    full disk), the partial file goes, rather than stay behind as gigabytes of debris; a full disk is one line."""
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     w = ArrayRecordWriter(str(tmp), "group_size:1")   # group size 1: cheap random access for shuffled reads
     done = False
     try:
-        for r in records:
-            w.write(r)
+        try:
+            for r in records:
+                w.write(r)
+        finally:
+            w.close()   # flushes the last chunk: a full disk often shows here, not at write()
+        os.rename(tmp, out_dir / name)
         done = True
+    except RuntimeError as e:   # ArrayRecord reports a failed write(2) as RuntimeError("... No space left on device")
+        reason = next((r for r in ("No space left on device", "Disk quota exceeded") if r in str(e)), None)
+        if reason is None:
+            raise
+        raise UserError(f"writing {out_dir / name} failed ({reason}): free disk space there (or choose another "
+                        "data.root / out=), then run the same command again") from None
     finally:
-        w.close()
         if not done:
             tmp.unlink(missing_ok=True)
-    os.rename(tmp, out_dir / name)
     return name
 
 

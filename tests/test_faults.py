@@ -249,6 +249,32 @@ def test_disk_full_before_training(digits_root, small_disk):
     assert "compiling" not in "".join(s.lines)
 
 
+def test_disk_full_while_preparing_is_one_line_and_leaves_no_partial_shard(tmp_path):
+    """A full disk while writing shards ended in ArrayRecord's RuntimeError traceback, and the partial shard
+    (`.<name>.tmp-<pid>`, up to 512 MB for a folder) stayed: close() raised before the unlink, and later runs only
+    cleared finished shards. Now: one line; no temp file, after the failure or after the next run."""
+    import sys
+
+    mnt = tmp_path / "disk"
+    _mount_tmpfs(mnt, "200k")   # digits' shards need ~460 KB
+    try:
+        cmd = [sys.executable, str(Path(__file__).parent.parent / "prepare_data.py"), "data=digits",
+               f"data.root={mnt}"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        lines = error_lines(p.stderr)
+        assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert lines[0].startswith("error: writing ") and "No space left on device" in lines[0], lines[0]
+        assert not list((mnt / "digits").glob(".*.tmp-*"))
+        stale = mnt / "digits" / ".train-00000-of-00001.array_record.tmp-99999"   # as a killed run leaves it
+        stale.write_bytes(b"x")
+        subprocess.run(["mount", "-o", "remount,size=2m", str(mnt)], check=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert not stale.exists() and (mnt / "digits" / "meta.json").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_a_sampler_setting_that_fails_skips_grids_not_the_run(digits_root, tmp_path, capsys):
     """A guidance scale that overflows fp32 fails every grid. Mid-run that cost the steps since the last checkpoint
