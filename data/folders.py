@@ -111,9 +111,10 @@ def _flat(d: Path, table: Path, kind: str) -> tuple[list[Path], list, list | Non
         raise UserError(f"{table} lists no images: add one line per image")
     files, values = [], []
     for row in rows:
-        f = d / str(_get(row, ("file", "file_name", "image"), table, "file name"))
+        rel = str(_get(row, ("file", "file_name", "image"), table, "file name"))
+        f = d / rel
         if not f.is_file():
-            raise UserError(f"{table} names {f.name}, which is not a file in {d}")
+            raise UserError(f"{table} names {rel}, which is not a file in {d}")
         files.append(f)
         values.append(_get(row, ("caption", "text"), table, "caption") if kind == "captions"
                       else _get(row, ("label",), table, "label"))
@@ -127,12 +128,13 @@ def _scan(d: Path) -> tuple[str, list[Path], list, list | None]:
     imgs, subs = _images(d), _subdirs(d)
     caps = [d / n for n in CAPTION_FILES if (d / n).is_file()]
     labs = [d / n for n in LABEL_FILES if (d / n).is_file()]
-    # captions.jsonl names its files relative to the folder, sub-folders included ("images/0001.png", as
-    # stage 2's data=folder reads it): it says what the folder is even when no image sits directly inside.
+    # captions.jsonl and labels.csv / .jsonl name their files relative to the folder, sub-folders included
+    # ("images/0001.png", as stage 2's data=folder reads it): a table says what the folder is even when no image sits
+    # directly inside (a labels table over images/ was read as an ImageFolder with one class, "images").
     if caps:
         files, captions = _flat(d, caps[0], "captions")
         return "captions", files, None, [str(c) for c in captions]
-    if imgs and labs:
+    if labs:
         files, labels = _flat(d, labs[0], "labels")
         return "labels", files, labels, None
     if subs and not imgs:

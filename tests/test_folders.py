@@ -324,6 +324,23 @@ def test_exif_orientation_is_applied(tmp_path):
     assert up[2, 4, 0] > 200 and up[2, 4, 2] < 60 and up[13, 4, 2] > 200 and up[13, 4, 0] < 60   # red on top
 
 
+def test_labels_file_may_name_images_in_sub_folders(tmp_path):
+    """labels.csv listing images/<file> (as captions.jsonl may) was ignored: with no image directly inside, the folder
+    was read as an ImageFolder with one class, "images", and an encode trained one class without a word."""
+    from data.folders import scan_source
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("file,label\nimages/0.png,cat\nimages/1.png,dog\nimages/2.png,cat\n")
+    src = scan_source(tmp_path)
+    assert src.layout == "labels" and src.class_names == ["cat", "dog"]
+    assert src.splits["train"].labels == [0, 1, 0]
+    (tmp_path / "labels.csv").write_text("file,label\nimages/0.png,cat\nimages/9.png,dog\n")
+    with pytest.raises(UserError, match="names images/9.png, which is not a file"):
+        scan_source(tmp_path)
+
+
 def test_a_damaged_exif_block_keeps_the_image_as_stored(tmp_path):
     """A JPEG whose EXIF tag has a corrupt type field decodes fine, but Pillow's exif_transpose raised struct.error,
     which no reader caught: a stage-1 encode and stage 2's folder reader ended in a traceback over one photo."""
