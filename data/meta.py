@@ -52,7 +52,7 @@ def _bad_field(meta: dict) -> str | None:
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(v) and v > 0 for v in shape)):
         return f"shape {shape!r} is not [height, width, channels] of positive integers"
-    if meta["dtype"] not in ALLOWED_DTYPES:
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in ALLOWED_DTYPES:
         return f"dtype {meta['dtype']!r} is not one of {', '.join(ALLOWED_DTYPES)}"
     if not (is_int(meta["num_classes"]) and meta["num_classes"] >= 1):
         return f"num_classes {meta['num_classes']!r} is not a positive integer"
@@ -68,6 +68,12 @@ def _bad_field(meta: dict) -> str | None:
         if not (isinstance(sp, dict) and isinstance(sp.get("files"), list) and is_int(sp.get("num_records"))
                 and all(isinstance(f, str) for f in sp["files"])):
             return f"split {name!r} is not {{files: [shard names], num_records: int}}"
+    if meta.get("encoder") is not None and not isinstance(meta["encoder"], dict):
+        return f"encoder {meta['encoder']!r} is not a mapping (or null, for pixels)"
+    text = meta.get("text")
+    if text is not None and not (isinstance(text, dict) and is_int(text.get("dim")) and is_int(text.get("max_tokens"))
+                                 and text["dim"] > 0 and text["max_tokens"] > 0):
+        return f"text {str(text)[:80]} is not {{encoder, dim: int, max_tokens: int, ...}} (cached caption features)"
     return None
 
 

@@ -146,7 +146,8 @@ def test_meta_round_trip_and_errors(tmp_path):
         load_meta(tmp_path / "empty")
     # fields of the wrong type or shape fail in one line naming the field, not deep inside the loader or the model
     for field, value in [("dtype", "uint4"), ("num_classes", "ten"), ("shape", 64), ("shift", [1.0, 2.0]),
-                         ("splits", {"train": {"num_records": 3}}), ("num_classes", True)]:
+                         ("splits", {"train": {"num_records": 3}}), ("num_classes", True), ("dtype", ["uint8"]),
+                         ("text", {"dim": 3}), ("text", "x"), ("encoder", "vae")]:   # these four: a TypeError/KeyError
         write_meta(tmp_path / "s", {**meta, field: value})
         with pytest.raises(UserError, match=rf"meta.json: {field}|meta.json: split"):
             load_meta(tmp_path / "s")
