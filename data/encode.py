@@ -176,6 +176,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     """
     from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS
 
+    again = dict(resolution=resolution, hflip=hflip, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+                 sample=sample, seed=seed, workers=workers, progress=progress, on_shard=on_shard)
     if dtype not in ("float16", "float32"):
         raise UserError(f"latent dtype must be float16 or float32, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
@@ -223,6 +225,11 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
             _refuse_other_plan(out_dir, diff)
         print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
               flush=True)
+        if (out_dir / META_FILE).exists():
+            # A complete set (a mere `touch` or copy of the source changes its mtimes): it waits aside until its
+            # replacement is complete, and comes back if the encode fails or is stopped, as with force=true.
+            from data.prepare import rebuild_keeping_old
+            return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
         state = _start_over(out_dir, fp, plan)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
