@@ -192,6 +192,10 @@ def scan_source(source) -> Source:
             k = max(max(v) for v in ids.values()) + 1
             if min(min(v) for v in ids.values()) < 0:
                 raise UserError(f"integer labels in {root} must be >= 0")
+            used = len({v for labels in ids.values() for v in labels})
+            if k > 1000 and k > 10 * used:   # an id, a date or a hash as label: k classes, most of them empty
+                raise UserError(f"integer labels in {root} run up to {k - 1} but only {used} distinct values occur: "
+                                f"class ids must be 0..K-1; renumber them, or use names (any non-integer text)")
             class_names = [str(i) for i in range(k)]
         else:
             class_names = sorted({str(v) for v in raw})

@@ -363,6 +363,10 @@ def test_labels_file_may_name_images_in_sub_folders(tmp_path):
     (tmp_path / "labels.csv").write_text("file,label\nimages/0.png,cat\nimages/9.png,dog\n")
     with pytest.raises(UserError, match="names images/9.png, which is not a file"):
         scan_source(tmp_path)
+    # integer labels are class ids 0..K-1: a date as a label made 20 million (empty) classes without a word
+    (tmp_path / "labels.csv").write_text("file,label\nimages/0.png,0\nimages/1.png,20240101\n")
+    with pytest.raises(UserError, match="run up to 20240101 but only 2 distinct values"):
+        scan_source(tmp_path)
 
 
 def test_a_damaged_exif_block_keeps_the_image_as_stored(tmp_path):
