@@ -150,6 +150,10 @@ def run(cfg, task: Task) -> dict:
                 if is_main:
                     print(f"note: train.resume_changes=true: continuing from step {latest} with changed settings "
                           f"({describe(changed)}); this is no longer the uninterrupted run", flush=True)
+            if tc.stop_at_step is not None and int(tc.stop_at_step) <= latest < int(tc.steps):
+                # Checked only after a step, it trained one more step and stopped again at every such resume.
+                raise UserError(f"train.stop_at_step={int(tc.stop_at_step)} but {tc.ckpt_dir} is already at step "
+                                f"{latest}: raise train.stop_at_step (or drop it) to train on")
             print(f"resumed from {tc.ckpt_dir} at step {latest}", flush=True)
         elif latest is not None:
             raise UserError(f"{tc.ckpt_dir} already holds checkpoints (latest step {latest}): resume with "
