@@ -272,20 +272,40 @@ def main(config_name: str, fn) -> None:
         with one_line_errors():
             raise UserError(f"unknown flag {unknown[0]}: settings are key=value overrides (e.g. train.steps=4, "
                             f"see {CONFIG_DIR}); Hydra's own flags are {', '.join(HYDRA_FLAGS[:6])} ...")
+    from hydra.errors import HydraException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    from training.schema import check_values
+
+    def checked(cfg, overrides=None):
+        # An interpolation that cannot resolve (`train.ckpt_dir=${oc.env:SCRATCH}/run` with SCRATCH unset) raises
+        # only when a check reads the key: a configuration error too, not a traceback.
+        try:
+            if overrides is not None:
+                check_override_types(config_name, overrides, cfg)
+            check_values(config_name, cfg)
+        except MissingMandatoryValue:   # a preset's `???`: one_line_errors names the key and how to set it
+            raise
+        except OmegaConfBaseException as err:
+            from training.errors import first_line
+
+            key = getattr(err, "full_key", None) or "a value"
+            raise UserError(f"bad configuration: {key}: {first_line(err, 400)}: set what its ${{...}} refers to (an "
+                            f"environment variable, a key), or pass the value itself") from err
+
     if any(a.startswith("-") for a in argv):  # Hydra's own flags: let Hydra handle the whole command line
         import hydra
 
-        hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(fn)()
+        def job(cfg):   # under -m each job of the sweep: the same checks and one-line errors as a plain run
+            with one_line_errors():
+                checked(cfg)
+                fn(cfg)
+        hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(job)()
         return
     with one_line_errors():
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
         try:
             cfg = compose(config_name, argv)
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise UserError(f"bad configuration: {_explain_composition_error(err)}") from err
-        check_override_types(config_name, argv, cfg)
-        from training.schema import check_values
-        check_values(config_name, cfg)
+        checked(cfg, argv)
         fn(cfg)
