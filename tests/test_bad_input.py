@@ -142,7 +142,11 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           (["train.time_sampling=normal"], "time_sampling"),
                           (["train.route=[1,3,0.5]"], "model.depth (2)"), (["train.route=[0,2,2]"], "0 < keep <= 1"),
                           (["sampler.guidance=auto", "sampler.guide_step=8"], "guide_step"),
-                          (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "sampler.guide_fraction takes a number in (0, 1)")):
+                          (["sampler.guidance=auto", "sampler.guide_fraction=1.0"], "sampler.guide_fraction takes a number in (0, 1)"),
+                          # an interpolation that cannot resolve was an OmegaConf traceback from the override checks
+                          (["train.ckpt_dir=${oc.env:DIT_SURELY_UNSET}/run"], "train.ckpt_dir: KeyError raised while "
+                           "resolving interpolation: \"Environment variable 'DIT_SURELY_UNSET' not found\""),
+                          (["train.ckpt_dir=${data.nope}/run"], "train.ckpt_dir: Interpolation key 'data.nope'")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()
@@ -234,6 +238,11 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
             "train.is_restore": True, "optim.muon_modulation": False}))
         assert "optim.muon_modulation=true" in line and "Traceback" not in line, line
+    # Resuming with the train.stop_at_step it stopped at trained one more step and stopped again, at every resume.
+    line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
+        "train.is_restore": True, "train.resume_changes": True, "train.stop_at_step": 2}))
+    assert "train.stop_at_step=2 but" in line and "already at step 2" in line, line
+    assert snapshot(ck) == before
     # A fresh start into a directory of an existing run refuses to overwrite it.
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4))
     assert "already holds checkpoints" in line and "is_restore" in line
@@ -263,6 +272,31 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
             pytest.raises(UserError, match=r"differs at: final\b.*another version"):
         c.restore_weights(fields, step)
     assert snapshot(ck) == before
+
+
+def test_numbers_where_names_are_expected(monkeypatch, digits_root, tmp_path):
+    """Hydra reads `train.ckpt_dir=2024` and `wandb.name=42` as numbers: the first was refused as not a path, the
+    second was a pydantic traceback from W&B's settings. Both are names, and the run goes on with them."""
+    monkeypatch.chdir(tmp_path)
+    ok_cli(monkeypatch, tiny_overrides(digits_root, "2024", steps=2, **{
+        "wandb.mode": "offline", "wandb.dir": 7, "wandb.name": 42, "wandb.project": 123}))
+    assert complete_steps(tmp_path / "2024") == [2] and (tmp_path / "7" / "wandb").is_dir()
+    saved, _ = read_config(str(tmp_path / "2024"))
+    assert saved["train"]["ckpt_dir"] == "2024" and saved["wandb"]["name"] == 42
+
+
+def test_hydra_multirun_jobs_get_the_same_checks(digits_root, tmp_path):
+    """Under -m (Hydra's sweeps) every bad value was a traceback ("Error executing job ..."), exit code 1. A subprocess:
+    Hydra's own launcher reconfigures logging, which pytest's captured streams do not survive."""
+    import subprocess
+
+    script = Path(__file__).parent.parent / "train_stage1.py"
+    p = subprocess.run([sys.executable, str(script), "-m", *tiny_overrides(digits_root, str(tmp_path / "ck")),
+                        "train.ema_decay=1.5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith(("WARNING:absl", "INFO:absl"))]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert lines[0].startswith("error: bad configuration: train.ema_decay=1.5 is not allowed"), lines
+    assert not (tmp_path / "ck").exists()
 
 
 def test_checkpoint_dir_under_a_file(monkeypatch, capsys, digits_root, tmp_path):

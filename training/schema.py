@@ -127,6 +127,9 @@ def check_values(config_name: str, cfg) -> None:
         if isinstance(node, str) and node == "<absent>":
             continue
         value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        if text.startswith("a path") and isinstance(value, int) and not isinstance(value, bool):
+            OmegaConf.update(cfg, key, str(value))   # `train.ckpt_dir=2024`: Hydra reads a number; it names a folder
+            continue
         if not ok(value):
             shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
             raise UserError(f"bad configuration: {key}={shown} is not allowed: {key} takes {text}")

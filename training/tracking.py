@@ -41,7 +41,10 @@ class Tracker:
         Path(wandb_cfg.dir).mkdir(parents=True, exist_ok=True)  # W&B warns when its dir is missing
         self.wandb = wandb
         try:
-            self.run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+            # Hydra reads `wandb.name=42` as a number, which W&B's settings refuse with a pydantic traceback.
+            text = lambda v: None if v is None else str(v)
+            self.run = wandb.init(project=text(wandb_cfg.project), entity=text(wandb_cfg.entity),
+                                  name=text(wandb_cfg.name),
                                   dir=str(wandb_cfg.dir), mode=wandb_cfg.mode, config=config, id=run_id,
                                   resume="allow" if run_id else None)
         except wandb.errors.Error as err:   # no login (UsageError), no network or a bad entity (CommError) ...
