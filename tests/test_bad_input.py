@@ -146,7 +146,9 @@ def test_config_mistakes(monkeypatch, capsys, digits_root, tmp_path):
                           # an interpolation that cannot resolve was an OmegaConf traceback from the override checks
                           (["train.ckpt_dir=${oc.env:DIT_SURELY_UNSET}/run"], "train.ckpt_dir: KeyError raised while "
                            "resolving interpolation: \"Environment variable 'DIT_SURELY_UNSET' not found\""),
-                          (["train.ckpt_dir=${data.nope}/run"], "train.ckpt_dir: Interpolation key 'data.nope'")):
+                          (["train.ckpt_dir=${data.nope}/run"], "train.ckpt_dir: Interpolation key 'data.nope'"),
+                          (["mesh.data=1.5"], "mesh.data takes a whole number >= 1, or -1"),
+                          (["mesh.fsdp=0"], "mesh.fsdp takes a whole number >= 1, or -1")):
         line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, ck) + extra)
         assert needle in line, line
     assert not Path(ck).exists()

@@ -80,6 +80,8 @@ TRAINING = {
     "train.time_stratified": choice(True, False), "train.loss_weight_max": real(0, lo_open=True, null=True),
     "train.ckpt_dir": path(), "train.debug_nan_steps": whole_list(), "data.root": path(), "wandb.dir": path(),
     "sampler.guide_ckpt_dir": path(null=True),
+    **{f"mesh.{axis}": (lambda v: is_whole(v, -1) and v != 0, "a whole number >= 1, or -1 (all remaining devices)")
+       for axis in ("data", "fsdp")},   # mesh.data=1.5 was truncated to 1 without a word
     "train.cfg_p": real(0, 1, hi_open=True), "train.ema_decay": PROB, "train.ema_warmup": choice(True, False),
     "train.ema_warmup_offset": real(1), "train.stop_at_step": whole(1, null=True),
     "optim.name": choice(*OPTIMIZERS), "optim.schedule": choice("cosine", "wsd", "constant"), "optim.b1": PROB,
