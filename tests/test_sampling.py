@@ -131,6 +131,12 @@ def test_shifted_step_grid_moves_steps_towards_the_noise_and_still_solves():
     assert np.abs(shifted - uniform).max() > 1e-3   # the grid is really used
     with pytest.raises(UserError, match="shift"):
         run(solver="tsit5", shift=3.0)
+    # shift < 1 (smaller steps near the data): its grid's ends were off by an ulp (1 + (0.3 - 1) != 0.3), which
+    # diffrax refused mid-solve with a traceback; a tiny shift packs times closer than float32 resolves: one line.
+    assert time_grid(32, 0.3)[0] == 0.0 and time_grid(32, 0.3)[-1] == 1.0
+    assert np.abs(run(solver="heun", steps=50, shift=0.3) - want).max() < 2e-3
+    with pytest.raises(UserError, match="closer than float32 resolves"):
+        run(shift=1e-6)
 
 
 class ConstantClean(eqx.Module):

@@ -117,7 +117,9 @@ def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
     does (sigma -> shift sigma / (1 + (shift - 1) sigma)): smaller steps at high noise, and the last step starts
     further from the data, where a model trained on noise-heavy times has seen the fewest examples."""
     sigma = 1.0 - np.linspace(0.0, 1.0, steps + 1)
-    return 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
+    ts = 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
+    ts[0], ts[-1] = 0.0, 1.0   # exactly: at shift 0.3, 1 + (0.3 - 1) != 0.3 in floats, and diffrax wants t0 == ts[0]
+    return ts
 
 
 def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, atol: float = 1e-3, args=None,
@@ -184,6 +186,10 @@ def check_sampler(sampler_cfg):
     if shift <= 0.0 or (shift != 1.0 and sampler_cfg.solver in ADAPTIVE):
         raise UserError(f"sampler.shift={shift} must be > 0, and != 1 only with a fixed-step solver (euler, heun); "
                         f"got solver={sampler_cfg.solver!r}")
+    if shift != 1.0 and not (np.diff(time_grid(int(sampler_cfg.steps), shift).astype(np.float32)) > 0).all():
+        # a tiny shift packs the first steps closer than float32 tells apart: diffrax's StepTo would raise mid-solve
+        raise UserError(f"sampler.shift={shift} puts neighbouring times of the {int(sampler_cfg.steps)}-step grid "
+                        f"closer than float32 resolves: use a shift nearer 1, or fewer steps")
     t_eps = sampler_cfg.get("t_eps", None)
     t_eps = None if t_eps is None else float(t_eps)
     if t_eps is not None and not 0.0 < t_eps < 1.0:
