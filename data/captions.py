@@ -13,6 +13,7 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -365,7 +366,8 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
 
     t = meta["text"]
     if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        # a list from the command line arrives as OmegaConf's ListConfig (a Sequence, not a list)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
         # Hydra types prompt=123 / true / null: a caption is text, and str() would invent "None" or "True"
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError("prompt must be a non-empty string or list of strings (quote numbers and words Hydra "

@@ -139,9 +139,10 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     assert Image.open(ck / "eval-step0000004.png").size == (2 * (8 * 8 + 9), 2 * (2 * 8 + 3))   # 1-px gaps, x2
     out = tmp_path / "s.npz"
     monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={out}",
-                                      "prompt=a red square"])
-    cli.main("sample", sample.main)
+                                      "prompt=[a red square,a blue square]"])   # a list: OmegaConf's ListConfig
+    cli.main("sample", sample.main)   # (every command-line list was refused as "not a list of strings")
     assert np.load(out)["images"].shape == (2, 8, 8, 3)
+    assert np.load(out)["prompts"].tolist() == ["a red square", "a blue square"]
     # Edited captions re-encode the latents: the featurised copy is no longer theirs, and is refused, not reused.
     cfg = compose("stage2", over)
     (src / "captions.jsonl").write_text("\n".join(rows[::-1]) + "\n")

@@ -121,6 +121,8 @@ def test_prompts_share_exactly_the_images_asked_for(root, capsys):
     prompts = ["a handwritten digit 1", "a handwritten digit 7", "a handwritten digit 3"]
     idx, conds, got = prompt_conds(prompts, 10, meta, f"{root}/digits_text")
     assert got == prompts and np.bincount(idx).tolist() == [4, 3, 3] and len(conds[0]) == 10
+    from omegaconf import OmegaConf   # sample.py's prompt=[...] arrives as a ListConfig, not a list: the same prompts
+    assert prompt_conds(OmegaConf.create({"p": prompts}).p, 10, meta, f"{root}/digits_text")[2] == prompts
     one, c1, _ = prompt_conds(prompts[1], 1, meta, f"{root}/digits_text")
     np.testing.assert_array_equal(np.asarray(conds[0])[4], np.asarray(c1[0])[0])
     capsys.readouterr()
