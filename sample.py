@@ -173,6 +173,9 @@ def sampler_for(cfg, run_cfg, step: int):
             raise UserError(f"{k} is for guidance={'auto' if k.startswith('guide_') else 'apg'}, and this sampler "
                             f"uses guidance={g}: add guidance={'auto' if k.startswith('guide_') else 'apg'}, or drop "
                             f"{k}")
+        if k == "t_eps" and run_cfg.train.get("prediction", "v") != "x":
+            raise UserError(f"t_eps clamps x-prediction's conversion to velocity, and this run predicts "
+                            f"{run_cfg.train.get('prediction', 'v')}: drop t_eps")
         if k in ("rtol", "atol") and solver not in ADAPTIVE:
             raise UserError(f"{k} is for the adaptive solvers ({', '.join(ADAPTIVE)}); solver={solver} takes steps=N")
     gd = sampler.get("guide_ckpt_dir")

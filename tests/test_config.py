@@ -118,6 +118,7 @@ def test_cadence_settings_are_checked_at_start(key, value, tmp_path):
     ("prepare", ["resolution=-8"], "resolution=-8 is not allowed"),
     ("autoencoder", ["block_out_channels=[]"], "block_out_channels=[] is not allowed"),
     ("autoencoder", ["lr=-1"], "lr=-1 is not allowed"),
+    ("autoencoder", ["seed=4294967296"], "seed=4294967296 is not allowed"),   # was numpy's ValueError traceback
     # path keys: null or a list reached Path() as a TypeError traceback
     ("sample", ["ckpt_dir=null"], "ckpt_dir=null is not allowed: ckpt_dir takes a path"),
     ("sample", ["guide_ckpt_dir=[1]"], "guide_ckpt_dir takes a path, or null"),

@@ -39,6 +39,7 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
 
     stage1 = fake_run(tmp_path / "s1", 4, **{"train.steps": 16, "sampler.guidance": "auto"})
     stage2 = fake_run(tmp_path / "s2", 4, config="stage2")
+    v_run = fake_run(tmp_path / "v", 4, **{"train.prediction": "v", "sampler.guidance": "cfg"})
     png = tmp_path / "mine.png"
     png.write_bytes(b"the user's own picture")
     for args, needle in (([f"ckpt_dir={stage1}", "chunk=-1"], "chunk=-1 is not allowed: chunk takes a whole number"),
@@ -58,6 +59,7 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
                          ([f"ckpt_dir={stage1}", "guidance=cfg", "guide_interval=[0.9,1.0]"],
                           "guide_interval is for guidance=auto"),
                          ([f"ckpt_dir={stage1}", "apg_eta=0.5"], "apg_eta is for guidance=apg"),
+                         ([f"ckpt_dir={v_run}", "t_eps=0.9"], "this run predicts v: drop t_eps"),
                          ([f"ckpt_dir={stage1}", "guide_step=2", "rtol=1e-9"], "rtol is for the adaptive solvers"),
                          # guide_ckpt_dir naming the run itself: its own-run rule (it guided away from itself)
                          ([f"ckpt_dir={stage1}", f"guide_ckpt_dir={stage1}"], "guide_step=8 is not before"),

@@ -113,7 +113,7 @@ RULES = {
                 "data.workers": whole(0)},
     "autoencoder": {"latent_channels": whole(1), "layers_per_block": whole(1), "norm_num_groups": whole(1),
                     "kl_weight": real(0), "steps": whole(1), "batch_size": whole(1), "lr": real(0, lo_open=True),
-                    "max_minutes": real(0, lo_open=True), "seed": whole(0), "threads": whole(1),
+                    "max_minutes": real(0, lo_open=True), "seed": whole(0, hi=SEED_MAX), "threads": whole(1),
                     "log_every": whole(1), "score": choice(True, False),
                     "block_out_channels": (lambda v: isinstance(v, list) and len(v) >= 1 and all(
                         whole(1)[0](c) for c in v), "a non-empty list of whole numbers >= 1, e.g. [16,32]")},
