@@ -157,7 +157,7 @@ def sampler_for(cfg, run_cfg, step: int):
     from pathlib import Path
 
     from training.errors import UserError
-    from training.generate import check_weak_step
+    from training.generate import check_weak_step, read_guide_config
     from training.sampling import ADAPTIVE, check_sampler
 
     sampler = run_cfg.sampler
@@ -183,6 +183,8 @@ def sampler_for(cfg, run_cfg, step: int):
         sampler.guide_ckpt_dir = None   # the run itself: its own earlier EMA, under the same-run rule below
     check_sampler(sampler)
     check_weak_step(sampler, run_cfg.train, step)   # the weak EMA of this run must come before the sampled one
+    if g == "auto" and sampler.get("guide_ckpt_dir"):   # another run as the weak model: it exists, before the slow part
+        read_guide_config(str(sampler.guide_ckpt_dir), sampler.get("guide_step"))
     return sampler
 
 

@@ -63,6 +63,9 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
                          ([f"ckpt_dir={stage1}", "guide_step=2", "rtol=1e-9"], "rtol is for the adaptive solvers"),
                          # guide_ckpt_dir naming the run itself: its own-run rule (it guided away from itself)
                          ([f"ckpt_dir={stage1}", f"guide_ckpt_dir={stage1}"], "guide_step=8 is not before"),
+                         # a mistyped weak run: named as guide_ckpt_dir (it said "pass ckpt_dir="), before any slow work
+                         ([f"ckpt_dir={stage1}", "guide_step=2", f"guide_ckpt_dir={tmp_path / 'nope'}"],
+                          f"guide_ckpt_dir={tmp_path / 'nope'}: no checkpoint directory"),
                          ([f"ckpt_dir={stage1}", "guide_step=2", "seed=4294967296"], "seed=4294967296 is not allowed"),
                          ([f"ckpt_dir={stage1}", "guide_step=2", "num_samples=1", "evaluate=true"],
                           "evaluate=true needs at least 2 images, and 1 were asked")):

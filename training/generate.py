@@ -55,6 +55,17 @@ def check_guide_step(sampler_cfg, train_cfg) -> None:
                         f"last, or sampler.guidance=cfg")
 
 
+def read_guide_config(guide_ckpt_dir, step):
+    """(saved config, step) of the run sampler.guide_ckpt_dir names; its mistakes are named as that key's."""
+    from training.checkpoint import read_config
+
+    try:
+        return read_config(guide_ckpt_dir, step)
+    except UserError as err:
+        raise UserError(f"guide_ckpt_dir={guide_ckpt_dir}: " + str(err).replace("pass ckpt_dir=", "pass "
+                        "guide_ckpt_dir=").replace("and step=", "and guide_step=")) from None
+
+
 def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
     """The weak model of autoguidance (None for other guidance): the EMA saved at guide_step in this run's ckpt_dir,
     or, when sampler.guide_ckpt_dir names another run (e.g. a smaller model trained for less, as in Karras et al.),
@@ -69,7 +80,7 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
 
         from models import build_model
 
-        saved, step = read_config(other, sampler_cfg.get("guide_step", None))
+        saved, step = read_guide_config(other, sampler_cfg.get("guide_step", None))
         check_weak_run(saved, template, train_cfg, other)
         template, ckpt_dir = build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), other
     else:
