@@ -1,7 +1,13 @@
 
+import sys
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import tiny_overrides
+from faults_helpers import complete_steps
+from training.checkpoint import read_config
 from training.cli import CONFIG_DIR, compose
 
 
@@ -174,4 +180,39 @@ def test_a_stage_main_called_from_python_checks_values_too(tmp_path, digits_root
     cfg = compose("config", tiny_overrides(digits_root, str(tmp_path / "ck")) + ["train.ema_decay=1.5"])
     with pytest.raises(UserError, match="train.ema_decay takes a number in"):
         train_stage1.main(cfg)
+    assert not (tmp_path / "ck").exists()
+
+
+# The command line end to end (train_stage1's entry point): values Hydra types otherwise than the user meant, sweeps.
+
+def _run_ok(monkeypatch, args):
+    import train_stage1
+    from training import cli
+
+    monkeypatch.setattr(sys, "argv", ["train_stage1.py", *args])
+    cli.main("config", train_stage1.main)
+
+
+def test_numbers_where_names_are_expected(monkeypatch, digits_root, tmp_path):
+    """Hydra reads `train.ckpt_dir=2024` and `wandb.name=42` as numbers: the first was refused as not a path, the
+    second was a pydantic traceback from W&B's settings. Both are names, and the run goes on with them."""
+    monkeypatch.chdir(tmp_path)
+    _run_ok(monkeypatch, tiny_overrides(digits_root, "2024", steps=2, **{
+        "wandb.mode": "offline", "wandb.dir": 7, "wandb.name": 42, "wandb.project": 123}))
+    assert complete_steps(tmp_path / "2024") == [2] and (tmp_path / "7" / "wandb").is_dir()
+    saved, _ = read_config(str(tmp_path / "2024"))
+    assert saved["train"]["ckpt_dir"] == "2024" and saved["wandb"]["name"] == 42
+
+
+def test_hydra_multirun_jobs_get_the_same_checks(digits_root, tmp_path):
+    """Under -m (Hydra's sweeps) every bad value was a traceback ("Error executing job ..."), exit code 1. A subprocess:
+    Hydra's own launcher reconfigures logging, which pytest's captured streams do not survive."""
+    import subprocess
+
+    script = Path(__file__).parent.parent / "train_stage1.py"
+    p = subprocess.run([sys.executable, str(script), "-m", *tiny_overrides(digits_root, str(tmp_path / "ck")),
+                        "train.ema_decay=1.5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith(("WARNING:absl", "INFO:absl"))]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert lines[0].startswith("error: bad configuration: train.ema_decay=1.5 is not allowed"), lines
     assert not (tmp_path / "ck").exists()

@@ -224,30 +224,6 @@ def test_edited_captions_and_class_names_re_prepare(vae, tmp_path):
     assert _prep(tmp_path / "l", vae, tmp_path / "ol")["class_names"] == ["cat", "dogs"]
 
 
-def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae, tmp_path, capsys):
-    """Re-encoding after the source changed (here only an mtime: a `touch`, or a copy without -p) deleted the complete
-    set first: stopped after one shard, the user was left with one shard and no meta.json. Now the old set waits
-    aside, as with force=true, and is back whole when the new encode is stopped."""
-    import os
-
-    write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(6)])
-    meta = _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=2)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
-    st = os.stat(tmp_path / "s" / "a" / "0.png")
-    os.utime(tmp_path / "s" / "a" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-
-    def stop(name):
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=2, on_shard=stop)
-    assert "old copy is back in place" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
-    assert _prep(tmp_path / "s", vae, tmp_path / "o", shard_size=2) == meta    # then completes: the same latents
-    assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.array_record")} == \
-        {k: v for k, v in before.items() if k.endswith(".array_record")}
-    assert not list(tmp_path.glob(".o.replaced-*"))
-
-
 def test_latents_refuse_on_the_fly_flips(vae, tmp_path):
     from data.loader import make_iterator
 

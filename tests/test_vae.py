@@ -183,6 +183,34 @@ def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
     assert len(_shards(tmp_path / "int")) == 1
 
 
+def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae_dir, tmp_path, capsys):
+    """Re-encoding after the source changed (here only an mtime: a `touch`, or a copy without -p) deleted the complete
+    set first: stopped after one shard, the user was left with one shard and no meta.json. Now the old set waits
+    aside, as with force=true, and is back whole when the new encode is stopped."""
+    from data.encode import prepare_latents
+    from data.vae import load_vae
+
+    vae = load_vae(vae_dir)
+    encode = lambda **kw: prepare_latents(str(tmp_path / "s"), vae, tmp_path / "o", resolution=8, shard_size=2,
+                                          progress=False, **kw)
+    write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(6)])
+    meta = encode()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    st = os.stat(tmp_path / "s" / "a" / "0.png")
+    os.utime(tmp_path / "s" / "a" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    def stop(name):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        encode(on_shard=stop)
+    assert "old copy is back in place" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    assert encode() == meta    # then it completes: the same latents
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.array_record")} == \
+        {k: v for k, v in before.items() if k.endswith(".array_record")}
+    assert not list(tmp_path.glob(".o.replaced-*"))
+
+
 def test_prepare_data_cli_offline(vae_dir, tmp_path):
     write_images(tmp_path / "src" / "cat", ["1.png", "2.jpg"])
     write_images(tmp_path / "src" / "dog", ["3.png"])
