@@ -1,5 +1,8 @@
 """Stage 2: exact resume, gradient accumulation == one large batch, masks respected, prompt sampling with CFG."""
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +56,16 @@ def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing):
     a = a[0]
     init = build_model(read_config(straight)[0]["model_spec"], key=split_keys(0)[0])
     assert not np.array_equal(np.asarray(init.null_text), np.asarray(a.params.null_text))  # the null caption learns
+    # A re-check from the command line wrote over the run's own end-of-run result (eval-step<N>.json): now it is
+    # named by its settings, and the run's file stays.
+    from training import text_eval
+
+    own = Path(straight) / f"eval-step{2 * N:07d}.json"
+    own.write_text('{"the run": "its own result"}')
+    res = text_eval.main([straight, "num_samples=4", "cfg_scale=2", "steps=2"])
+    assert own.read_text() == '{"the run": "its own result"}'
+    saved = json.loads((Path(straight) / f"eval-step{2 * N:07d}-n4-cfg2-steps2.json").read_text())
+    assert saved == res and saved["sampler_steps"] == 2 and saved["num_captions"] == 4
 
 
 @pytest.mark.parametrize("mixing", ["cross", "joint"])

@@ -4,7 +4,8 @@ For n captions spread over the training set: one EMA sample each (CFG, the run's
 training images in pooled-pixel space (data/emoji.py `features`: the rationale is there); a hit when the captioned
 image is among the k nearest. Latent sets are ranked in the model's latent space instead (decoding every training
 image through the VAE would cost more than the run; the grid's real row is the VAE's reconstruction). Written to
-<ckpt_dir>/eval-step<step>.json with a PNG grid (sample above real).
+<ckpt_dir>/eval-step<step>.json with a PNG grid (sample above real); a command-line re-check adds its settings to
+the name (eval-step<step>-n<N>-cfg<S>-steps<K>.json).
 """
 
 import json
@@ -24,8 +25,11 @@ from training.generate import generate, load_weak, text_conds, to_images
 from training.tracking import make_grid, save_png
 
 
-def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg, step: int, k: int = 5) -> dict:
-    """captions: record indices -> load_text's dict for those records only (the split's features can exceed memory)."""
+def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg, step: int, k: int = 5,
+                 tag: str = "") -> dict:
+    """captions: record indices -> load_text's dict for those records only (the split's features can exceed memory).
+    Written as <ckpt_dir>/eval-step<step><tag>.json and .png: the end of training uses no tag; a re-check from the
+    command line tags its settings, so it never replaces the run's own result."""
     n = min(int(cfg.eval.num_samples), len(real))
     idx = np.linspace(0, len(real) - 1, n).astype(int)
     c = captions(idx)
@@ -40,15 +44,15 @@ def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg,
         rank = target_ranks(imgs, real, idx)
     res = {f"top{k}_hit_rate": float(np.mean(rank < k)), "top1_hit_rate": float(np.mean(rank < 1)),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
-           "sample_seconds": time.perf_counter() - t0}
+           "sampler_steps": int(cfg.sampler.steps), "sample_seconds": time.perf_counter() - t0}
     out = Path(cfg.train.ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"eval-step{step:07d}.json", res)
+    write_json(out / f"eval-step{step:07d}{tag}.json", res)
     m = min(n, 32)   # rows of 8: generated, then the captioned real image
     shown = to_images(to_model(real[idx[:m]], meta), meta, cfg.sampler) if is_latent(meta) else real[idx[:m]]
     pairs = np.concatenate([np.stack([imgs[i:i + 8], shown[i:i + 8]]).reshape(-1, *imgs.shape[1:])
                             for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs
-    save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}.png", upscale=2)
+    save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}{tag}.png", upscale=2)
     print("evaluation: " + json.dumps(res), flush=True)
     return res
 
@@ -121,8 +125,10 @@ def main(argv: list[str]) -> dict:
     saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), **{
         k: kv[k] for k in ("cfg_scale", "steps") if k in kv})
     cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
+    # The run's own eval-step<N>.json (written at the end of training) stays: this one is named by its settings.
+    tag = f"-n{int(cfg.eval.num_samples)}-cfg{float(cfg.sampler.cfg_scale):g}-steps{int(cfg.sampler.steps)}"
     return caption_topk(ema, saved["model_spec"], meta, lambda idx: load_text(meta, data_dir, "train", idx),
-                        load_split(meta, data_dir, "train")[0], cfg, step)
+                        load_split(meta, data_dir, "train")[0], cfg, step, tag=tag)
 
 
 def run(argv: list[str]) -> None:
