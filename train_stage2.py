@@ -49,7 +49,7 @@ def main(cfg):
             return model
         from models.convert import load_stage1, stage1_to_stage2
 
-        s1, _ = load_stage1(cfg.train.init_from)
+        s1, _ = load_stage1(cfg.train.init_from, prediction=cfg.train.prediction)
         model = stage1_to_stage2(s1, model, float(cfg.train.init_fold_t))   # refuses a stage-1 model that does not fit
         print(f"initialised from stage 1 {cfg.train.init_from} (adaLN folded at t={cfg.train.init_fold_t})", flush=True)
         return model

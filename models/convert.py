@@ -60,8 +60,10 @@ def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
                                    s1.blocks.mlp, table, s1.final_ada, s1.final))
 
 
-def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
-    """EMA weights of a stage-1 run (its spec rebuilt from the checkpoint's saved config)."""
+def load_stage1(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT, dict]:
+    """EMA weights of a stage-1 run (its spec rebuilt from the checkpoint's saved config). With `prediction` (the
+    stage-2 run's train.prediction), a run that predicts another quantity is refused: its weights would output a
+    velocity where stage 2 reads a clean image, or the reverse, and train on from there without a word."""
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
 
@@ -72,6 +74,10 @@ def load_stage1(ckpt_dir: str, step=None) -> tuple[DiT, dict]:
     spec = saved.get("model_spec", {})
     if spec.get("mixing") is not None or "num_classes" not in spec:
         raise UserError(f"train.init_from={ckpt_dir} is not a stage-1 (class-conditional) run")
+    was = str(saved.get("train", {}).get("prediction", "v"))   # runs saved before train.prediction existed: v
+    if prediction is not None and was != str(prediction):
+        raise UserError(f"train.init_from={ckpt_dir} was trained with train.prediction={was}, and this run uses "
+                        f"{prediction}: pass train.prediction={was}, or initialise from a run that predicts {prediction}")
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(ckpt_dir, create=False) as ck:
         return ck.restore_weights(template, step), spec

@@ -103,6 +103,13 @@ def test_init_from_a_stage1_checkpoint(digits_text_root, digits_root, tmp_path):
     got = s2(x, t, jnp.zeros((8, 384)), jnp.ones((8,), bool), jnp.bool_(True))
     # lr 1e-12 for three steps: the saved stage-2 weights are the transplanted ones up to ~1e-12.
     np.testing.assert_allclose(got, want, atol=1e-4)
+    # A stage-1 run that predicts another quantity was copied in without a word (its outputs read as the other one).
+    from training.errors import UserError
+
+    other = {"x": "v", "v": "x"}[str(saved["train"]["prediction"])]
+    with pytest.raises(UserError, match=rf"train.prediction={saved['train']['prediction']}, and this run uses {other}"):
+        train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, str(tmp_path / "s2b"), steps=3, **{
+            "train.init_from": s1_dir, "train.prediction": other})))
 
 
 def test_a_missing_init_from_names_the_key(tmp_path):
