@@ -246,6 +246,25 @@ def _latents_sha256(src: Path) -> str | None:
     return h.hexdigest()
 
 
+def _images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
+    """What the listed images are, cheaply: each one's path, size and modification time (as a latent encode tells an
+    edited image, data/encode.py). None when the folder, the captions or an image is gone (a prepared copy elsewhere)."""
+    if not (folder.is_dir() and captions_file.is_file()):
+        return None
+    try:
+        rows = _caption_rows(folder, captions_file, limit)
+    except UserError:
+        return None
+    h = hashlib.sha256()
+    for _, file, _ in rows:
+        try:
+            st = (folder / file).stat()
+        except OSError:
+            return None
+        h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _request(dc) -> dict:
     """What a captioned set is made from. Stored in meta["text"]["request"] so that `data.name` pointing at a copy
     prepared from another folder, captions file, size, limit or encoder is refused instead of silently reused (the
@@ -265,7 +284,8 @@ def _request(dc) -> dict:
     if req["kind"] == "folder":
         captions = Path(str(dc.captions_file))
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
-                   captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None)
+                   captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None,
+                   images_sha256=_images_sha256(Path(str(dc.folder)).expanduser(), captions, req["limit"]))
     return req
 
 
@@ -293,6 +313,8 @@ def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
             now.update(captions_file=was.get("captions_file"), captions_sha256=was["captions_sha256"])
             if now["captions_sha256"] is None or not Path(str(was.get("folder"))).is_dir():
                 now["folder"] = was.get("folder")
+        if now["images_sha256"] is None:   # images gone (a copy elsewhere): the prepared pixels are all there is
+            now["images_sha256"] = was.get("images_sha256")
     if now["kind"] == "latents" and was.get("latents_sha256"):
         # The same for latents: moved or gone, the copy here is still theirs; re-encoded or re-captioned, it is not.
         if now["latents_sha256"] is None:

@@ -194,6 +194,15 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
     with pytest.raises(UserError, match="captions_sha256"):   # edited captions: not the set that was prepared
         ensure_prepared_text(dc, encoder=minilm)
     assert (d / "meta.json").is_file()   # nothing the user had is removed
+    # Edited images under unchanged captions were trained on as the stale pixels prepared before, without a word.
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    assert ensure_prepared_text(dc, encoder=None)[0] == meta
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "0.png")
+    st = os.stat(tmp_path / "0.png")
+    os.utime(tmp_path / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # a coarse clock may not have moved
+    with pytest.raises(UserError, match="images_sha256"):
+        ensure_prepared_text(dc, encoder=minilm)
+    assert (d / "meta.json").is_file()
 
 
 def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkeypatch):
