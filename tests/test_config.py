@@ -216,3 +216,15 @@ def test_hydra_multirun_jobs_get_the_same_checks(digits_root, tmp_path):
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert lines[0].startswith("error: bad configuration: train.ema_decay=1.5 is not allowed"), lines
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("name, override", [("stage2", "train.init_from=2024"), ("autoencoder", "out=2024"),
+                                            ("prepare", "out=7"), ("stage2", "data.text_encoder_path=12")])
+def test_a_number_given_for_a_path_is_that_name(name, override):
+    """`train.init_from=2024` (or the autoencoder's `out=2024`) reached Path() as an int: a TypeError traceback."""
+    from training.schema import check_values
+
+    cfg = compose(name, [override])
+    check_values(name, cfg)
+    key, value = override.split("=")
+    assert OmegaConf.select(cfg, key) == value

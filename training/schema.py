@@ -79,7 +79,8 @@ TRAINING = {
     "train.time_std": real(0, lo_open=True), "train.time_uniform_frac": real(0, 1),
     "train.time_stratified": choice(True, False), "train.loss_weight_max": real(0, lo_open=True, null=True),
     "train.ckpt_dir": path(), "train.debug_nan_steps": whole_list(), "data.root": path(), "wandb.dir": path(),
-    "sampler.guide_ckpt_dir": path(null=True),
+    "sampler.guide_ckpt_dir": path(null=True), "train.init_from": path(null=True),
+    **{f"data.{k}": path() for k in ("folder", "captions_file", "latents")}, "data.text_encoder_path": path(null=True),
     **{f"mesh.{axis}": (lambda v: is_whole(v, -1) and v != 0, "a whole number >= 1, or -1 (all remaining devices)")
        for axis in ("data", "fsdp")},   # mesh.data=1.5 was truncated to 1 without a word
     "train.cfg_p": real(0, 1, hi_open=True), "train.ema_decay": PROB, "train.ema_warmup": choice(True, False),
@@ -105,13 +106,14 @@ RULES = {
                "guide_ckpt_dir": path(null=True),
                **{k: (lambda v, f=f: v is None or f(v), t + ("" if "null" in t else ", or null"))
                   for k, (f, t) in SAMPLER.items()}},
-    "prepare": {"force": choice(True, False), "resolution": whole(1, null=True), "batch_size": whole(1),
-                "shard_size": whole(1), "workers": whole(1), "hflip": choice(True, False),
+    "prepare": {"out": path(null=True), "force": choice(True, False), "resolution": whole(1, null=True),
+                "batch_size": whole(1), "shard_size": whole(1), "workers": whole(1), "hflip": choice(True, False),
                 "vae_device": choice("cpu", "cuda", "auto"), "vae_dtype": choice("float32", "float16", "bfloat16"),
                 "latent_dtype": choice("float16", "float32"), "sample_posterior": choice(True, False),
                 "data.max_tokens": whole(1), "data.size": whole(1), "data.limit": whole(1, null=True),
                 "data.workers": whole(0)},
-    "autoencoder": {"latent_channels": whole(1), "layers_per_block": whole(1), "norm_num_groups": whole(1),
+    "autoencoder": {"out": path(), "latent_channels": whole(1), "layers_per_block": whole(1),
+                    "norm_num_groups": whole(1),
                     "kl_weight": real(0), "steps": whole(1), "batch_size": whole(1), "lr": real(0, lo_open=True),
                     "max_minutes": real(0, lo_open=True), "seed": whole(0, hi=SEED_MAX), "threads": whole(1),
                     "log_every": whole(1), "score": choice(True, False),
