@@ -36,7 +36,8 @@ def synthetic_latents(out_dir: Path, shape: tuple[int, int, int], records: int, 
     y = rng.integers(0, 1000, records)
     n_test = max(records // 50, 1)
     prepare_arrays(out_dir, out_dir.name, {"train": (x, y), "test": (x[:n_test], y[:n_test])},
-                   [f"class{i}" for i in range(1000)], source="synthetic (bench/loader.py)", encoder="synthetic")
+                   [f"class{i}" for i in range(1000)], source="synthetic (bench/loader.py)",
+                   encoder={"name": "synthetic"})
 
 
 def main(argv):

@@ -84,8 +84,11 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     accumulation, one log/sample writer, a checkpoint both processes contribute to."""
     port = free_port()
     ckpt_dir = tmp_path / "ck"
+    # The default autoguidance: its final grid restores the weak EMA, which Orbax synchronises over all processes
+    # (process 0 alone waited there until JAX's shutdown barrier aborted both).
     over = tiny_overrides(digits_root, str(ckpt_dir), steps=4, **{"train.grad_accum": 2, "train.batch_size": 8,
-                                                                     "mesh.fsdp": 2, "sampler.chunk": 16})
+                                                                     "mesh.fsdp": 2, "sampler.chunk": 16,
+                                                                     "sampler.guidance": "auto"})
     cmds = [[sys.executable, "train_stage1.py", *over, "distributed.coordinator_address=127.0.0.1:%d" % port,
              "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.local_device_ids=0"]
             for i in range(2)]
@@ -97,7 +100,7 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     assert "effective batch" not in outs[1]  # only process 0 reports
     assert sorted(p.name for p in (ckpt_dir / "4" / "data").iterdir() if p.suffix == ".json") == [
         "process_0-of-2.json", "process_1-of-2.json"]
-    assert (ckpt_dir / "samples" / "step0000004.png").is_file()
+    assert (ckpt_dir / "samples" / "step0000004.png").is_file() and (ckpt_dir / "2").is_dir()   # 2: the weak EMA
 
 
 def test_coordinator_mistakes_are_one_line_not_an_abort():

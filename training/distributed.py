@@ -16,6 +16,7 @@ import os
 
 from training.errors import UserError
 
+SHUTDOWN_TIMEOUT_S = 3600   # how long a finished process waits at exit for the others (process 0's evaluation)
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
@@ -127,6 +128,13 @@ def initialize(cfg=None) -> bool:
           f"{kwargs['initialization_timeout']} s; if a process never joins, JAX then aborts this one)", flush=True)
     if kwargs["coordinator_address"] is not None:
         check_coordinator(kwargs["coordinator_address"], kwargs["process_id"], kwargs["initialization_timeout"])
+    import inspect
+
+    if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        # Only process 0 samples the final grid and evaluates; the others finish first and wait for it at JAX's
+        # shutdown barrier, which aborts every process after its default 5 minutes (an evaluation on a GPU can take
+        # longer). An hour; a process that died is still found by the heartbeat (100 s).
+        kwargs = {**kwargs, "shutdown_timeout_seconds": SHUTDOWN_TIMEOUT_S}
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, TypeError) as err:

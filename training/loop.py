@@ -183,9 +183,11 @@ def run(cfg, task: Task) -> dict:
         """EMA sample grid; the final one autoguides (the weak model's checkpoint is complete once training ends).
         Returns (EMA, weak model or None) for the end-of-run evaluation."""
         ema = sharding.host_local(state.ema, mesh)  # every process calls this (a gather when there are several)
+        # Every process too: Orbax's manager and restore synchronise all processes, so process 0 alone hung here
+        # until JAX's shutdown barrier aborted the run (multi-process runs with the default autoguidance).
+        weak = load_weak(tc.ckpt_dir, cfg.sampler, ema, tc) if final else None
         if not is_main:
             return ema, None
-        weak = load_weak(tc.ckpt_dir, cfg.sampler, ema, tc) if final else None
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
         imgs = generate(ema, task.spec, task.meta, labels, sample_key, grid_sampler if weak is None else cfg.sampler,
                         tc, weak=weak)
