@@ -84,11 +84,15 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     accumulation, one log/sample writer, a checkpoint both processes contribute to."""
     port = free_port()
     ckpt_dir = tmp_path / "ck"
-    # The default autoguidance: its final grid restores the weak EMA, which Orbax synchronises over all processes
-    # (process 0 alone waited there until JAX's shutdown barrier aborted both).
+    # The default autoguidance and evaluation: the final grid restores the weak EMA, which Orbax synchronises over
+    # all processes (process 0 alone waited there until JAX's shutdown barrier aborted both), as global arrays that
+    # process 0 alone cannot compute with once the others have left (a gloo "connection closed" at the grid).
     over = tiny_overrides(digits_root, str(ckpt_dir), steps=4, **{"train.grad_accum": 2, "train.batch_size": 8,
                                                                      "mesh.fsdp": 2, "sampler.chunk": 16,
-                                                                     "sampler.guidance": "auto"})
+                                                                     "sampler.guidance": "auto", "eval.at_end": True,
+                                                                     "eval.num_samples": 20,
+                                                                     # MLP 64 x 256: arrays large enough to be sharded
+                                                                     "model.hidden_size": 64})
     cmds = [[sys.executable, "train_stage1.py", *over, "distributed.coordinator_address=127.0.0.1:%d" % port,
              "distributed.num_processes=2", f"distributed.process_id={i}", "distributed.local_device_ids=0"]
             for i in range(2)]
@@ -97,7 +101,7 @@ def test_train_stage1_runs_as_two_processes(tmp_path, digits_root):
     assert all("local_device_ids=0 has no effect on CPU devices; each process gets 2" in o for o in outs)
     assert "effective batch 16 = batch_size 8 x grad_accum 2" in outs[0]
     assert "mesh data=2 x fsdp=2 over 2 process(es)" in outs[0]
-    assert "effective batch" not in outs[1]  # only process 0 reports
+    assert "effective batch" not in outs[1] and "evaluation: {" in outs[0]  # only process 0 reports, evaluates
     assert sorted(p.name for p in (ckpt_dir / "4" / "data").iterdir() if p.suffix == ".json") == [
         "process_0-of-2.json", "process_1-of-2.json"]
     assert (ckpt_dir / "samples" / "step0000004.png").is_file() and (ckpt_dir / "2").is_dir()   # 2: the weak EMA

@@ -186,6 +186,8 @@ def run(cfg, task: Task) -> dict:
         # Every process too: Orbax's manager and restore synchronise all processes, so process 0 alone hung here
         # until JAX's shutdown barrier aborted the run (multi-process runs with the default autoguidance).
         weak = load_weak(tc.ckpt_dir, cfg.sampler, ema, tc) if final else None
+        if weak is not None:   # restored as global arrays over every process's devices: host arrays, as the EMA
+            weak = sharding.host_local(weak, mesh)
         if not is_main:
             return ema, None
         labels = task.grid_conds() if task.grid_conds else grid_labels(task.spec["num_classes"], per_class=8)
