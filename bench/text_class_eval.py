@@ -24,12 +24,11 @@ def main(argv):
     from data.captions import FASHION_NAMES, FASHION_TEMPLATES
     from data.prepare import ensure_prepared
     from data.text import get_encoder
+    from training.errors import UserError
     from training.evaluate import evaluator_for
     from training.generate import generate, load_weak, text_conds
     from training.sampling import balanced_labels
     from training.text_eval import load_run
-
-    from training.errors import UserError
 
     ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
     saved, cfg, step, meta, _, ema = load_run(ckpt_dir, int(kv["step"]) if "step" in kv else None, **(

@@ -72,7 +72,7 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
     the EMA of that run at guide_step (null: its latest), rebuilt from the config saved there."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
-    from training.checkpoint import Checkpointer, read_config
+    from training.checkpoint import Checkpointer
 
     other = sampler_cfg.get("guide_ckpt_dir", None)
     if other:
