@@ -156,8 +156,9 @@ def sampler_for(cfg, run_cfg, step: int):
     """The run's saved sampler with this command's overrides, checked before anything slow (evaluator, weights)."""
     from pathlib import Path
 
+    from training.checkpoint import read_config
     from training.errors import UserError
-    from training.generate import check_weak_step, read_guide_config
+    from training.generate import GUIDE_KEYS, check_weak_step
     from training.sampling import ADAPTIVE, check_sampler
 
     sampler = run_cfg.sampler
@@ -184,7 +185,7 @@ def sampler_for(cfg, run_cfg, step: int):
     check_sampler(sampler)
     check_weak_step(sampler, run_cfg.train, step)   # the weak EMA of this run must come before the sampled one
     if g == "auto" and sampler.get("guide_ckpt_dir"):   # another run as the weak model: it exists, before the slow part
-        read_guide_config(str(sampler.guide_ckpt_dir), sampler.get("guide_step"))
+        read_config(str(sampler.guide_ckpt_dir), sampler.get("guide_step"), keys=GUIDE_KEYS)
     return sampler
 
 

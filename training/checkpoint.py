@@ -344,18 +344,24 @@ def _quiet_abandoned_reads() -> None:
                             and any(text in record.getMessage() for text in ABANDONED)))
 
 
-def read_config(ckpt_dir: str, step: int | None = None) -> tuple[dict, int]:
-    """The resolved config saved with a checkpoint (for sample.py and resume checks), without loading arrays."""
+def read_config(ckpt_dir: str, step: int | None = None, keys=("ckpt_dir", "step")) -> tuple[dict, int]:
+    """The resolved config saved with a checkpoint (for sample.py and resume checks), without loading arrays. `keys`:
+    the run directory's and the step's keys as the user typed them (sample.py's guide_ckpt_dir / guide_step), named
+    in every refusal."""
+    key, step_key = keys
     path = Path(ckpt_dir)
     if not path.is_dir():
-        raise UserError(f"no checkpoint directory {path}: train first, or pass ckpt_dir=<dir of a run>")
+        raise UserError(f"{key}={path}: no checkpoint directory there: train first, or pass {key}=<dir of a run>")
     steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "config").is_dir())
     if not steps:
         if _is_step_dir(path):
-            raise UserError(f"{path} is one step of a run: pass the run's folder, {path.parent}, and step={path.name}")
-        raise UserError(f"{path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a run")
+            raise UserError(f"{key}={path} is one step of a run: pass the run's folder, {path.parent}, and "
+                            f"{step_key}={path.name}")
+        raise UserError(f"{key}={path} holds no checkpoint (no <step>/config inside): pass the train.ckpt_dir of a "
+                        "run")
     if step is not None and int(step) not in steps:
-        raise UserError(f"{path} holds no checkpoint of step {step}: it holds steps {steps} (step=null: the latest)")
+        raise UserError(f"{key}={path} holds no checkpoint of step {step}: it holds steps {steps} ({step_key}=null: "
+                        "the latest)")
     step = steps[-1] if step is None else int(step)
     # Orbax's JsonSave writes config/metadata next to commit_success.txt; directory listing order differs between
     # file systems (tmpfs lists commit_success.txt first), so name the file instead of taking the first one.

@@ -55,15 +55,7 @@ def check_guide_step(sampler_cfg, train_cfg) -> None:
                         f"last, or sampler.guidance=cfg")
 
 
-def read_guide_config(guide_ckpt_dir, step):
-    """(saved config, step) of the run sampler.guide_ckpt_dir names; its mistakes are named as that key's."""
-    from training.checkpoint import read_config
-
-    try:
-        return read_config(guide_ckpt_dir, step)
-    except UserError as err:
-        raise UserError(f"guide_ckpt_dir={guide_ckpt_dir}: " + str(err).replace("pass ckpt_dir=", "pass "
-                        "guide_ckpt_dir=").replace("and step=", "and guide_step=")) from None
+GUIDE_KEYS = ("guide_ckpt_dir", "guide_step")   # what a user typed to name another run's weak model
 
 
 def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
@@ -72,7 +64,7 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
     the EMA of that run at guide_step (null: its latest), rebuilt from the config saved there."""
     if sampler_cfg.get("guidance", "cfg") != "auto":
         return None
-    from training.checkpoint import Checkpointer
+    from training.checkpoint import Checkpointer, read_config
 
     other = sampler_cfg.get("guide_ckpt_dir", None)
     if other:
@@ -80,7 +72,7 @@ def load_weak(ckpt_dir, sampler_cfg, template, train_cfg):
 
         from models import build_model
 
-        saved, step = read_guide_config(other, sampler_cfg.get("guide_step", None))
+        saved, step = read_config(other, sampler_cfg.get("guide_step", None), keys=GUIDE_KEYS)
         check_weak_run(saved, template, train_cfg, other)
         template, ckpt_dir = build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), other
     else:
