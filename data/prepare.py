@@ -14,7 +14,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builtin_copy, load_builtin
 from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, prepare_hint, write_meta
 from data.records import ALLOWED_DTYPES, encode_record
-from training.errors import UserError
+from training.errors import UserError, storage_reason
 from training.runlock import exclusive
 
 RECORDS_PER_SHARD = 7500      # Fashion-MNIST: 8 train shards, 2 test shards
@@ -91,7 +91,7 @@ def write_records(out_dir: Path, name: str, records) -> str:
         os.rename(tmp, out_dir / name)
         done = True
     except RuntimeError as e:   # ArrayRecord reports a failed write(2) as RuntimeError("... No space left on device")
-        reason = next((r for r in ("No space left on device", "Disk quota exceeded") if r in str(e)), None)
+        reason = storage_reason(e)
         if reason is None:
             raise
         raise UserError(f"writing {out_dir / name} failed ({reason}): free disk space there (or choose another "

@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from training import checksums
-from training.errors import OTHER_VERSION, UserError, check_whole, check_writable_dir, first_line
+from training.errors import (OTHER_VERSION, UserError, check_whole, check_writable_dir, first_line,
+                             storage_reason)
 from training.runlock import RunLock
 from training.sharding import host_value
 from training.state import TrainState
@@ -127,9 +128,7 @@ class Checkpointer:
 
     def _storage_error(self, err: Exception) -> UserError | None:
         """A failed write (disk full, permissions) as a one-line UserError; None for anything else (a bug)."""
-        text = str(err)
-        reasons = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
-        reason = next((r for r in reasons if r in text), None)
+        reason = storage_reason(err)
         if reason is None and not isinstance(err, OSError):
             return None
         reason = reason or getattr(err, "strerror", None) or type(err).__name__

@@ -21,6 +21,15 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+STORAGE_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
+def storage_reason(err: BaseException) -> str | None:
+    """Which storage failure a write's error reports, if any: Orbax and ArrayRecord raise these as RuntimeErrors or
+    other types whose message carries the OS's words, not as OSErrors."""
+    return next((r for r in STORAGE_REASONS if r in str(err)), None)
+
+
 def is_whole(value, minimum: int = 1, maximum: float = float("inf")) -> bool:
     """The shared rule for counts, cadences and sizes in configs: an int (not a bool, nor a float such as 4.0 or inf)
     within [minimum, maximum]."""
