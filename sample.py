@@ -64,7 +64,7 @@ def main(cfg):
                         f"holds {run_cfg.data.name}/>") from None
     prompts = None
     if stage == 2:  # text-conditional: prompt= one string or a list (default: training captions)
-        from data.captions import check_text_matches, prompt_conds
+        from data.prompts import check_text_matches, prompt_conds
 
         check_text_matches(saved, meta, cfg.ckpt_dir)
         labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)

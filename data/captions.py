@@ -13,7 +13,6 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 import hashlib
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -255,14 +254,13 @@ def _images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
         rows = _caption_rows(folder, captions_file, limit)
     except UserError:
         return None
-    h = hashlib.sha256()
-    for _, file, _ in rows:
-        try:
-            st = (folder / file).stat()
-        except OSError:
-            return None
-        h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    from data.folders import file_stamp
+
+    try:
+        stamps = [file_stamp(folder / file, file) for _, file, _ in rows]
+    except OSError:
+        return None
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
 
 
 def _request(dc) -> dict:
@@ -376,47 +374,3 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
             splits[split] = (x, y)
             text[split] = {"text": states.astype(np.float16), "mask": mask, "caption": caps}
     prepare_arrays(out_dir, str(dc.name), splits, d["class_names"], d["source"], text=text, text_meta=text_meta)
-
-
-def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.ndarray, tuple, list[str]]:
-    """sample.py: prompts (one string or a list; None = up to 8 training captions) -> (prompt index per image, model
-    conditions, prompts). Prompts go through the encoder that prepared the data (meta["text"]); num_samples images
-    are split as evenly as they go over the prompts, in prompt order (at least one each)."""
-    from data.loader import load_text
-    from data.text import get_encoder
-    from training.generate import text_conds
-
-    t = meta["text"]
-    if prompt is not None:
-        # a list from the command line arrives as OmegaConf's ListConfig (a Sequence, not a list)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
-        # Hydra types prompt=123 / true / null: a caption is text, and str() would invent "None" or "True"
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise UserError("prompt must be a non-empty string or list of strings (quote numbers and words Hydra "
-                            "reads as values: 'prompt=\"123\"', or 'prompt=[\"a red apple\",\"true\"]')")
-        text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
-    else:
-        n_train = int(meta["splits"]["train"]["num_records"])
-        # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts);
-        # only those records are read (not every caption's features)
-        pick = np.linspace(0, n_train - 1, min(8, n_train, int(num_samples))).astype(int)
-        c = load_text(meta, data_dir, "train", pick)
-        prompts, text, mask = c["caption"], c["text"], c["mask"]
-    n = int(num_samples)
-    if n < len(prompts):
-        print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)
-    idx = np.sort(np.arange(max(n, len(prompts))) % len(prompts))   # exactly num_samples; earlier prompts get the rest
-    return idx, text_conds(text[idx], mask[idx]), prompts
-
-
-def check_text_matches(saved: dict, meta: dict, ckpt_dir) -> None:
-    """A stage-2 run samples and is scored with the caption features of the set it trained on: another text encoder
-    or token count (the set re-prepared since) would condition it on features it never saw, or not fit at all."""
-    spec, t = saved.get("model_spec", {}), meta.get("text") or {}
-    was = {"encoder": (saved.get("data") or {}).get("text_encoder"), "dim": spec.get("text_dim"),
-           "max_tokens": spec.get("max_tokens")}
-    diff = [f"{k}: run {v!r}, data set now {t.get(k)!r}" for k, v in was.items() if v is not None and t.get(k) != v]
-    if diff:
-        raise UserError(f"{ckpt_dir} was trained on other caption features than {meta.get('name')} holds now "
-                        f"({'; '.join(diff)}): sample on the data the run saw (re-prepare it with the run's "
-                        f"data.* settings), or train again")

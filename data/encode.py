@@ -72,7 +72,7 @@ def _builtin_items(name: str, resolution: int | None, channels: int) -> tuple[di
 
 
 def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, str, str]:
-    from data.folders import load_image, scan_source
+    from data.folders import file_stamp, load_image, scan_source
 
     src = scan_source(source)
     root = Path(source).expanduser()
@@ -83,8 +83,7 @@ def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, s
         # files elsewhere is still readable, and two links to one file stay two examples. Size and mtime (of the
         # target) catch an edited image.
         items[split] = _Items(len(files), lambda i, f=files: load_image(f[i], resolution, channels), list(sp.labels),
-                              [f"{Path(os.path.relpath(p, root)).as_posix()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                               for p in files], sp.captions)
+                              [file_stamp(p, Path(os.path.relpath(p, root)).as_posix()) for p in files], sp.captions)
     return items, src.class_names, str(root.resolve()), src.layout
 
 

@@ -58,6 +58,13 @@ def _images(d: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
+def file_stamp(path: Path, name: str) -> str:
+    """`name:size:mtime_ns` of the file at `path`: how an encode (and stage 2's folder reuse check) tells an edited
+    image from the one it read, without reading it."""
+    st = path.stat()
+    return f"{name}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 

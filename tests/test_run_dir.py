@@ -30,7 +30,7 @@ def test_stage2_sampling_checks_prompts_and_the_caption_features():
     one line (it was a broadcasting traceback, or silently other features)."""
     import pytest
 
-    from data.captions import check_text_matches, prompt_conds
+    from data.prompts import check_text_matches, prompt_conds
     from training.errors import UserError
 
     meta = {"name": "emoji", "text": {"encoder": "minilm", "dim": 384, "max_tokens": 16}}

@@ -128,7 +128,7 @@ def test_prompt_sampling_with_guidance(root):
 def test_prompts_share_exactly_the_images_asked_for(root, capsys):
     """sample.py prompt=[...] num_samples=N: N images split over the prompts in order (10 over 3: 4, 3, 3), each
     prompt's conditions equal to its own encoding; fewer than the prompts: one each, said aloud."""
-    from data.captions import prompt_conds
+    from data.prompts import prompt_conds
 
     meta = load_meta(f"{root}/digits_text")
     prompts = ["a handwritten digit 1", "a handwritten digit 7", "a handwritten digit 3"]

@@ -86,7 +86,7 @@ def load_run(ckpt_dir, step=None, **sampler) -> tuple:
     re-prepared since (other caption features, other images) are refused in one line."""
     from omegaconf import OmegaConf
 
-    from data.captions import check_text_matches
+    from data.prompts import check_text_matches
     from data.meta import load_meta
     from data.prepare import data_mismatch
     from models import build_model
