@@ -202,3 +202,24 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
     assert f"checkpoint {ck / str(step + 1)} cannot be read" in line and "non-finite values in ema" in line, line
     with Checkpointer(str(ck), create=False) as c, pytest.raises(UserError, match="non-finite values in ema"):
         c.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step + 1)
+
+
+def test_a_changed_sampler_on_resume_keeps_the_weak_models_checkpoint(digits_root, tmp_path):
+    """sampler.* is free to change on resume, but the step autoguidance reads (the EMA half-way through the run) was
+    kept only while the current config named it: a resume with guidance=cfg let Orbax delete it at the next save, and
+    nothing gives it back. Kept now across any number of resumes; a new weak step is kept beside it."""
+    ck = str(tmp_path / "run")
+    steps = lambda: sorted(int(p.name) for p in (tmp_path / "run").iterdir() if p.name.isdigit())
+    over = lambda **kw: tiny_overrides(digits_root, ck, steps=10, **{"train.ckpt_every": 2, "train.keep_ckpts": 1,
+                                                                     "sampler.guidance": "auto", **kw})
+    train_stage1.main(compose("config", over(**{"train.stop_at_step": 6})))
+    assert steps() == [5, 6]     # guide_fraction 0.5 of 10
+    train_stage1.main(compose("config", over(**{"train.is_restore": True, "train.stop_at_step": 8,
+                                                "sampler.guidance": "cfg"})))
+    assert steps() == [5, 8]
+    assert read_config(ck)[0]["run"]["kept_steps"] == [5]
+    # The config saved at step 8 no longer autoguides: the record, not the sampler settings, carries step 5 on.
+    train_stage1.main(compose("config", over(**{"train.is_restore": True, "sampler.guidance": "auto",
+                                                "sampler.guide_step": 9})))
+    assert steps() == [5, 9, 10]
+    assert read_config(ck)[0]["run"]["kept_steps"] == [5, 9]

@@ -115,7 +115,8 @@ def run(cfg, task: Task) -> dict:
     it = task.make_iterator(global_batch // jax.process_count(), jax.process_index(), jax.process_count())
     # Disk full or unwritable: fail now, not at the first save (room for one checkpoint of the state's arrays).
     weak_step = guide_step(cfg.sampler, tc)   # autoguidance: this step's checkpoint is saved and kept for sampling
-    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts, preserve=() if weak_step is None else (weak_step,),
+    kept = _kept_steps(tc, weak_step)
+    ckpt = Checkpointer(tc.ckpt_dir, keep=tc.keep_ckpts, preserve=kept,
                         need_bytes=sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(state)))
     try:  # a refusal here must still shut Orbax's background threads down, or they print at exit
         latest = ckpt.latest_step()
@@ -163,7 +164,7 @@ def run(cfg, task: Task) -> dict:
     except BaseException:
         ckpt.close()
         raise
-    config["run"] = {"wandb_id": tracker.run_id if tracker else None}
+    config["run"] = {"wandb_id": tracker.run_id if tracker else None, "kept_steps": list(kept)}
     if history:
         config["run"]["resume_changes"] = history
 
@@ -270,6 +271,23 @@ def run(cfg, task: Task) -> dict:
             tracker.summary(result)
         tracker.finish()
     return result
+
+
+def _kept_steps(tc, weak_step: int | None) -> tuple[int, ...]:
+    """Steps kept whatever keep_ckpts says: this run's weak model (autoguidance) and, on resume, every weak model the
+    run kept before. sampler.* may change on resume; a resume with sampler.guidance=cfg or another guide_fraction
+    used to let Orbax delete the old weak step at the next save: the run's only half-way EMA, which sample.py's
+    guidance=auto reads and no later training gives back."""
+    kept = set() if weak_step is None else {weak_step}
+    if tc.is_restore:
+        try:
+            saved, latest = read_config(tc.ckpt_dir)
+        except UserError:          # said in one line by the resume checks that follow
+            return tuple(sorted(kept))
+        before = list(saved.get("run", {}).get("kept_steps", []))   # configs saved before this record: their own
+        before.append(guide_step(saved.get("sampler", {}), OmegaConf.create(saved.get("train", {}))))
+        kept |= {int(s) for s in before if s is not None and int(s) <= latest}
+    return tuple(sorted(kept))
 
 
 def _host(x) -> int:
