@@ -30,7 +30,7 @@ def main(cfg):
     from training.files import write_json
     from training.generate import generate, guide_step, load_weak
     from training.sampling import balanced_labels
-    from training.tracking import make_grid, save_png
+    from training.tracking import grid_pick, grid_upscale, make_grid, save_png
 
     out = check_out(cfg.out)
     saved, step = read_config(cfg.ckpt_dir, cfg.step)
@@ -104,8 +104,8 @@ def main(cfg):
     # (write_npz; they come back below when this one is evaluated).
     write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
               **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
-    nrow = min(len(labels), max(8, int(np.ceil(np.sqrt(len(labels))))))
-    save_png(make_grid(images[:256], nrow=min(nrow, 16)), out.with_suffix(".png"), upscale=2)
+    shown, nrow = grid_pick(labels)
+    save_png(make_grid(images[shown], nrow=nrow), out.with_suffix(".png"), upscale=grid_upscale(images.shape[1]))
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
     if evaluator is not None:
         res = evaluator.evaluate(images, labels)

@@ -342,3 +342,23 @@ def test_sample_grids_of_many_classes_stay_small():
     rows = many.reshape(GRID_CLASSES, 8)
     assert len(many) == 8 * GRID_CLASSES and (rows == rows[:, :1]).all()
     assert rows[0, 0] == 0 and rows[-1, 0] == 999 and len(set(rows[:, 0].tolist())) == GRID_CLASSES
+
+
+def test_sample_grid_shows_classes_spread_over_the_request():
+    """sample.py's PNG took the first 256 of the class-sorted samples: 1000 Fashion-MNIST samples showed classes 0-2
+    only, 50k ImageNet samples classes 0-5 of 1000. Now one row per class, spread evenly; small requests in full."""
+    from training.tracking import grid_pick, grid_upscale
+
+    labels = balanced_labels(1000, 10)
+    idx, nrow = grid_pick(labels)
+    assert nrow == 16 and len(idx) == 160
+    assert labels[idx].reshape(10, 16).tolist() == [[c] * 16 for c in range(10)]
+    labels = balanced_labels(50_000, 1000)
+    idx, nrow = grid_pick(labels)
+    rows = labels[idx].reshape(16, nrow)
+    assert (rows == rows[:, :1]).all() and rows[0, 0] == 0 and rows[-1, 0] == 999 and len(set(rows[:, 0])) == 16
+    idx, nrow = grid_pick(balanced_labels(100, 10))      # everything, in order, 10 to a row
+    assert idx.tolist() == list(range(100)) and nrow == 10
+    idx, nrow = grid_pick(np.array([3] * 300 + [5] * 2))  # uneven user labels: rows as long as the rarest class
+    assert nrow == 2 and sorted(idx.tolist()) == [0, 1, 300, 301]
+    assert grid_upscale(28) == 2 and grid_upscale(256) == 1

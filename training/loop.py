@@ -29,7 +29,7 @@ from training.generate import check_guide_step, generate, grid_labels, guide_ste
 from training.optim import make_optimizer, state_layout
 from training.state import init_state, split_keys
 from training.step import check_route, class_conditioning, make_train_step
-from training.tracking import Tracker, make_grid, save_png
+from training.tracking import Tracker, grid_upscale, make_grid, save_png
 
 
 @dataclasses.dataclass
@@ -196,7 +196,7 @@ def run(cfg, task: Task) -> dict:
                         tc, weak=weak)
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
-        save_png(grid, samples_dir / f"step{step:07d}.png", upscale=2)
+        save_png(grid, samples_dir / f"step{step:07d}.png", upscale=grid_upscale(imgs.shape[1]))
         tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, one class per row, step {step}")
         return ema, weak
 

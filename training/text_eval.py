@@ -22,7 +22,7 @@ from data.vae import is_latent
 from training.errors import UserError
 from training.files import write_json
 from training.generate import generate, load_weak, text_conds, to_images
-from training.tracking import make_grid, save_png
+from training.tracking import grid_upscale, make_grid, save_png
 
 
 def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg, step: int, k: int = 5,
@@ -52,7 +52,8 @@ def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg,
     shown = to_images(to_model(real[idx[:m]], meta), meta, cfg.sampler) if is_latent(meta) else real[idx[:m]]
     pairs = np.concatenate([np.stack([imgs[i:i + 8], shown[i:i + 8]]).reshape(-1, *imgs.shape[1:])
                             for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs
-    save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}{tag}.png", upscale=2)
+    save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}{tag}.png",
+             upscale=grid_upscale(imgs.shape[1]))
     print("evaluation: " + json.dumps(res), flush=True)
     return res
 
