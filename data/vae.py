@@ -91,7 +91,8 @@ def torch_device(device: str | None = "cpu") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"VAE device {device!r} requested but torch sees no CUDA device: use vae_device=cpu")
+        raise UserError(f"VAE device {device!r} requested but torch sees no CUDA device (a CPU build of torch?): "
+                        "use vae_device=cpu / DIT_VAE_DEVICE=cpu, or install torch's CUDA build (README, Latents)")
     return device
 
 

@@ -99,6 +99,10 @@ def test_load_errors_are_user_errors(tmp_path):
         load_vae(str(tmp_path / "noconfig"))
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):   # preset -> hub id, not cached, offline
         load_vae("sd3")
+    import torch
+    if not torch.cuda.is_available():   # the pinned CPU wheel: the line says which knob, and how to get a GPU build
+        with pytest.raises(UserError, match=r"DIT_VAE_DEVICE=cpu, or install torch's CUDA build"):
+            load_vae(str(tmp_path / "noconfig"), "cuda")
 
 
 def test_an_unreachable_hub_fails_at_once(monkeypatch):
