@@ -226,6 +226,9 @@ def small_disk(tmp_path):
 def test_disk_full_at_save_time(digits_root, small_disk):
     ckpt = small_disk / "run"
     rc, s = run_script(tiny_overrides(digits_root, str(ckpt), steps=12, **{"train.ckpt_every": 2}))
+    # Said at start: the disk has room for fewer checkpoints than the run holds, keep_ckpts (3) + one being written
+    warned = [l for l in s.lines if l.startswith("warning:") and "MiB free, room for 2 more checkpoint(s)" in l]
+    assert warned and "holds up to 4 at once" in warned[0], "".join(s.lines[:4])
     # Orbax's writer threads log their own ERROR:absl lines (and may print more at interpreter exit); ours is the one
     # "error:" line.
     # Those threads write concurrently, so our line may be glued to the end of one of theirs: look for it anywhere.

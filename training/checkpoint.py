@@ -62,7 +62,7 @@ class Checkpointer:
                 self.lock.acquire()
         try:
             if create:
-                self.check_space(need_bytes)  # before the manager exists: nothing to clean up when it fails
+                self.check_space(need_bytes, int(keep) + 1 + len(preserve))  # before the manager exists
             policy = {"max_to_keep": int(keep)} if not preserve else {"preservation_policy": cm.AnyPreservationPolicy(
                 [cm.LatestN(int(keep)), cm.CustomSteps([int(s) for s in preserve])])}
             options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=True, **policy,
@@ -119,12 +119,21 @@ class Checkpointer:
             raise UserError(f"checkpoint directory {self.directory} holds something that is not a checkpoint of this "
                             f"project ({shown}): move it away, or choose another train.ckpt_dir")
 
-    def check_space(self, nbytes: int):
-        """Fail before training when the disk cannot hold even one checkpoint of `nbytes` (uncompressed arrays)."""
+    def check_space(self, nbytes: int, most: int = 1):
+        """Fail before training when the disk cannot hold even one checkpoint of `nbytes` (uncompressed arrays); warn
+        when it cannot hold the `most` the run will have at once (keep_ckpts, one save in flight, the weak step): a
+        big run would otherwise stop at its third or fourth save, hours in (intact, but stopped)."""
         free = shutil.disk_usage(self.directory).free
         if free < nbytes:
             raise UserError(f"checkpoint directory {self.directory} has {free / 2**20:.1f} MiB free but one checkpoint "
                             f"needs about {nbytes / 2**20:.1f} MiB: free disk space, or choose another train.ckpt_dir")
+        held = sum(1 for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())   # already on the disk
+        if nbytes and free < (most - held) * nbytes and jax.process_index() == 0:
+            size = (lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB")
+            print(f"warning: {self.directory} has {size(free)} free, room for {free // nbytes} more "
+                  f"checkpoint(s) of ~{size(nbytes)}, but this run holds up to {most} at once "
+                  f"(train.keep_ckpts + one being written + autoguidance's weak step): it will stop at a save when "
+                  "the disk fills; free space, or lower train.keep_ckpts", flush=True)
 
     def _storage_error(self, err: Exception) -> UserError | None:
         """A failed write (disk full, permissions) as a one-line UserError; None for anything else (a bug)."""
