@@ -190,6 +190,15 @@ def test_sampler_is_deterministic_and_chunked():
     # A request's first images are the same whatever follows them
     np.testing.assert_allclose(sample(model, labels[:4], jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
                                       sampler_cfg=sampler_cfg(steps=4, chunk=4, cfg_scale=1.5)), a[:4], atol=1e-4)
+    # finish= turns each chunk into images as it comes (a large request never holds all of it in float32): the same
+    # images, one call per chunk, never more than a chunk at once
+    seen = []
+    as_uint8 = lambda x: seen.append(len(x)) or np.clip(np.rint(x * 100 + 128), 0, 255).astype(np.uint8)
+    imgs = sample(
+        model, labels, jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
+        sampler_cfg=sampler_cfg(steps=4, chunk=3, cfg_scale=1.5), finish=as_uint8)
+    assert seen == [3, 3, 1] and imgs.dtype == np.uint8
+    np.testing.assert_array_equal(imgs, np.clip(np.rint(a * 100 + 128), 0, 255).astype(np.uint8))
 
 
 def test_bad_chunk_or_steps_are_one_user_error():

@@ -14,10 +14,10 @@ def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg
     weak: the weaker model for autoguidance (sampler.guidance = auto; see load_weak)."""
     h, w = spec["input_size"]
     null = text_null if spec.get("mixing") else spec["num_classes"]  # stage 2: labels = text_conds(...)
-    x = sample(model, labels, key, null_cond=null, shape=(h, w, spec["in_channels"]),
-               sampler_cfg=sampler_cfg, prediction=train_cfg.prediction, t_eps=float(train_cfg.t_eps),
-               precision=train_cfg.precision, weak=weak)
-    return to_images(x, meta, sampler_cfg) if decode else np.asarray(x)
+    finish = (lambda x: to_images(x, meta, sampler_cfg)) if decode else None   # chunk by chunk, as they come
+    return sample(model, labels, key, null_cond=null, shape=(h, w, spec["in_channels"]),
+                  sampler_cfg=sampler_cfg, prediction=train_cfg.prediction, t_eps=float(train_cfg.t_eps),
+                  precision=train_cfg.precision, weak=weak, finish=finish)
 
 
 def to_images(x_model, meta: dict, sampler_cfg=None) -> np.ndarray:

@@ -201,8 +201,10 @@ def check_sampler(sampler_cfg):
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
-           precision="float32", weak=None) -> np.ndarray:
+           precision="float32", weak=None, finish=None) -> np.ndarray:
     """Generate one image per condition (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk.
+    finish: applied to each chunk as it comes (generate: to uint8 images, through the VAE for latents), so a large
+    request holds its result once, never all of it in float32 (50k pixel images of 256x256x3: 39 GB).
 
     labels: class ids (N,), or a tuple of per-example arrays with leading axis N (stage 2, see make_velocity).
     t_eps: x-prediction's clamp on 1 - t (flow.to_velocity), the training value; sampler_cfg.t_eps replaces it when
@@ -223,7 +225,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
               ("rtol", float(sampler_cfg.rtol)), ("atol", float(sampler_cfg.atol)), ("noise", noise), ("shift", shift))
     run = _chunk_sampler(null_cond, tuple(int(d) for d in shape), chunk, velocity, solver)
 
-    out = []
+    out = None
     with DeferredInterrupt() as stop:   # Ctrl-C between chunks, never inside a running solve
         for start in range(0, n, chunk):
             stop.check()
@@ -246,8 +248,11 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                                 f"lower cfg_scale / guide_scale")
             if failed.any():
                 raise RuntimeError(f"the sampler's ODE solve failed for {int(failed.sum())} of {chunk} images")
-            out.append(x[:chunk - pad])
-    return np.concatenate(out) if out else np.zeros((0,) + tuple(shape), np.float32)
+            x = x[:chunk - pad] if finish is None else finish(x[:chunk - pad])
+            if out is None:   # one array filled in place: a list and a concatenate held the result twice
+                out = np.empty((n, *x.shape[1:]), x.dtype)
+            out[start:start + len(x)] = x
+    return out if out is not None else np.zeros((0,) + tuple(shape), np.float32)
 
 
 @functools.lru_cache(maxsize=16)
