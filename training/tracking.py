@@ -24,9 +24,9 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.n
 
 
 def grid_pick(labels: np.ndarray, rows: int = 16, per_row: int = 16) -> tuple[np.ndarray, int]:
-    """(indices, images per row) of the PNG beside sample.py's npz. Up to 256 images: all of them, in order. More: one row per
-    class (stage 2: per prompt), up to `rows` classes spread evenly, `per_row` images each. Taking the first 256
-    showed only the first classes: 1000 Fashion-MNIST samples gave two and a half of ten, 50k ImageNet samples 6 of
+    """(indices, images per row) of the PNG beside sample.py's npz. Up to 256 images: all of them, in order. More: one
+    row per class (stage 2: per prompt), up to `rows` classes spread evenly, `per_row` images each. Taking the first
+    256 showed only the first classes: 1000 Fashion-MNIST samples gave two and a half of ten, 50k ImageNet samples 6 of
     1000."""
     n = len(labels)
     if n <= rows * per_row:
