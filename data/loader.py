@@ -188,20 +188,26 @@ def read_records(meta: dict, data_dir, split: str, caption: bool = False):
 
     def records():
         i = 0
-        for path in paths:
-            # Sequential read_all per shard: ~3x faster than random access through grain for a full pass.
+        for path, count in zip(paths, counts):
+            # Sequential reads of READ_SLICE records: ~3x faster than random access through grain for a full pass.
+            # Not read_all: a shard of 7,500 captioned records with T5's 120 x 4096 features is 7 GB in memory.
             reader = ArrayRecordReader(path)
             try:
-                raws = reader.read_all()
-            except Exception as e:
-                raise UserError(f"cannot read {path} ({first_line(e, 120)}): the shard is corrupt, "
-                                "re-prepare the data set") from None
+                for lo in range(0, count, READ_SLICE):
+                    try:
+                        raws = reader.read(lo, min(lo + READ_SLICE, count))
+                    except Exception as e:
+                        raise UserError(f"cannot read {path} ({first_line(e, 120)}): the shard is corrupt, "
+                                        "re-prepare the data set") from None
+                    for raw in raws:
+                        yield decode(i, raw)
+                        i += 1
             finally:
                 reader.close()
-            for raw in raws:
-                yield decode(i, raw)
-                i += 1
     return sum(counts), records()
+
+
+READ_SLICE = 256   # records per sequential read in read_records (Fashion-MNIST: 200 KB; T5 captions: 240 MB)
 
 
 def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:

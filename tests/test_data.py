@@ -230,11 +230,26 @@ def test_prepare_writes_layout_and_meta(synth):
     assert not [p for p in d.iterdir() if p.name.startswith(".")]    # no temp files left
 
 
-def test_load_split_in_order(synth):
+def test_load_split_in_order(synth, monkeypatch):
+    """In stored order, a few records per read: reading a whole shard at once (read_all) held 7 GB for a shard of
+    7,500 captioned records with T5 features, to keep their images."""
+    import data.loader as loader
+
+    reads, Reader = [], loader.ArrayRecordReader
+
+    class Counting(Reader):
+        def read(self, *args):
+            out = super().read(*args)
+            reads.append(len(out))
+            return out
+
+    monkeypatch.setattr(loader, "ArrayRecordReader", Counting)
+    monkeypatch.setattr(loader, "READ_SLICE", 5)
     x, y = _synthetic()
     xs, ys = load_split(*synth, "train")
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
+    assert sum(reads) == N and max(reads) == 5
 
 
 def test_batches_shapes_values_and_epochs(synth):
