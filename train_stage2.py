@@ -20,7 +20,7 @@ def main(cfg):
     import numpy as np
 
     from data.captions import ensure_prepared_text
-    from data.loader import load_split, load_text, make_iterator
+    from data.loader import StoredImages, load_text, make_iterator
     from models import model_spec
     from training.errors import UserError
     from training.generate import text_conds
@@ -62,7 +62,7 @@ def main(cfg):
     def final_eval(ema, step):
         from training.text_eval import caption_topk
 
-        return caption_topk(ema, spec, meta, captions, load_split(meta, data_dir, "train")[0], cfg, step)
+        return caption_topk(ema, spec, meta, captions, StoredImages(meta, data_dir, "train"), cfg, step)
 
     return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator, null_cond=None,
                          conditioning=text_conditioning, init_model=init_model, grid_conds=grid_conds,

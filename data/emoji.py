@@ -78,12 +78,26 @@ def features(x_uint8: np.ndarray, pool: int = 2) -> np.ndarray:
     return x.reshape(n, -1)
 
 
-def target_ranks(generated: np.ndarray, real: np.ndarray, target: np.ndarray, features=features) -> np.ndarray:
+def target_ranks(generated: np.ndarray, real, target: np.ndarray, features=features, targets=None) -> np.ndarray:
     """For each generated image, how many real images are strictly nearer to it than real[target[i]] (L2 in
-    `features`; latent sets pass their own, see training/text_eval.py). 0: the captioned image is the nearest."""
-    g, r = features(generated), features(real)
-    d = (g ** 2).sum(1)[:, None] - 2 * g @ r.T + (r ** 2).sum(1)[None, :]
-    return (d < d[np.arange(len(g)), target][:, None]).sum(1)
+    `features`; latent sets pass their own, see training/text_eval.py). 0: the captioned image is the nearest.
+
+    real: an array, or an iterable of its consecutive chunks with `targets` = real[target] (a split larger than
+    memory: training/text_eval.py streams it). Each chunk's distance matrix gets the targets' columns appended, so
+    a target's distance and its rivals' come out of one product, as they did from the whole split's; the target's
+    own column in the chunk is never counted (the same vector in two columns can differ in the last bit)."""
+    if isinstance(real, np.ndarray):
+        real, targets = [real], real[target]
+    g, t = features(generated), features(targets)
+    g2, i, rank, start = (g ** 2).sum(1)[:, None], np.arange(len(g)), np.zeros(len(g), np.int64), 0
+    for chunk in real:
+        r = np.concatenate([features(chunk), t])
+        d = g2 - 2 * g @ r.T + (r ** 2).sum(1)[None, :]
+        m = len(r) - len(t)
+        own = np.asarray(target)[:, None] == start + np.arange(m)[None, :]
+        rank += ((d[:, :m] < d[i, m + i][:, None]) & ~own).sum(1)
+        start += m
+    return rank
 
 
 def topk_hits(generated: np.ndarray, real: np.ndarray, target: np.ndarray, k: int = 5) -> np.ndarray:

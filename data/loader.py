@@ -210,6 +210,37 @@ def read_records(meta: dict, data_dir, split: str, caption: bool = False):
 READ_SLICE = 256   # records per sequential read in read_records (Fashion-MNIST: 200 KB; T5 captions: 240 MB)
 
 
+class StoredImages:
+    """The stored images ('x') of a split, read when asked: `take` by index, `chunks` in stored order. For metrics
+    over a whole split (stage 2's end-of-run ranking), which load_split would hold in memory at once (a 100k-image
+    folder at 256 px: 20 GB)."""
+
+    def __init__(self, meta: dict, data_dir, split: str):
+        self.meta, self.data_dir, self.split = meta, data_dir, split
+        self.n = int(meta["splits"][split]["num_records"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, indices) -> np.ndarray:
+        paths, counts = _shard_paths(self.meta, self.data_dir, self.split)
+        source, decode = _Source(paths, counts), _Decode(self.meta, paths, counts)
+        return np.stack([decode(int(i), source[int(i)])["x"] for i in np.asarray(indices).reshape(-1)])
+
+    def chunks(self, size: int = 4096):
+        n, records = read_records(self.meta, self.data_dir, self.split)
+        x = np.empty((min(size, n), *self.meta["shape"]), ALLOWED_DTYPES[self.meta["dtype"]])
+        k = 0
+        for rec in records:
+            x[k] = rec["x"]
+            k += 1
+            if k == len(x):
+                yield x.copy()
+                k = 0
+        if k:
+            yield x[:k].copy()
+
+
 def load_split(meta: dict, data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All records of a split in stored order: (x in stored dtype (N,H,W,C), labels int64 (N,))."""
     n, records = read_records(meta, data_dir, split)

@@ -100,6 +100,31 @@ def test_emoji_render_and_captions():
     assert topk_hits(odd, odd, np.arange(3), k=1).all()
 
 
+def test_caption_ranks_stream_the_split(tmp_path):
+    """Stage 2's end-of-run ranking read the whole train split into memory (a 100k-image folder at 256 px: 20 GB;
+    with its ~8x float32 features, more). Streamed in chunks it gives the same ranks, ties with duplicates included."""
+    from data.emoji import target_ranks
+    from data.loader import StoredImages
+    from data.prepare import prepare_arrays
+
+    rng = np.random.default_rng(0)
+    real = np.clip(128 + rng.normal(0, 15, (50, 8, 8, 3)), 0, 255).astype(np.uint8)   # near one another
+    real[7] = real[3]                                 # a duplicate: it ties with its twin, never nearer
+    meta = prepare_arrays(tmp_path, "r", {"train": (real, np.zeros(50, int))}, ["a"], "t", num_shards={"train": 3})
+    target = np.array([3, 7, 0, 49, 20, 21])
+    mix = rng.uniform(0.3, 0.9, (6, 1, 1, 1))            # part another image: the target is not always nearest
+    gen = (mix * real[(target + 1) % 50] + (1 - mix) * real[target]).astype(np.uint8)
+    whole = target_ranks(gen, real, target)
+    assert whole.max() > 0 and len(set(whole.tolist())) > 2    # ranks that can differ
+    split = StoredImages(meta, tmp_path, "train")
+    assert len(split) == 50
+    np.testing.assert_array_equal(split.take(target), real[target])
+    assert [len(c) for c in split.chunks(16)] == [16, 16, 16, 2]
+    for size in (16, 7, 50):
+        np.testing.assert_array_equal(target_ranks(gen, split.chunks(size), target, targets=split.take(target)), whole)
+    assert target_ranks(real[[3, 7]], real, np.array([3, 7])).tolist() == [0, 0]
+
+
 def test_fashion_captions_and_folder(tmp_path):
     y = np.array([0, 9, 3, 3])
     caps = fashion_captions(y)

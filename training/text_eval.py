@@ -25,9 +25,9 @@ from training.generate import generate, load_weak, text_conds, to_images
 from training.tracking import grid_upscale, make_grid, save_png
 
 
-def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg, step: int, k: int = 5,
-                 tag: str = "") -> dict:
-    """captions: record indices -> load_text's dict for those records only (the split's features can exceed memory).
+def caption_topk(model, spec: dict, meta: dict, captions, real, cfg, step: int, k: int = 5, tag: str = "") -> dict:
+    """captions: record indices -> load_text's dict for those records only (the split's features can exceed memory);
+    real: the split's images as data.loader.StoredImages (streamed, for the same reason).
     Written as <ckpt_dir>/eval-step<step><tag>.json and .png: the end of training uses no tag; a re-check from the
     command line tags its settings, so it never replaces the run's own result."""
     n = min(int(cfg.eval.num_samples), len(real))
@@ -38,10 +38,12 @@ def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg,
                  jax.random.PRNGKey(int(cfg.train.seed) + 2), cfg.sampler, cfg.train,
                  weak=load_weak(cfg.train.ckpt_dir, cfg.sampler, model, cfg.train), decode=False)
     imgs = to_images(x, meta, cfg.sampler)
-    if is_latent(meta):   # one distance matrix for both k
-        rank = target_ranks(x, to_model(real, meta), idx, features=lambda z: z.reshape(len(z), -1))
+    targets = real.take(idx)   # the split itself is streamed in chunks: it may not fit in memory
+    if is_latent(meta):   # one pass for both k
+        rank = target_ranks(x, (to_model(c, meta) for c in real.chunks()), idx,
+                            features=lambda z: z.reshape(len(z), -1), targets=to_model(targets, meta))
     else:
-        rank = target_ranks(imgs, real, idx)
+        rank = target_ranks(imgs, real.chunks(), idx, targets=targets)
     res = {f"top{k}_hit_rate": float(np.mean(rank < k)), "top1_hit_rate": float(np.mean(rank < 1)),
            "num_captions": int(n), "num_real": int(len(real)), "cfg_scale": float(cfg.sampler.cfg_scale),
            "sampler_steps": int(cfg.sampler.steps), "sample_seconds": time.perf_counter() - t0}
@@ -49,7 +51,7 @@ def caption_topk(model, spec: dict, meta: dict, captions, real: np.ndarray, cfg,
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"eval-step{step:07d}{tag}.json", res)
     m = min(n, 32)   # rows of 8: generated, then the captioned real image
-    shown = to_images(to_model(real[idx[:m]], meta), meta, cfg.sampler) if is_latent(meta) else real[idx[:m]]
+    shown = to_images(to_model(targets[:m], meta), meta, cfg.sampler) if is_latent(meta) else targets[:m]
     pairs = np.concatenate([np.stack([imgs[i:i + 8], shown[i:i + 8]]).reshape(-1, *imgs.shape[1:])
                             for i in range(0, m - m % 8, 8)]) if m >= 8 else imgs
     save_png(make_grid(pairs, nrow=8), out / f"eval-step{step:07d}{tag}.png",
@@ -120,7 +122,7 @@ def load_run(ckpt_dir, step=None, **sampler) -> tuple:
 def main(argv: list[str]) -> dict:
     """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
     Keys: step, num_samples, cfg_scale, steps (sampler)."""
-    from data.loader import load_split, load_text
+    from data.loader import StoredImages, load_text
 
     ckpt_dir, kv = parse_args(argv)
     saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), **{
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> dict:
     # The run's own eval-step<N>.json (written at the end of training) stays: this one is named by its settings.
     tag = f"-n{int(cfg.eval.num_samples)}-cfg{float(cfg.sampler.cfg_scale):g}-steps{int(cfg.sampler.steps)}"
     return caption_topk(ema, saved["model_spec"], meta, lambda idx: load_text(meta, data_dir, "train", idx),
-                        load_split(meta, data_dir, "train")[0], cfg, step, tag=tag)
+                        StoredImages(meta, data_dir, "train"), cfg, step, tag=tag)
 
 
 def run(argv: list[str]) -> None:
