@@ -60,8 +60,19 @@ class _Source(grain.sources.ArrayRecordDataSource):
         try:
             return super().__getitem__(index)
         except Exception as e:
-            raise UserError(f"cannot read {_locate(int(index), self.shard_paths, self.shard_counts)} "
-                            f"({first_line(e, 120)}): the shard is corrupt, re-prepare the data set") from None
+            where = _locate(int(index), self.shard_paths, self.shard_counts)
+            if "Too many open files" in str(e):   # Grain keeps each shard it read open: not the shard's fault
+                raise UserError(f"cannot open {where}: too many open files ({len(self.shard_paths)} shards in the "
+                                f"split; `ulimit -n` is {_open_files_limit()}): raise it (`ulimit -n 65536`), or "
+                                "re-prepare the set in fewer, larger shards") from None
+            raise UserError(f"cannot read {where} ({first_line(e, 120)}): the shard is corrupt, re-prepare the "
+                            "data set") from None
+
+
+def _open_files_limit() -> str:
+    import resource
+
+    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 class _Decode:
