@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data.meta import META_FILE, load_meta
+from data.records import check_str
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -58,6 +59,7 @@ def _caption_rows(folder: Path, captions_file: Path, limit: int | None) -> list[
             raise UserError(f"{captions_file} line {n}: file must be a path relative to {folder}, got {file!r}")
         if not isinstance(cap, str) or not cap.strip():
             raise UserError(f"{captions_file} line {n}: caption must be a non-empty string")
+        check_str(cap, f"{captions_file} line {n}: the caption")
         rows.append((n, file, cap))
     if not rows:
         raise UserError(f"{captions_file} lists no images")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.records import check_str
 from training.errors import UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -125,6 +126,8 @@ def _flat(d: Path, table: Path, kind: str) -> tuple[list[Path], list, list | Non
         files.append(f)
         values.append(_get(row, ("caption", "text"), table, "caption") if kind == "captions"
                       else _get(row, ("label",), table, "label"))
+        if kind == "captions":   # named now, not by the text encoder hours into the encode
+            check_str(str(values[-1]), f"{table}: the caption of {rel}")
     return files, values
 
 

@@ -38,7 +38,9 @@ class RecordError(UserError):
     does not fit a record (encode_record)."""
 
 
-def _check_str(s: str, what: str) -> None:
+def check_str(s: str, what: str) -> None:
+    """A string a record can hold; also called on captions as their files are read, so that a bad one is named
+    by its line before any work, not met by the text encoder or the writer hours into a preparation."""
     try:
         n = len(s.encode("utf-8"))
     except UnicodeEncodeError:
@@ -58,7 +60,7 @@ def encode_record(arrays: dict[str, np.ndarray], **scalars) -> bytes:
     for name in [*arrays, *scalars]:
         if not isinstance(name, str):
             raise RecordError(f"record field names must be strings, got {name!r}")
-        _check_str(name, "a record field name")
+        check_str(name, "a record field name")
     rec = {"v": FORMAT_VERSION}
     for name, a in arrays.items():
         a = np.asarray(a)
@@ -77,7 +79,7 @@ def encode_record(arrays: dict[str, np.ndarray], **scalars) -> bytes:
         if isinstance(s, int) and not _INT_RANGE[0] <= s <= _INT_RANGE[1]:
             raise RecordError(f"scalar {name!r} = {s} does not fit a record's 64-bit integer")
         if isinstance(s, str):
-            _check_str(s, f"scalar {name!r}")
+            check_str(s, f"scalar {name!r}")
         rec[name] = s
     return msgpack.packb(rec, use_bin_type=True)
 

@@ -216,6 +216,11 @@ def test_edited_captions_and_class_names_re_prepare(vae, tmp_path):
     _prep(tmp_path / "c", vae, tmp_path / "o")
     out = [json.loads(l)["caption"] for l in (tmp_path / "o" / "captions-train.jsonl").read_text().splitlines()]
     assert out == ["a blue cat", "two dogs"]
+    # a caption no record can hold (a lone surrogate) is named at the listing, before any image is encoded
+    from data.folders import scan_source
+    caps.write_text('{"file": "p.png", "caption": "a blue cat"}\n{"file": "q.png", "caption": "\\udc80 dogs"}\n')
+    with pytest.raises(UserError, match=r"captions.jsonl: the caption of q.png is not valid text .*lone surrogate"):
+        scan_source(tmp_path / "c")
 
     write_images(tmp_path / "l", ["x.png", "y.png"])
     (tmp_path / "l" / "labels.csv").write_text("file,label\nx.png,cat\ny.png,dog\n")

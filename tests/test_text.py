@@ -265,6 +265,13 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     (tmp_path / "c.jsonl").write_text("\n".join([json.dumps({"file": "gone.png", "caption": "x"}), *rows, "{oops"]))
     with pytest.raises(UserError, match="line 9 is not a JSON object"):
         ensure_prepared_text(OmegaConf.merge(dc, {"name": "st2"}), encoder=minilm)
+    # so is text a record cannot hold: a lone surrogate (a JSON escape like \ud800) reached the tokenizer, a 70 KB
+    # caption the record writer, each after the work before it, with a traceback or no line named
+    for bad, why in (('"\\ud800 face"', "lone surrogate"), (json.dumps("x" * 70_000), "70000 bytes")):
+        (tmp_path / "c.jsonl").write_text("\n".join([*rows, '{"file": "0.png", "caption": %s}' % bad]))
+        with pytest.raises(UserError, match=f"line 8: the caption .*{why}"):
+            ensure_prepared_text(OmegaConf.merge(dc, {"name": "st2"}), encoder=minilm)
+        assert not (tmp_path / "prep" / "st2").exists()
     # an image that cannot be read half-way through: one line naming it, and no partial shard left behind
     (tmp_path / "c.jsonl").write_text("\n".join([*rows[:4], json.dumps({"file": "gone.png", "caption": "x"})]))
     with pytest.raises(UserError, match=r"line 5: cannot read image .*gone\.png"):
