@@ -29,9 +29,10 @@ import numpy as np
 from data.meta import META_FILE, combine_stats, load_meta, shard_stats, write_meta
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
-from training.files import write_json
+from training.files import atomic_write, write_json
 
 STATE_FILE = ".prepare-state.json"
+CAPTIONS_DIR = ".captions"   # each finished shard's captions (JSON lines), beside the state rather than inside it
 SHARD_SIZE = 4096        # source images per shard (x2 records with hflip copies)
 # How images are read (data.folders.open_image), kept in the resume state: 2 = photos turned upright by their EXIF
 # orientation (2026-12-06); an encode state without it is version 1. Raise it whenever reading changes pixels.
@@ -145,6 +146,7 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
 def _start_over(out_dir: Path, fp: str, plan: dict) -> dict:
     """An empty set and a fresh resume state for this plan, read by today's image reader."""
     clear_set(out_dir)
+    shutil.rmtree(out_dir / CAPTIONS_DIR, ignore_errors=True)
     state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
     _save_state(out_dir, state)
     return state
@@ -152,6 +154,18 @@ def _start_over(out_dir: Path, fp: str, plan: dict) -> dict:
 
 def _save_state(out_dir: Path, state: dict) -> None:
     write_json(out_dir / STATE_FILE, state, indent=None)
+
+
+def _captions_done(out_dir: Path, info: dict) -> bool:
+    return "captions_file" not in info or (out_dir / CAPTIONS_DIR / info["captions_file"]).is_file()
+
+
+def _caption_lines(out_dir: Path, info: dict) -> list[str]:
+    """A finished shard's caption lines, from its file (or, in a state written before those files, the state)."""
+    if "captions_file" in info:
+        text = (out_dir / CAPTIONS_DIR / info["captions_file"]).read_text(encoding="utf-8")
+        return [line + "\n" for line in text.split("\n") if line]   # not splitlines(): U+2028 may sit in a caption
+    return [json.dumps(c) + "\n" for c in info.get("captions", [])]
 
 
 def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None, hflip: bool = False,
@@ -232,7 +246,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
         state = _start_over(out_dir, fp, plan)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
-    done = {name for name, info in state["shards"].items() if _shard_intact(out_dir / name, info["records"])}
+    done = {name for name, info in state["shards"].items()
+            if _shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
     if (out_dir / META_FILE).exists():
         meta = _load_meta_or_none(out_dir)
         if meta is not None and len(done) == len(jobs) and _meta_agrees(meta, state, jobs):
@@ -301,8 +316,11 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
             (tmp_name,) = _write_shards(scratch, split, x, np.asarray(ys, np.int64), 1)
             os.rename(scratch / tmp_name, out_dir / name)
             info = {"records": len(x), "skipped": skipped, "stats": shard_stats(x) if len(x) else {"count": 0}}
-            if caps:
-                info["captions"] = caps
+            if caps:   # in a file of the shard's own: kept in the state, every save rewrote all of them (N^2 in all)
+                (out_dir / CAPTIONS_DIR).mkdir(exist_ok=True)
+                with atomic_write(out_dir / CAPTIONS_DIR / f"{name}.jsonl") as tmp:
+                    Path(tmp).write_text("".join(json.dumps(c) + "\n" for c in caps), encoding="utf-8")
+                info["captions_file"] = f"{name}.jsonl"
             state["shards"][name] = info
             _save_state(out_dir, state)
             if on_shard is not None:
@@ -315,10 +333,10 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         names = [shard_name(s, i, n) for s, i, n, _ in jobs if s == split]
         meta_splits[split] = {"files": names, "num_records": sum(state["shards"][nm]["records"] for nm in names),
                               "skipped": sum(state["shards"][nm]["skipped"] for nm in names)}
-        caps = [c for nm in names for c in state["shards"][nm].get("captions", [])]
-        if caps:   # captions layout: one line per record, in record order (stage 2 computes text features from it)
-            with open(out_dir / f"captions-{split}.jsonl", "w") as f:
-                f.writelines(json.dumps(c) + "\n" for c in caps)
+        lines = [line for nm in names for line in _caption_lines(out_dir, state["shards"][nm])]
+        if lines:   # captions layout: one line per record, in record order (stage 2 computes text features from it)
+            with open(out_dir / f"captions-{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(lines)
     if meta_splits["train"]["num_records"] == 0:
         raise UserError(f"no decodable training images in {source}: every file was skipped")
     mean, std = combine_stats([state["shards"][nm]["stats"] for nm in meta_splits["train"]["files"]])
