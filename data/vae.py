@@ -83,16 +83,17 @@ def _hub_resolves() -> bool:
         return False
 
 
-def torch_device(device: str | None = "cpu") -> str:
-    """'cpu', 'cuda', 'cuda:1', or 'auto' (cuda when torch sees one)."""
+def torch_device(device: str | None = "cpu", what: str = "VAE",
+                 knob: str = "vae_device=cpu / DIT_VAE_DEVICE=cpu") -> str:
+    """'cpu', 'cuda', 'cuda:1', or 'auto' (cuda when torch sees one); `what` and `knob` name it in the refusal."""
     import torch
 
     device = (device or "cpu").strip()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"VAE device {device!r} requested but torch sees no CUDA device (a CPU build of torch?): "
-                        "use vae_device=cpu / DIT_VAE_DEVICE=cpu, or install torch's CUDA build (README, Latents)")
+        raise UserError(f"{what} device {device!r} requested but torch sees no CUDA device (a CPU build of torch?): "
+                        f"use {knob}, or install torch's CUDA build (README, Latents)")
     return device
 
 

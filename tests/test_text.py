@@ -54,6 +54,11 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
         get_encoder("t5gemma", str(tmp_path / "missing"))
     with pytest.raises(UserError):
         get_encoder("clip")
+    import torch
+    if not torch.cuda.is_available():   # DIT_TEXT_DEVICE=cuda under the CPU wheel: named, before the model loads
+        monkeypatch.setenv("DIT_TEXT_DEVICE", "cuda")
+        with pytest.raises(UserError, match=r"text encoder device 'cuda' .* use DIT_TEXT_DEVICE=cpu, or install"):
+            get_encoder("t5gemma", str(tmp_path / "t5g"))
     # Other weights at data.text_encoder_path (another random init of the same config) are another encoder: a set
     # prepared with the first is refused for the second (it was silently reused); moved weights are the same one.
     import shutil
