@@ -13,6 +13,7 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,8 +259,9 @@ def _images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
         return None
     from data.folders import file_stamp
 
+    base = str(folder)   # run at every start and resume: str paths, as pathlib's joins cost as much as the stat calls
     try:
-        stamps = [file_stamp(folder / file, file) for _, file, _ in rows]
+        stamps = [file_stamp(os.path.join(base, file), file) for _, file, _ in rows]
     except OSError:
         return None
     return hashlib.sha256("\n".join(stamps).encode()).hexdigest()

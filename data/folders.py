@@ -21,6 +21,7 @@ None so the caller can skip and count it. Tables are read as utf-8-sig: Excel's 
 
 import csv
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -59,10 +60,10 @@ def _images(d: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
 
 
-def file_stamp(path: Path, name: str) -> str:
-    """`name:size:mtime_ns` of the file at `path`: how an encode (and stage 2's folder reuse check) tells an edited
-    image from the one it read, without reading it."""
-    st = path.stat()
+def file_stamp(path, name: str) -> str:
+    """`name:size:mtime_ns` of the file at `path` (a str or Path): how an encode (and stage 2's folder reuse check)
+    tells an edited image from the one it read, without reading it."""
+    st = os.stat(path)
     return f"{name}:{st.st_size}:{st.st_mtime_ns}"
 
 
