@@ -12,7 +12,6 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
 
 def _load(dc) -> dict:
     """The small built-in captioned sets, in memory: {"train": (x, y, captions), maybe "test": ..., "class_names",
-    "source"}. Folders and latents, of any size, are written a batch at a time instead (_write_captioned)."""
+    "source"}. Folders and latents, of any size, are written a batch at a time instead (data/text_shards.py)."""
     kind = str(dc.kind)
     if kind == "emoji":
         from data.emoji import load_emoji
@@ -148,35 +147,6 @@ def _captions_of(f: Path) -> list[str]:
                         f"prepare_data.py command that made it, with force=true)") from None
 
 
-SHARD_BYTES = 1 << 29   # captioned folders: at most ~512 MB of images per shard file
-FEATURE_BATCH = 1024    # records made (decoded, caption features computed) and written at a time: a multiple of the
-                        # text encoder's own batch (256), so the features are those of one call over the whole split
-
-
-def _write_captioned(out_dir: Path, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int):
-    """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of
-    images and caption features whatever the set's size or the shard's (all of ImageNet's caption features would not
-    fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order.
-    Returns (shard names, shard_stats of each batch)."""
-    from data.meta import shard_stats
-    from data.prepare import captioned_record, shard_name, write_records
-
-    total = max(1, math.ceil(n / per_shard))
-    files, stats = [], []
-
-    def records(idx):
-        for lo in range(0, len(idx), FEATURE_BATCH):
-            x, y, caps = chunk(idx[lo:lo + FEATURE_BATCH])
-            states, mask = enc.encode(caps, max_tokens)
-            states = states.astype(np.float16)
-            stats.append(shard_stats(x))
-            yield from (captioned_record(x[j], y[j], states[j], mask[j], cap) for j, cap in enumerate(caps))
-
-    for i, idx in enumerate(np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
-        files.append(write_records(out_dir, shard_name(split, i, total), records(idx)))
-    return files, stats
-
-
 def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) -> None:
     """kind `folder`, streamed: `rows` (_caption_rows, every line already checked) are decoded a few threads at a time
     (PIL lets go of the GIL) and written with their captions' features a batch at a time; the channel statistics are
@@ -184,34 +154,36 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    from data import text_shards
     from data.meta import combine_stats, write_meta
-    from data.prepare import RECORDS_PER_SHARD, clear_set, set_meta
+    from data.prepare import RECORDS_PER_SHARD, set_meta
 
     folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
-    per_shard = min(RECORDS_PER_SHARD, max(1, SHARD_BYTES // (size * size * 3)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_set(out_dir)
+    per_shard = min(RECORDS_PER_SHARD, max(1, text_shards.SHARD_BYTES // (size * size * 3)))
+    state = text_shards.start(out_dir, {**text_meta, "per_shard": per_shard})
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         def chunk(idx):
             x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
             return x, np.zeros(len(idx), np.int64), [rows[j][2] for j in idx]
 
-        files, stats = _write_captioned(out_dir, "train", len(rows), per_shard, chunk, enc, int(dc.max_tokens))
+        files, stats = text_shards.write_split(out_dir, state, "train", len(rows), per_shard, chunk, enc,
+                                               int(dc.max_tokens))
     meta = set_meta(str(dc.name), f"folder {dc.folder} with captions {dc.captions_file}", (size, size, 3), "uint8",
                     ["image"], {"train": {"files": files, "num_records": len(rows)}}, *combine_stats(stats))
     write_meta(out_dir, {**meta, "text": text_meta})
+    text_shards.finish(out_dir)
 
 
 def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
     """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
     their captions' features. The latents are copied as stored, and the source's VAE entry and channel statistics
     (its normalisation) are taken over, not recomputed."""
+    from data import text_shards
     from data.loader import read_records
     from data.meta import META_FORMAT_VERSION, write_meta
-    from data.prepare import RECORDS_PER_SHARD, clear_set
+    from data.prepare import RECORDS_PER_SHARD
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_set(out_dir)
+    state = text_shards.start(out_dir, {**text_meta, "per_shard": RECORDS_PER_SHARD})
     splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"
@@ -229,12 +201,14 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
             return (np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64),
                     [caps[j] for j in idx])
 
-        files, _ = _write_captioned(out_dir, split, n, RECORDS_PER_SHARD, chunk, enc, int(dc.max_tokens))
+        files, _ = text_shards.write_split(out_dir, state, split, n, RECORDS_PER_SHARD, chunk, enc,
+                                           int(dc.max_tokens), skip=lambda idx: [next(records) for _ in idx])
         splits[split] = {"files": files, "num_records": int(n)}
     keep = ("encoder", "shape", "dtype", "num_classes", "class_names", "channel_mean", "channel_std", "shift", "scale")
     write_meta(out_dir, {"format_version": META_FORMAT_VERSION, "name": str(dc.name),
                          "source": f"latents {src.resolve()} of {meta['source']}", "splits": splits,
                          **{k: meta[k] for k in keep}, "text": text_meta})
+    text_shards.finish(out_dir)
 
 
 def _latents_sha256(src: Path) -> str | None:
@@ -250,7 +224,8 @@ def _latents_sha256(src: Path) -> str | None:
 
 def _images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
     """What the listed images are, cheaply: each one's path, size and modification time (as a latent encode tells an
-    edited image, data/encode.py). None when the folder, the captions or an image is gone (a prepared copy elsewhere)."""
+    edited image, data/encode.py). None when the folder, the captions or an image is gone (a prepared copy
+    elsewhere)."""
     if not (folder.is_dir() and captions_file.is_file()):
         return None
     try:

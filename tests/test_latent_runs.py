@@ -133,6 +133,27 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     np.testing.assert_array_equal(load_split(text, root / "lat_text", "train")[0],
                                   load_split(lat, root / "lat", "train")[0])
     assert load_text(text, root / "lat_text", "train")["caption"] == names * 2
+    # A copy interrupted in its second shard resumes there: the source's records of the finished shard are read past
+    # (not featurised again), and the copy is byte for byte the uninterrupted one
+    from data.text import get_encoder
+    enc, calls = get_encoder("minilm"), []
+    encode = enc.encode
+
+    def flaky(caps, n):
+        calls.append(list(caps))
+        if len(calls) == 2 and flaky.stop:
+            raise KeyboardInterrupt
+        return encode(caps, n)
+    flaky.stop, enc.encode = True, flaky
+    again = compose("stage2", [o.replace("lat_text", "lat_text2") for o in over]).data
+    with pytest.raises(KeyboardInterrupt):
+        ensure_prepared_text(again, encoder=enc)
+    flaky.stop = False
+    calls.clear()
+    ensure_prepared_text(again, encoder=enc)
+    assert calls == [[names[3], names[0], names[1]], [names[2], names[3]]]   # shards 2 and 3 only
+    for f in text["splits"]["train"]["files"]:
+        assert (root / "lat_text2" / f).read_bytes() == (root / "lat_text" / f).read_bytes(), f
     # The end-of-run evaluation ranked the samples among the 8 training latents; its grid shows decoded 8x8 images
     ev = json.loads((ck / "eval-step0000004.json").read_text())
     assert ev["num_real"] == 8 and 0 <= ev["top1_hit_rate"] <= ev["top5_hit_rate"] <= 1

@@ -240,7 +240,7 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     does not fit. Now records are made and written a batch at a time, within shards, and are the same records."""
     from PIL import Image
 
-    import data.captions as captions
+    import data.text_shards as text_shards
 
     rng = np.random.default_rng(0)
     rows = []
@@ -248,8 +248,8 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
         Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
         rows.append(json.dumps({"file": f"{i}.png", "caption": f"picture number {i}"}))
     (tmp_path / "c.jsonl").write_text("\n".join(rows))
-    monkeypatch.setattr(captions, "SHARD_BYTES", 3 * 8 * 8 * 3)   # 3 images of 8x8 RGB per shard
-    monkeypatch.setattr(captions, "FEATURE_BATCH", 2)
+    monkeypatch.setattr(text_shards, "SHARD_BYTES", 3 * 8 * 8 * 3)   # 3 images of 8x8 RGB per shard
+    monkeypatch.setattr(text_shards, "FEATURE_BATCH", 2)
     seen = []
     encode = minilm.encode
     monkeypatch.setattr(minilm, "encode", lambda caps, n: seen.append(list(caps)) or encode(caps, n))
@@ -281,8 +281,26 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     (tmp_path / "c.jsonl").write_text("\n".join([*rows[:4], json.dumps({"file": "gone.png", "caption": "x"})]))
     with pytest.raises(UserError, match=r"line 5: cannot read image .*gone\.png"):
         ensure_prepared_text(OmegaConf.merge(dc, {"name": "st3"}), encoder=minilm)
-    left = sorted(p.name for p in (tmp_path / "prep" / "st3").iterdir())
-    assert left == ["train-00000-of-00002.array_record"], left   # the first shard done; no meta.json, no temp file
+    left = sorted(p.name for p in (tmp_path / "prep" / "st3").iterdir())   # the first shard done (and said so); no
+    assert left == [".prepare-state.json", "train-00000-of-00002.array_record"], left   # meta.json, no temp file
+
+    # Interrupted (Ctrl-C, a kill, a lost node) in its third shard, the same preparation resumes: only the shards not
+    # finished are made again, and the set is byte for byte the uninterrupted one (its caption features were hours
+    # of a large encoder's time, and a rerun used to start from nothing)
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    seen.clear()
+    stop = lambda caps, n: (_ for _ in ()).throw(KeyboardInterrupt) if "picture number 6" in caps else None
+    monkeypatch.setattr(minilm, "encode", lambda caps, n: stop(caps, n) or seen.append(list(caps)) or encode(caps, n))
+    with pytest.raises(KeyboardInterrupt):
+        ensure_prepared_text(OmegaConf.merge(dc, {"name": "st5"}), encoder=minilm)
+    assert [len(c) for c in seen] == [2, 1, 2] and not (tmp_path / "prep" / "st5" / "meta.json").exists()
+    seen.clear()
+    monkeypatch.setattr(minilm, "encode", lambda caps, n: seen.append(list(caps)) or encode(caps, n))
+    meta5, d5 = ensure_prepared_text(OmegaConf.merge(dc, {"name": "st5"}), encoder=minilm)
+    assert seen == [["picture number 5", "picture number 6"]]
+    assert {**meta5, "name": "st"} == meta and not (d5 / ".prepare-state.json").exists()
+    for f in meta["splits"]["train"]["files"]:
+        assert (d5 / f).read_bytes() == (d / f).read_bytes(), f
 
 
 def _text_set(out, n=6, request=None):

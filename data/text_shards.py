@@ -1,0 +1,86 @@
+"""Captioned records written shard by shard as they are made (stage 2's folders and latents), resumable.
+
+Caption features are the slow part of preparing a large captioned set (a T5-sized encoder: hours on a GPU), so an
+interrupted preparation keeps its finished shards: `<out>/.prepare-state.json` names the request it belongs to and
+each finished shard's record count and channel statistics. A rerun of the same request writes only the shards that
+are missing or damaged, with the same bytes as an uninterrupted run (each shard's batches start at the shard's first
+record, so no feature depends on what came before it); another request starts the set afresh.
+"""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from training.files import write_json
+
+SHARD_BYTES = 1 << 29   # captioned folders: at most ~512 MB of images per shard file
+FEATURE_BATCH = 1024    # records made (decoded, caption features computed) and written at a time: a multiple of the
+                        # text encoder's own batch (256), so the features are those of one call over the whole split
+STATE_FILE = ".prepare-state.json"
+
+
+def start(out_dir: Path, request: dict) -> dict:
+    """The resume state of `request` in out_dir: an interrupted preparation's finished shards, or (another request,
+    or none) an emptied set and a fresh state."""
+    from data.prepare import clear_set
+
+    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        state = json.loads((out_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if not isinstance(state, dict) or state.get("key") != key or not isinstance(state.get("shards"), dict):
+        clear_set(out_dir)
+        state = {"key": key, "shards": {}}
+        write_json(out_dir / STATE_FILE, state, indent=None)
+    return state
+
+
+def finish(out_dir: Path) -> None:
+    """Once meta.json is written the set is complete; its resume state goes."""
+    (out_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int,
+                skip=None):
+    """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of
+    images and caption features whatever the set's size or the shard's (all of ImageNet's caption features would not
+    fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order;
+    skip(indices): called instead for the records of a shard finished before (a sequential source reads past them).
+    Returns (shard names, shard_stats of each batch)."""
+    from data.encode import _shard_intact
+    from data.meta import shard_stats
+    from data.prepare import captioned_record, shard_name, write_records
+
+    total = max(1, math.ceil(n / per_shard))
+    files, stats = [], []
+    names = [shard_name(split, i, total) for i in range(total)]
+    done = [nm for nm in names if nm in state["shards"] and _shard_intact(out_dir / nm, state["shards"][nm]["records"])]
+    if done:
+        print(f"resuming: {len(done)} of {total} {split} shards already written", flush=True)
+
+    def records(idx, mine):
+        for lo in range(0, len(idx), FEATURE_BATCH):
+            x, y, caps = chunk(idx[lo:lo + FEATURE_BATCH])
+            states, mask = enc.encode(caps, max_tokens)
+            states = states.astype(np.float16)
+            mine.append(shard_stats(x))
+            yield from (captioned_record(x[j], y[j], states[j], mask[j], cap) for j, cap in enumerate(caps))
+
+    for name, idx in zip(names, np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
+        if name in done:
+            if skip is not None:
+                skip(idx)
+            files.append(name)
+            stats += state["shards"][name]["stats"]
+            continue
+        mine = []
+        files.append(write_records(out_dir, name, records(idx, mine)))
+        stats += mine
+        state["shards"][name] = {"records": len(idx), "stats": mine}
+        write_json(out_dir / STATE_FILE, state, indent=None)   # small: counts and statistics, no captions
+    return files, stats
