@@ -343,3 +343,21 @@ def test_load_text_reads_only_the_records_asked_for(tmp_path):
     np.testing.assert_array_equal(some["mask"], full["mask"][idx])
     with pytest.raises(UserError):
         load_text(meta, tmp_path / "t", "train", [7])
+
+
+def test_builtin_caption_features_are_made_a_batch_at_a_time(minilm, monkeypatch):
+    """A built-in captioned set's features were computed for the whole split at once in float32 (60k x 16 x 384:
+    1.5 GB; a T5Gemma-2b, 8.8 GB) and then copied to float16. Now a batch at a time into float16: the same bits."""
+    import data.text_shards as text_shards
+    from data.captions import _features_f16
+
+    caps = fashion_captions(np.arange(11) % 10)
+    states, mask = minilm.encode(caps, 8)
+    calls = []
+    encode = minilm.encode
+    monkeypatch.setattr(minilm, "encode", lambda c, n: calls.append(len(c)) or encode(c, n))
+    monkeypatch.setattr(text_shards, "FEATURE_BATCH", 4)
+    got = _features_f16(minilm, caps, 8)
+    assert calls == [4, 4, 3] and got["text"].dtype == np.float16 and got["caption"] == caps
+    assert np.array_equal(got["text"].view(np.uint16), states.astype(np.float16).view(np.uint16))
+    assert np.array_equal(got["mask"], mask)
