@@ -244,12 +244,12 @@ def test_load_split_in_order(synth, monkeypatch):
             return out
 
     monkeypatch.setattr(loader, "ArrayRecordReader", Counting)
-    monkeypatch.setattr(loader, "READ_SLICE", 5)
+    monkeypatch.setattr(loader, "READ_BYTES", 1)   # one record a read
     x, y = _synthetic()
     xs, ys = load_split(*synth, "train")
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
-    assert sum(reads) == N and max(reads) == 5
+    assert sum(reads) == N and max(reads) == 1
 
 
 def test_batches_shapes_values_and_epochs(synth):
