@@ -90,3 +90,13 @@ def assert_same_state(a, b):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     for k in ba:
         np.testing.assert_array_equal(ba[k], bb[k], err_msg=f"next batch {k}")
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    """A tiny random-weight diffusers VAE saved locally and loaded offline (the latent encode's tests)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from data.vae import load_vae
+    from test_vae import make_tiny_vae
+
+    return load_vae(make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from test_folders import _prep, vae  # noqa: F401  (vae: the module's tiny-VAE fixture)
+from test_folders import _prep
 from test_vae import write_images
 
 
@@ -14,7 +14,7 @@ def _captioned(folder, n):
                                                    for i in range(n)))
 
 
-def test_captions_live_beside_the_state_not_in_it(vae, tmp_path):  # noqa: F811
+def test_captions_live_beside_the_state_not_in_it(vae, tmp_path):
     """The state held every finished shard's captions and was rewritten whole after each shard: 1.28M captioned
     images made a 212 MB state and ~10 minutes of rewrites. Now the state holds counts; the captions file is the same
     bytes, an encode interrupted under the old state resumes, and a lost captions file re-encodes its shard alone."""

@@ -7,18 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_vae import make_tiny_vae, write_images
+from test_vae import write_images
 from training.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def vae(tmp_path_factory):
-    import os
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from data.vae import load_vae
-
-    return load_vae(make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny"))
 
 
 def _prep(src, vae, out, **kw):
