@@ -160,7 +160,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
 
     folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
     per_shard = min(RECORDS_PER_SHARD, max(1, text_shards.SHARD_BYTES // (size * size * 3)))
-    state = text_shards.start(out_dir, {**text_meta, "per_shard": per_shard})
+    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, per_shard, enc))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         def chunk(idx):
             x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
@@ -183,7 +183,7 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
     from data.meta import META_FORMAT_VERSION, write_meta
     from data.prepare import RECORDS_PER_SHARD
 
-    state = text_shards.start(out_dir, {**text_meta, "per_shard": RECORDS_PER_SHARD})
+    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, RECORDS_PER_SHARD, enc))
     splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"

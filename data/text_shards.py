@@ -23,8 +23,8 @@ STATE_FILE = ".prepare-state.json"
 
 
 def start(out_dir: Path, request: dict) -> dict:
-    """The resume state of `request` in out_dir: an interrupted preparation's finished shards, or (another request,
-    or none) an emptied set and a fresh state."""
+    """The resume state of `request` in out_dir (its hash is kept, as `key`): an interrupted preparation's finished
+    shards, or (another request, or none) an emptied set and a fresh state."""
     from data.prepare import clear_set
 
     key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
@@ -37,7 +37,15 @@ def start(out_dir: Path, request: dict) -> dict:
         clear_set(out_dir)
         state = {"key": key, "shards": {}}
         write_json(out_dir / STATE_FILE, state, indent=None)
+    for partial in out_dir.glob(".*.tmp-*"):   # a shard a kill cut short (finished shards are renamed into place)
+        partial.unlink()
     return state
+
+
+def resume_request(text_meta: dict, per_shard: int, enc) -> dict:
+    """What finished shards must share to be resumed: the set's request and encoder, the shard cut, and the kind of
+    device the features came from (CPU and GPU features differ in the last bits: one set holds one kind)."""
+    return {**text_meta, "per_shard": int(per_shard), "device": str(getattr(enc, "device", "cpu")).split(":")[0]}
 
 
 def finish(out_dir: Path) -> None:

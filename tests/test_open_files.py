@@ -39,14 +39,18 @@ except UserError as e:
     assert "ulimit -n 65536" in out and "corrupt" not in out, out
 
 
-def test_the_scripts_raise_the_soft_open_files_limit():
-    p = _python("""
-import resource
-from training.cli import raise_open_files_limit
-hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-raise_open_files_limit()
-soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-print(soft == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)), soft, hard)
-""")
-    assert p.stdout.startswith("True"), p.stdout + p.stderr[-2000:]
+def test_the_scripts_raise_the_soft_open_files_limit(tmp_path):
+    """A script's main, started under `ulimit -Sn 256`, runs with the soft limit raised (as cli.main does for the
+    script being run)."""
+    import os
+    import resource
+
+    code = ("import resource\nfrom training import cli\n"
+            "def main(cfg): print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+            "cli.main('config', main)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(["bash", "-c", f'ulimit -Sn 256 && exec "{sys.executable}" -c "$0" train.steps=7', code],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert p.returncode == 0 and p.stdout.split() == [str(want)], p.stdout + p.stderr[-2000:]

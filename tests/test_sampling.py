@@ -368,6 +368,8 @@ def test_sample_grid_shows_classes_spread_over_the_request():
     assert (rows == rows[:, :1]).all() and rows[0, 0] == 0 and rows[-1, 0] == 999 and len(set(rows[:, 0])) == 16
     idx, nrow = grid_pick(balanced_labels(100, 10))      # everything, in order, 10 to a row
     assert idx.tolist() == list(range(100)) and nrow == 10
-    idx, nrow = grid_pick(np.array([3] * 300 + [5] * 2))  # uneven user labels: rows as long as the rarest class
-    assert nrow == 2 and sorted(idx.tolist()) == [0, 1, 300, 301]
+    for labels in (balanced_labels(1000, 1000), np.array([3] * 300 + [5] * 2)):   # too few of a class for rows:
+        idx, nrow = grid_pick(labels)                                              # 256 spread over the request
+        assert nrow == 16 and len(idx) == 256 and idx[0] == 0 and idx[-1] == len(labels) - 1
+    assert len(set(balanced_labels(1000, 1000)[grid_pick(balanced_labels(1000, 1000))[0]])) == 256
     assert grid_upscale(28) == 2 and grid_upscale(256) == 1

@@ -266,7 +266,10 @@ def raise_open_files_limit(want: int = 65536) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(hard, want)
     if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):   # a kernel cap below an unlimited hard limit (macOS): keep what we have
+            pass
 
 
 def main(config_name: str, fn) -> None:

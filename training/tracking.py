@@ -25,9 +25,9 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.n
 
 def grid_pick(labels: np.ndarray, rows: int = 16, per_row: int = 16) -> tuple[np.ndarray, int]:
     """(indices, images per row) of the PNG beside sample.py's npz. Up to 256 images: all of them, in order. More: one
-    row per class (stage 2: per prompt), up to `rows` classes spread evenly, `per_row` images each. Taking the first
-    256 showed only the first classes: 1000 Fashion-MNIST samples gave two and a half of ten, 50k ImageNet samples 6 of
-    1000."""
+    row per class (stage 2: per prompt), up to `rows` classes spread evenly, `per_row` images each; where some class
+    has fewer than 8, 256 images spread over the (class-sorted) request. Taking the first 256 showed only the first
+    classes: 1000 Fashion-MNIST samples gave two and a half of ten, 50k ImageNet samples 6 of 1000."""
     n = len(labels)
     if n <= rows * per_row:
         return np.arange(n), min(n, 16, max(8, int(np.ceil(np.sqrt(n)))))
@@ -35,6 +35,8 @@ def grid_pick(labels: np.ndarray, rows: int = 16, per_row: int = 16) -> tuple[np
     classes = classes[np.unique(np.linspace(0, len(classes) - 1, min(rows, len(classes))).round().astype(int))]
     members = [np.flatnonzero(labels == c) for c in classes]
     m = min(per_row, min(len(i) for i in members))
+    if m < 8:   # few images of some class (1000 classes x 1): 256 spread over the request, 16 to a row
+        return np.unique(np.linspace(0, n - 1, rows * per_row).round().astype(int)), per_row
     return np.concatenate([i[:m] for i in members]), m
 
 
