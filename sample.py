@@ -15,6 +15,7 @@ from training import cli  # noqa: E402
 
 def main(cfg):
     import json
+    import shutil
     from pathlib import Path
 
     import jax
@@ -98,12 +99,21 @@ def main(cfg):
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
           f"cfg {sampler.cfg_scale}{guide})", flush=True)
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
-    images = generate(ema, spec, meta, conds, jax.random.PRNGKey(int(cfg.seed)), sampler, run_cfg.train, weak=weak)
+    key = jax.random.PRNGKey(int(cfg.seed))
+
+    def make(lo, hi, chunk=0):   # images lo..hi-1 of the request (a part: padded to a whole chunk)
+        return generate(ema, spec, meta, take(conds, lo, hi, chunk), key, sampler, run_cfg.train,
+                        weak=weak, first=lo)[:hi - lo]
+    request = {"ckpt_dir": str(Path(str(cfg.ckpt_dir)).resolve()), "step": step, "seed": int(cfg.seed),
+               "sampler": OmegaConf.to_container(sampler, resolve=True), "labels": labels.tolist(), "prompts": prompts}
+    images, parts = in_parts(out, request, len(labels), int(sampler.chunk), make)
 
     # The scores beside an npz are that npz's: those of the file being replaced go with it once it is replaced
     # (write_npz; they come back below when this one is evaluated).
     write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
               **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
+    if parts is not None:   # the npz is whole: the parts it was made of go
+        shutil.rmtree(parts, ignore_errors=True)
     shown, nrow = grid_pick(labels)
     save_png(make_grid(images[shown], nrow=nrow), out.with_suffix(".png"), upscale=grid_upscale(images.shape[1]))
     print(f"wrote {out} and {out.with_suffix('.png')}", flush=True)
@@ -113,6 +123,65 @@ def main(cfg):
         print("evaluation: " + json.dumps(res), flush=True)
         write_json(out.with_suffix(".eval.json"), res)
     return images, labels
+
+
+PART_CHUNKS = 16   # a request of more than this many sampler chunks is sampled, and kept, a part at a time
+
+
+def in_parts(out, request: dict, n: int, chunk: int, make):
+    """(images, parts folder or None): make(lo, hi[, chunk]) -> uint8 images lo..hi-1 (conditions padded to a whole
+    chunk when fewer, as sampling.sample pads the last chunk of a request). A request of more than PART_CHUNKS
+    chunks is sampled a part at a time, each part saved (atomically) in `.<out name>.parts/` beside `out`, so that a
+    stopped sample.py (preemption, Ctrl-C, a lost node: hours into 50k images) resumes at the first missing part
+    when rerun with the same request. Parts start on chunk boundaries and each image's noise comes from (seed, its
+    index), so the result is the uninterrupted one, byte for byte. Another request clears the folder."""
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from training.files import atomic_write
+
+    size = PART_CHUNKS * chunk
+    if n <= size:
+        return make(0, n), None
+    d = Path(out).parent / f".{Path(out).name}.parts"
+    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
+    if not (d / "request").is_file() or (d / "request").read_text() != key:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        (d / "request").write_text(key)
+    images, reused = None, 0
+    for i, lo in enumerate(range(0, n, size)):
+        hi, f = min(lo + size, n), d / f"part-{i:05d}.npy"
+        try:
+            x = np.load(f, allow_pickle=False) if f.is_file() else None
+        except (OSError, ValueError):   # cut short some other way: made again
+            x = None
+        if x is not None and len(x) == hi - lo:
+            reused += 1
+        else:
+            x = make(lo, hi, chunk)
+            with atomic_write(f) as tmp:
+                np.save(tmp, x)
+        if images is None:
+            images = np.empty((n, *x.shape[1:]), x.dtype)
+        images[lo:hi] = x
+    if reused:
+        print(f"resumed: {reused} of {-(-n // size)} parts were sampled before (in {d})", flush=True)
+    return images, d
+
+
+def take(conds, lo: int, hi: int, chunk: int):
+    """Conditions lo..hi-1 (class ids, or stage 2's tuple of arrays), padded with the last to a whole chunk when
+    fewer: the request's last chunk is padded so in one go, and the same batch gives the same bits."""
+    import numpy as np
+
+    pad = max(0, chunk - (hi - lo))
+    cut = lambda c: np.concatenate([c[lo:hi], np.repeat(c[hi - 1:hi], pad, 0)]) if pad else c[lo:hi]
+    return tuple(cut(c) for c in conds) if isinstance(conds, tuple) else cut(conds)
 
 
 def write_npz(out, **arrays):

@@ -107,3 +107,42 @@ def test_sample_py_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch
     sample.write_npz(out, images=np.ones((3, 4, 4, 1), np.uint8))
     assert np.load(out, allow_pickle=False)["images"].shape == (3, 4, 4, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_path, monkeypatch, capsys):
+    """sample.py num_samples=50000 held everything until the end: stopped at 90% (preemption, Ctrl-C), all of it was
+    sampled again. Now a large request is sampled a part at a time, each part kept beside the npz; the rerun samples
+    the missing parts only, and the images are the uninterrupted ones, byte for byte (the last part, shorter than a
+    chunk, padded as the request's last chunk was)."""
+    import sample
+    import train_stage1
+    import training.generate
+    from conftest import tiny_overrides
+    from training import cli
+
+    ck = tmp_path / "run"
+    train_stage1.main(compose("config", tiny_overrides(digits_root, str(ck), steps=2)))
+    run = lambda out: (monkeypatch.setattr("sys.argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=13", "chunk=3",
+                                                        f"out={out}"]), cli.main("sample", sample.main))
+    run(tmp_path / "whole.npz")                       # 13 images < 16 chunks: in one go, as before
+    whole = np.load(tmp_path / "whole.npz")["images"]
+    monkeypatch.setattr(sample, "PART_CHUNKS", 2)     # parts of 6: [0, 6), [6, 12), [12, 13)
+    real, calls = training.generate.generate, []
+
+    def stopped(*a, **kw):
+        calls.append(kw["first"])
+        if len(calls) == 2 and stopped.stop:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    stopped.stop = True
+    monkeypatch.setattr(training.generate, "generate", stopped)
+    with pytest.raises(SystemExit) as stop:   # Ctrl-C: cli.main's exit code 130
+        run(tmp_path / "s.npz")
+    assert stop.value.code == 130
+    assert not (tmp_path / "s.npz").exists() and [p.name for p in (tmp_path / ".s.npz.parts").iterdir()] != []
+    stopped.stop, calls[:] = False, []
+    capsys.readouterr()
+    run(tmp_path / "s.npz")
+    assert calls == [6, 12] and "resumed: 1 of 3 parts" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npz")["images"].tobytes() == whole.tobytes()
+    assert not (tmp_path / ".s.npz.parts").exists()

@@ -9,15 +9,15 @@ from training.sampling import balanced_labels, sample
 
 
 def generate(model, spec: dict, meta: dict, labels: np.ndarray, key, sampler_cfg, train_cfg, weak=None,
-             decode: bool = True) -> np.ndarray:
+             decode: bool = True, first: int = 0) -> np.ndarray:
     """Images as uint8 (N, H, W, C) for the given labels (`to_images`); decode=False: the model-space samples.
-    weak: the weaker model for autoguidance (sampler.guidance = auto; see load_weak)."""
+    weak: the weaker model for autoguidance (sampler.guidance = auto; see load_weak). first: sampling.sample's."""
     h, w = spec["input_size"]
     null = text_null if spec.get("mixing") else spec["num_classes"]  # stage 2: labels = text_conds(...)
     finish = (lambda x: to_images(x, meta, sampler_cfg)) if decode else None   # chunk by chunk, as they come
     return sample(model, labels, key, null_cond=null, shape=(h, w, spec["in_channels"]),
                   sampler_cfg=sampler_cfg, prediction=train_cfg.prediction, t_eps=float(train_cfg.t_eps),
-                  precision=train_cfg.precision, weak=weak, finish=finish)
+                  precision=train_cfg.precision, weak=weak, finish=finish, first=first)
 
 
 def to_images(x_model, meta: dict, sampler_cfg=None) -> np.ndarray:

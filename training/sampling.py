@@ -201,10 +201,11 @@ def check_sampler(sampler_cfg):
 
 
 def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v", t_eps=0.05,
-           precision="float32", weak=None, finish=None) -> np.ndarray:
+           precision="float32", weak=None, finish=None, first: int = 0) -> np.ndarray:
     """Generate one image per condition (model space, float32, (N, H, W, C)) in chunks of sampler_cfg.chunk.
     finish: applied to each chunk as it comes (generate: to uint8 images, through the VAE for latents), so a large
     request holds its result once, never all of it in float32 (50k pixel images of 256x256x3: 39 GB).
+    first: the index of labels[0] in a larger request sampled in parts (sample.py): image i's noise is that request's.
 
     labels: class ids (N,), or a tuple of per-example arrays with leading axis N (stage 2, see make_velocity).
     t_eps: x-prediction's clamp on 1 - t (flow.to_velocity), the training value; sampler_cfg.t_eps replaces it when
@@ -232,7 +233,7 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
             y = tuple(c[start:start + chunk] for c in conds)
             pad = chunk - len(y[0])
             y = tuple(np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in y)  # same shape: no recompile
-            x, over, failed = (np.asarray(a) for a in run(model, weak, key, jnp.uint32(start),
+            x, over, failed = (np.asarray(a) for a in run(model, weak, key, jnp.uint32(first + start),
                                                           tuple(jnp.asarray(c) for c in y)))
             bad = ~np.isfinite(x[:chunk - pad]).reshape(chunk - pad, -1).all(1)
             if bad.any():   # checked first: an adaptive solver meets NaN as endless step rejections (`over`)
