@@ -166,6 +166,35 @@ def test_stop_flag_gives_the_signals_back():
             signal.signal(s, h)
 
 
+def test_sigterm_in_the_final_grid_keeps_the_wandb_history(digits_root, tmp_path):
+    """After the last checkpoint, SIGTERM (preemption during the final grid or evaluation) had its default action
+    back: the process died at once, W&B never closed, and the offline run file held its 7-byte header only (a
+    fresh run's whole history lost). Now it stops as a Ctrl-C does (exit 130) and the history is written."""
+    import os
+    import sys
+
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+import train_stage1, training.loop as loop
+from training import cli
+real = loop.generate
+def final_grid(*a, **kw):   # sample_every=0: the first grid is the final one
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **kw)
+loop.generate = final_grid
+sys.argv = ["train_stage1.py", *sys.argv[1:]]
+cli.main("config", train_stage1.main)
+"""
+    over = tiny_overrides(digits_root, str(tmp_path / "run"), steps=4, **{"wandb.mode": "offline",
+                                                                           "wandb.dir": str(tmp_path / "wb")})
+    p = subprocess.run([sys.executable, "-c", code, *over], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "WANDB_MODE"})
+    assert p.returncode == 130, (p.returncode, p.stderr[-2000:])
+    runs = list((tmp_path / "wb").rglob("*.wandb"))
+    assert len(runs) == 1 and b"train/loss" in runs[0].read_bytes(), [(r, r.stat().st_size) for r in runs]
+
+
 def test_wandb_online_without_login_is_one_line(tmp_path, monkeypatch):
     """wandb.mode=online with no API key: a UserError saying what to do, not wandb's UsageError traceback (the loop
     starts the tracker inside the block that closes the checkpointer on any error)."""

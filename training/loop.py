@@ -260,16 +260,24 @@ def run(cfg, task: Task) -> dict:
         return {"step": step, "stopped": stop.signal}
 
     result = {"step": step}
-    ema, weak = sample_grid(step, final=True)
-    if is_main:
-        if cfg.eval.at_end and task.evaluator is not None:
-            result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step, weak))
-        elif cfg.eval.at_end and task.final_eval is not None:
-            result.update(task.final_eval(ema, step))
-        if cfg.eval.at_end and (task.evaluator or task.final_eval):
-            tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-            tracker.summary(result)
-        tracker.finish()
+    # The last checkpoint is complete: a SIGTERM now (preemption in the final grid or evaluation) stops the run as a
+    # Ctrl-C does, by a KeyboardInterrupt, so that W&B is closed with its history written. Its default action killed
+    # the process with nothing flushed: a fresh run's whole W&B history was lost. A resume redoes grid and evaluation.
+    term = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        ema, weak = sample_grid(step, final=True)
+        if is_main:
+            if cfg.eval.at_end and task.evaluator is not None:
+                result.update(evaluate(ema, task, cfg, int(cfg.eval.num_samples), step, weak))
+            elif cfg.eval.at_end and task.final_eval is not None:
+                result.update(task.final_eval(ema, step))
+            if cfg.eval.at_end and (task.evaluator or task.final_eval):
+                tracker.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+                tracker.summary(result)
+    finally:
+        signal.signal(signal.SIGTERM, term)
+        if tracker is not None:
+            tracker.finish()
     return result
 
 
