@@ -204,7 +204,7 @@ def test_resume_refuses_changed_settings(digits_root, tmp_path, monkeypatch, cap
         c.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step + 1)
 
 
-def test_a_changed_sampler_on_resume_keeps_the_weak_models_checkpoint(digits_root, tmp_path):
+def test_a_changed_sampler_on_resume_keeps_the_weak_models_checkpoint(digits_root, tmp_path, monkeypatch, capsys):
     """sampler.* is free to change on resume, but the step autoguidance reads (the EMA half-way through the run) was
     kept only while the current config named it: a resume with guidance=cfg let Orbax delete it at the next save, and
     nothing gives it back. Kept now across any number of resumes; a new weak step is kept beside it."""
@@ -223,3 +223,9 @@ def test_a_changed_sampler_on_resume_keeps_the_weak_models_checkpoint(digits_roo
                                                 "sampler.guide_step": 9})))
     assert steps() == [5, 9, 10]
     assert read_config(ck)[0]["run"]["kept_steps"] == [5, 9]
+    # More steps, knowingly (resume_changes): the weak step moves to half of 16 = 8, which the run passed without
+    # saving. Said as such, with the weak step it kept (it read "the run started with other settings")
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True, "train.steps": 16,
+                                                "train.resume_changes": True}))
+    assert "needs the EMA of step 8" in line and "train.steps 10 -> 16 moves it there, past this run's step 10" in line
+    assert "add sampler.guide_step=9 (the weak step this run kept)" in line, line

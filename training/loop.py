@@ -139,9 +139,14 @@ def run(cfg, task: Task) -> dict:
             # Before the weak-step check: a changed train.steps moves the weak step too, and should be named as such.
             changed = check_resume_settings(saved, config, tc, latest)
             if weak_step is not None and weak_step <= latest and weak_step not in ckpt.manager.all_steps():
+                moved = [f"{k} {a} -> {b}" for k, a, b in changed if k in ("train.steps", "sampler.guide_fraction")]
+                why = (f"{' and '.join(moved)} moves it there, past this run's step {latest}" if moved else
+                       "the run started with other settings")
+                old = [k for k in kept if k != weak_step and k <= latest]
+                hint = (f"sampler.guide_step={old[-1]} (the weak step this run kept)" if old else
+                        f"sampler.guide_step=<a step it holds: {sorted(ckpt.manager.all_steps())}>")
                 raise UserError(f"sampler.guidance=auto needs the EMA of step {weak_step}, which {tc.ckpt_dir} does "
-                                f"not hold (the run started with other settings): resume with sampler.guidance=cfg, or "
-                                f"sampler.guide_step=<a step it holds: {sorted(ckpt.manager.all_steps())}>")
+                                f"not hold ({why}): add {hint}, or resume with sampler.guidance=cfg")
             state = sharding.place(ckpt.restore(state, it, latest), mesh)
             run_id = saved.get("run", {}).get("wandb_id")
             # The saved config records the settings in force from now on; the changes made on resume are kept with it.
