@@ -327,7 +327,6 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
 
 
 def _prepare_text(dc, out_dir: Path, encoder) -> None:
-    from data.prepare import prepare_arrays
     from data.text import get_encoder
 
     # sources are read (latents, folders: checked) before anything is said or the text encoder loads, so a wrong path
@@ -337,8 +336,20 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     rows = _caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
                          None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
-    d = None if latents or rows else _load(dc)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
+    enc.encoded, enc.truncated, enc.first_truncated = 0, 0, None
+    try:
+        _make_text_set(dc, out_dir, enc, latents, rows)
+    finally:   # said also when the preparation stops: which captions the set holds cut
+        note = enc.truncation_note("captions", int(dc.max_tokens))
+        if note:
+            print(note, flush=True)
+
+
+def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
+    from data.prepare import prepare_arrays
+
+    d = None if latents or rows else _load(dc)
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
     if latents:   # streamed shard by shard

@@ -25,7 +25,11 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir) -> tuple[np.nda
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError("prompt must be a non-empty string or list of strings (quote numbers and words Hydra "
                             "reads as values: 'prompt=\"123\"', or 'prompt=[\"a red apple\",\"true\"]')")
-        text, mask = get_encoder(t["encoder"], t.get("encoder_path")).encode(prompts, int(t["max_tokens"]))
+        enc = get_encoder(t["encoder"], t.get("encoder_path"))
+        text, mask = enc.encode(prompts, int(t["max_tokens"]))
+        note = enc.truncation_note("prompts", int(t["max_tokens"]))
+        if note:
+            print(note, flush=True)
     else:
         n_train = int(meta["splits"]["train"]["num_records"])
         # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts);

@@ -22,6 +22,15 @@ class TextEncoder:
     def __init__(self, name: str, model, tokenizer, dim: int, source: str, device: str = "cpu"):
         self.name, self.model, self.tokenizer, self.dim, self.source = name, model, tokenizer, dim, source
         self.device = device
+        # captions encode() was given, and cut to max_tokens (with the first cut): what truncation_note says
+        self.encoded, self.truncated, self.first_truncated = 0, 0, None
+
+    def truncation_note(self, what: str, max_tokens: int) -> str | None:
+        """One line for the captions encode() cut since the counts were last reset (None if none): said, not silent."""
+        if not self.truncated:
+            return None
+        return (f"note: {self.truncated} of {self.encoded} {what} are longer than data.max_tokens={max_tokens} tokens and were "
+                f"cut to it (the model sees only their start), e.g. {self.first_truncated[:80]!r}")
 
     def encode(self, captions: list[str], max_tokens: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -35,8 +44,14 @@ class TextEncoder:
         mask = np.zeros((len(captions), max_tokens), bool)
         with torch.inference_mode():
             for i in range(0, len(captions), batch_size):
-                b = self.tokenizer(list(captions[i:i + batch_size]), padding="max_length", truncation=True,
-                                   max_length=max_tokens, return_tensors="pt")
+                batch = list(captions[i:i + batch_size])
+                self.encoded += len(batch)
+                b = self.tokenizer(batch, padding="max_length", truncation=True, max_length=max_tokens,
+                                   return_tensors="pt")
+                long = [c for c, ids in zip(batch, self.tokenizer(batch)["input_ids"]) if len(ids) > max_tokens]
+                if long:
+                    self.truncated += len(long)
+                    self.first_truncated = self.first_truncated or long[0]
                 h = self.model(input_ids=b["input_ids"].to(self.device),
                                attention_mask=b["attention_mask"].to(self.device)).last_hidden_state
                 m = b["attention_mask"].numpy().astype(bool)

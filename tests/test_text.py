@@ -367,3 +367,16 @@ def test_builtin_caption_features_are_made_a_batch_at_a_time(minilm, monkeypatch
     assert calls == [4, 4, 3] and got["text"].dtype == np.float16 and got["caption"] == caps
     assert np.array_equal(got["text"].view(np.uint16), states.astype(np.float16).view(np.uint16))
     assert np.array_equal(got["mask"], mask)
+
+
+def test_captions_cut_to_max_tokens_are_said(minilm, capsys):
+    """A prompt or caption longer than data.max_tokens was cut without a word (its images were those of its start)."""
+    from data.prompts import prompt_conds
+
+    meta = {"text": {"encoder": "minilm", "max_tokens": 6}, "splits": {}}
+    long = "a red apple on a wooden table next to a glass of milk"
+    idx, _, prompts = prompt_conds([long, "a cat"], 2, meta, None)
+    out = capsys.readouterr().out
+    assert "note: 1 of 2 prompts are longer than data.max_tokens=6 tokens" in out and "'a red apple on" in out, out
+    prompt_conds(["a cat", "a dog"], 2, meta, None)
+    assert "note:" not in capsys.readouterr().out
