@@ -37,11 +37,14 @@ def main(cfg):
     saved, step = read_config(cfg.ckpt_dir, cfg.step)
     stage = int(saved.get("stage", 1))
     ignored = "labels" if stage == 2 and cfg.labels is not None else \
-        "prompt" if stage == 1 and cfg.get("prompt") is not None else None
+        "prompt" if stage == 1 and cfg.get("prompt") is not None else \
+        "prompts_file" if stage == 1 and cfg.get("prompts_file") is not None else None
     if ignored:   # it would be ignored: the run conditions on the other kind
         kind = "class-conditional (stage-1)" if ignored == "labels" else "text (stage-2)"
         raise UserError(f"{ignored}= is for {kind} runs, and {cfg.ckpt_dir} is a stage-{stage} run: use "
                         f"{'prompt=<caption>' if stage == 2 else 'labels=<class ids>'} instead")
+    if cfg.get("prompt") is not None and cfg.get("prompts_file") is not None:
+        raise UserError("prompt= and prompts_file= both name the prompts: give one of them")
     if stage == 2 and cfg.evaluate:   # the classifier scores class-conditional samples; captions have their own check
         raise UserError(f"evaluate=true scores class-conditional runs; {cfg.ckpt_dir} is a stage-2 (text) run: "
                         f"sample with evaluate=false, or run python -m training.text_eval {cfg.ckpt_dir}")
@@ -68,7 +71,8 @@ def main(cfg):
         from data.prompts import check_text_matches, prompt_conds
 
         check_text_matches(saved, meta, cfg.ckpt_dir)
-        labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir)
+        labels, conds, prompts = prompt_conds(cfg.get("prompt"), cfg.num_samples, meta, data_dir,
+                                              cfg.get("prompts_file"))
     if prompts is None and (len(labels) == 0 or labels.min() < 0 or labels.max() >= k):
         raise UserError(f"labels must be class ids in [0, {k}) and num_samples > 0")
 
@@ -180,6 +184,8 @@ def take(conds, lo: int, hi: int, chunk: int):
     import numpy as np
 
     pad = max(0, chunk - (hi - lo))
+    if callable(conds):   # made when asked (data.prompts.PromptConds): only this range's prompts are encoded
+        conds, lo, hi = conds(lo, hi), 0, hi - lo
     cut = lambda c: np.concatenate([c[lo:hi], np.repeat(c[hi - 1:hi], pad, 0)]) if pad else c[lo:hi]
     return tuple(cut(c) for c in conds) if isinstance(conds, tuple) else cut(conds)
 

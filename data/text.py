@@ -25,6 +25,11 @@ class TextEncoder:
         # captions encode() was given, and cut to max_tokens (with the first cut): what truncation_note says
         self.encoded, self.truncated, self.first_truncated = 0, 0, None
 
+    def long_captions(self, captions: list[str], max_tokens: int) -> list[str]:
+        """The captions encode() would cut to max_tokens (the tokenizer alone: fast)."""
+        ids = self.tokenizer(list(captions))["input_ids"]
+        return [c for c, i in zip(captions, ids) if len(i) > max_tokens]
+
     def truncation_note(self, what: str, max_tokens: int) -> str | None:
         """One line for the captions encode() cut since the counts were last reset (None if none): said, not silent."""
         if not self.truncated:
@@ -48,7 +53,7 @@ class TextEncoder:
                 self.encoded += len(batch)
                 b = self.tokenizer(batch, padding="max_length", truncation=True, max_length=max_tokens,
                                    return_tensors="pt")
-                long = [c for c, ids in zip(batch, self.tokenizer(batch)["input_ids"]) if len(ids) > max_tokens]
+                long = self.long_captions(batch, max_tokens)
                 if long:
                     self.truncated += len(long)
                     self.first_truncated = self.first_truncated or long[0]

@@ -165,6 +165,17 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     cli.main("sample", sample.main)   # (every command-line list was refused as "not a list of strings")
     assert np.load(out)["images"].shape == (2, 8, 8, 3)
     assert np.load(out)["prompts"].tolist() == ["a red square", "a blue square"]
+    # The same prompts from a file (COCO-30k does not fit a command line), encoded a part at a time: the same images
+    (tmp_path / "p.txt").write_text("a red square\na blue square\n")
+    monkeypatch.setattr(sample, "PART_CHUNKS", 1)   # parts of one image: each part's prompt encoded when it comes
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={tmp_path / 'f.npz'}",
+                                      f"prompts_file={tmp_path / 'p.txt'}", "chunk=1"])
+    cli.main("sample", sample.main)
+    assert np.load(tmp_path / "f.npz")["prompts"].tolist() == ["a red square", "a blue square"]
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npz")["images"], np.load(out)["images"])
+    (tmp_path / "p.txt").write_text("a red square\n\na blue square\n")
+    line = run_cli(monkeypatch, capsys, [f"ckpt_dir={ck}", f"prompts_file={tmp_path / 'p.txt'}"], sample.main, "sample")
+    assert "line 2 is blank" in line, line
     # Edited captions re-encode the latents: the featurised copy is no longer theirs, and is refused, not reused.
     cfg = compose("stage2", over)
     (src / "captions.jsonl").write_text("\n".join(rows[::-1]) + "\n")

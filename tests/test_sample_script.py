@@ -50,6 +50,9 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
                          ([f"ckpt_dir={stage1}/4"], f"is one step of a run: pass the run's folder, {stage1}, and "
                                                     "step=4"),
                          ([f"ckpt_dir={stage1}", "prompt=cat"], "prompt= is for text (stage-2) runs"),
+                         ([f"ckpt_dir={stage1}", f"prompts_file={png}"], "prompts_file= is for text (stage-2) runs"),
+                         ([f"ckpt_dir={stage2}", "prompt=cat", f"prompts_file={png}"],
+                          "prompt= and prompts_file= both name the prompts"),
                          ([f"ckpt_dir={stage2}", "labels=[1,2]"], "labels= is for class-conditional (stage-1) runs"),
                          ([f"ckpt_dir={stage1}", "guide_step=8"], "guide_step=8 is not before the sampled step 4"),
                          ([f"ckpt_dir={stage1}"], "guide_step=8 is not before"),   # guide_fraction 0.5 of 16

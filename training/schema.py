@@ -103,6 +103,7 @@ RULES = {
     "config": TRAINING, "stage2": TRAINING,
     "sample": {"num_samples": whole(1, hi=10_000_000), "seed": whole(0, hi=SEED_MAX), "step": whole(0, null=True),
                "evaluate": choice(True, False), "ckpt_dir": path(), "out": path(), "data_root": path(null=True),
+               "prompts_file": path(null=True),
                "guide_ckpt_dir": path(null=True),
                **{k: (lambda v, f=f: v is None or f(v), t + ("" if "null" in t else ", or null"))
                   for k, (f, t) in SAMPLER.items()}},
