@@ -115,6 +115,7 @@ def main(cfg):
     # The scores beside an npz are that npz's: those of the file being replaced go with it once it is replaced
     # (write_npz; they come back below when this one is evaluated).
     write_npz(out, images=images, labels=labels, arr_0=images, arr_1=labels,
+              request=np.asarray(json.dumps(request)),   # what made these images: run, step, seed, sampler, labels
               **({"prompts": np.asarray(prompts)} if prompts else {}))  # stage 2: labels index into prompts
     if parts is not None:   # the npz is whole: the parts it was made of go
         shutil.rmtree(parts, ignore_errors=True)

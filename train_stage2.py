@@ -55,8 +55,11 @@ def main(cfg):
         return model
 
     @functools.cache   # read once: the same 8 captions at every grid
-    def grid_conds():  # 8 training captions spread over the set, 8 samples each (one caption per row)
-        c = captions(np.linspace(0, num_train - 1, 8).astype(int))
+    def grid_captions():  # 8 training captions spread over the set, 8 samples each (one caption per row)
+        return captions(np.linspace(0, num_train - 1, 8).astype(int))
+
+    def grid_conds():
+        c = grid_captions()
         return text_conds(np.repeat(c["text"], 8, axis=0), np.repeat(c["mask"], 8, axis=0))
 
     def final_eval(ema, step):
@@ -66,6 +69,7 @@ def main(cfg):
 
     return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator, null_cond=None,
                          conditioning=text_conditioning, init_model=init_model, grid_conds=grid_conds,
+                         grid_rows=lambda: list(grid_captions()["caption"]),
                          final_eval=final_eval))
 
 

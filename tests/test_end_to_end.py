@@ -40,6 +40,7 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert "leaked shared_memory" not in p.stderr, p.stderr[-2000:]
     assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [7, 14]
     assert list((ckpt / "samples").glob("*.png"))
+    assert (ckpt / "samples" / "rows.txt").read_text().splitlines() == [f"{i + 1}\t{i}" for i in range(10)]  # classes
     out = tmp_path / "s" / "samples.npz"
     # autoguidance with the step-7 EMA as the weak model (and plain guidance on top)
     p = run_script("sample.py", f"ckpt_dir={ckpt}", "num_samples=12", "cfg_scale=2.0", f"out={out}",
@@ -49,6 +50,8 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_0"], z["images"])
     np.testing.assert_array_equal(z["arr_1"], z["labels"])
+    made = json.loads(str(z["request"]))   # what made them, read without pickle
+    assert made["step"] == 14 and made["seed"] == 0 and made["sampler"]["solver"] == "heun" and len(made["labels"]) == 12
     assert sorted(np.bincount(z["labels"], minlength=10).tolist()) == [1] * 8 + [2] * 2
     assert out.with_suffix(".png").is_file()
     res = json.loads(out.with_suffix(".eval.json").read_text())

@@ -158,6 +158,8 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     ev = json.loads((ck / "eval-step0000004.json").read_text())
     assert ev["num_real"] == 8 and 0 <= ev["top1_hit_rate"] <= ev["top5_hit_rate"] <= 1
     assert (ev["chance_top5"], ev["chance_top1"]) == (5 / 8, 1 / 8)   # what luck scores, beside the rates
+    shown = (ck / "samples" / "rows.txt").read_text().splitlines()   # which caption each grid row shows
+    assert shown == [f"{i + 1}\t{c}" for i, c in enumerate(names * 2)], shown
     assert Image.open(ck / "eval-step0000004.png").size == (2 * (8 * 8 + 9), 2 * (2 * 8 + 3))   # 1-px gaps, x2
     out = tmp_path / "s.npz"
     monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={out}",

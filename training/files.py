@@ -33,6 +33,11 @@ def write_json(path, obj, indent: int | None = 1) -> None:
         tmp.write_text(json.dumps(obj, indent=indent))
 
 
+def write_text(path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def weights_fingerprint(directory) -> str | None:
     """A cheap identity of the safetensors weights in a model directory: sha256 over each file's name, size and 16
     blocks of 64 KiB spread over it. Other weights (retrained, or another random init of the same config) differ in

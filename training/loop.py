@@ -24,7 +24,7 @@ from training.sampling import check_sampler
 from training.settings import check_resume_settings, check_same_model, check_train_settings, describe
 from training.checkpoint import Checkpointer, read_config
 from training.errors import UserError
-from training.files import write_json
+from training.files import write_json, write_text
 from training.generate import check_guide_step, generate, grid_labels, guide_step, load_weak
 from training.optim import make_optimizer, state_layout
 from training.state import init_state, split_keys
@@ -44,6 +44,7 @@ class Task:
     evaluator: Callable | None = None  # () -> object with .evaluate(images, labels) -> dict, or None
     init_model: Callable | None = None  # fresh model -> model (stage 2: transplant stage-1 weights, train.init_from)
     grid_conds: Callable | None = None  # () -> conditions for the sample grid (default: 8 per class)
+    grid_rows: Callable | None = None   # () -> what each grid row shows, written to samples/rows.txt (default: classes)
     final_eval: Callable | None = None  # (ema model, step) -> dict: end-of-run check when there is no `evaluator`
     check_eval: Callable | None = None  # () -> None, raising UserError when the end-of-run evaluation cannot run
 
@@ -202,7 +203,11 @@ def run(cfg, task: Task) -> dict:
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=grid_upscale(imgs.shape[1]))
-        tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, one class per row, step {step}")
+        rows = task.grid_rows() if task.grid_rows else \
+            [str(task.meta.get("class_names", [])[c]) if c < len(task.meta.get("class_names", [])) else f"class {c}"
+             for c in np.asarray(labels)[::8]]
+        write_text(samples_dir / "rows.txt", "".join(f"{i + 1}\t{r}\n" for i, r in enumerate(rows)))
+        tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, step {step}; rows: " + " | ".join(rows))
         return ema, weak
 
     # ---- the loop ----
