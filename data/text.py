@@ -34,8 +34,8 @@ class TextEncoder:
         """One line for the captions encode() cut since the counts were last reset (None if none): said, not silent."""
         if not self.truncated:
             return None
-        return (f"note: {self.truncated} of {self.encoded} {what} are longer than data.max_tokens={max_tokens} tokens and were "
-                f"cut to it (the model sees only their start), e.g. {self.first_truncated[:80]!r}")
+        return (f"note: {self.truncated} of {self.encoded} {what} are longer than data.max_tokens={max_tokens} tokens "
+                f"and were cut to it (the model sees only their start), e.g. {self.first_truncated[:80]!r}")
 
     def encode(self, captions: list[str], max_tokens: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         import torch

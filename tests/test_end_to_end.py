@@ -51,7 +51,8 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     np.testing.assert_array_equal(z["arr_0"], z["images"])
     np.testing.assert_array_equal(z["arr_1"], z["labels"])
     made = json.loads(str(z["request"]))   # what made them, read without pickle
-    assert made["step"] == 14 and made["seed"] == 0 and made["sampler"]["solver"] == "heun" and len(made["labels"]) == 12
+    assert made["step"] == 14 and made["seed"] == 0 and made["sampler"]["solver"] == "heun"
+    assert len(made["labels"]) == 12
     assert sorted(np.bincount(z["labels"], minlength=10).tolist()) == [1] * 8 + [2] * 2
     assert out.with_suffix(".png").is_file()
     res = json.loads(out.with_suffix(".eval.json").read_text())
