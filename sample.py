@@ -105,9 +105,8 @@ def main(cfg):
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
     key = jax.random.PRNGKey(int(cfg.seed))
 
-    def make(lo, hi, chunk=0):   # images lo..hi-1 of the request (a part: padded to a whole chunk)
-        return generate(ema, spec, meta, take(conds, lo, hi, chunk), key, sampler, run_cfg.train,
-                        weak=weak, first=lo)[:hi - lo]
+    def make(lo, hi):   # images lo..hi-1 of the request
+        return generate(ema, spec, meta, take(conds, lo, hi), key, sampler, run_cfg.train, weak=weak, first=lo)
     request = {"ckpt_dir": str(Path(str(cfg.ckpt_dir)).resolve()), "step": step, "seed": int(cfg.seed),
                "sampler": OmegaConf.to_container(sampler, resolve=True), "labels": labels.tolist(), "prompts": prompts}
     images, parts = in_parts(out, request, len(labels), int(sampler.chunk), make)
@@ -134,8 +133,7 @@ PART_CHUNKS = 16   # a request of more than this many sampler chunks is sampled,
 
 
 def in_parts(out, request: dict, n: int, chunk: int, make):
-    """(images, parts folder or None): make(lo, hi[, chunk]) -> uint8 images lo..hi-1 (conditions padded to a whole
-    chunk when fewer, as sampling.sample pads the last chunk of a request). A request of more than PART_CHUNKS
+    """(images, parts folder or None): make(lo, hi) -> uint8 images lo..hi-1. A request of more than PART_CHUNKS
     chunks is sampled a part at a time, each part saved (atomically) in `.<out name>.parts/` beside `out`, so that a
     stopped sample.py (preemption, Ctrl-C, a lost node: hours into 50k images) resumes at the first missing part
     when rerun with the same request. Parts start on chunk boundaries and each image's noise comes from (seed, its
@@ -168,7 +166,7 @@ def in_parts(out, request: dict, n: int, chunk: int, make):
         if x is not None and len(x) == hi - lo:
             reused += 1
         else:
-            x = make(lo, hi, chunk)
+            x = make(lo, hi)
             with atomic_write(f) as tmp:
                 np.save(tmp, x)
         if images is None:
@@ -179,16 +177,12 @@ def in_parts(out, request: dict, n: int, chunk: int, make):
     return images, d
 
 
-def take(conds, lo: int, hi: int, chunk: int):
-    """Conditions lo..hi-1 (class ids, or stage 2's tuple of arrays), padded with the last to a whole chunk when
-    fewer: the request's last chunk is padded so in one go, and the same batch gives the same bits."""
-    import numpy as np
-
-    pad = max(0, chunk - (hi - lo))
-    if callable(conds):   # made when asked (data.prompts.PromptConds): only this range's prompts are encoded
-        conds, lo, hi = conds(lo, hi), 0, hi - lo
-    cut = lambda c: np.concatenate([c[lo:hi], np.repeat(c[hi - 1:hi], pad, 0)]) if pad else c[lo:hi]
-    return tuple(cut(c) for c in conds) if isinstance(conds, tuple) else cut(conds)
+def take(conds, lo: int, hi: int):
+    """Conditions lo..hi-1: class ids, stage 2's tuple of arrays, or data.prompts.PromptConds (made when asked: only
+    this range's prompts are encoded)."""
+    if callable(conds):
+        return conds(lo, hi)
+    return tuple(c[lo:hi] for c in conds) if isinstance(conds, tuple) else conds[lo:hi]
 
 
 def write_npz(out, **arrays):

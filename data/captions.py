@@ -337,7 +337,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
                          None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
-    enc.encoded, enc.truncated, enc.first_truncated = 0, 0, None
+    enc.reset_counts()
     try:
         _make_text_set(dc, out_dir, enc, latents, rows)
     finally:   # said also when the preparation stops: which captions the set holds cut

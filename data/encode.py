@@ -108,7 +108,7 @@ def _vae_identity(vae) -> dict:
     return json.loads(json.dumps(ident, default=str))
 
 
-def _shard_intact(path: Path, records: int) -> bool:
+def shard_intact(path: Path, records: int) -> bool:
     """The finished shard is there and holds the records the state counted (reads only its index)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -247,7 +247,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = _start_over(out_dir, fp, plan)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items()
-            if _shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
+            if shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
     if (out_dir / META_FILE).exists():
         meta = _load_meta_or_none(out_dir)
         if meta is not None and len(done) == len(jobs) and _meta_agrees(meta, state, jobs):

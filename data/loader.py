@@ -222,6 +222,16 @@ def read_records(meta: dict, data_dir, split: str, caption: bool = False):
 READ_BYTES = 64 << 20   # bytes of shard per sequential read in read_records (whole records, at least one)
 
 
+def _records_at(meta: dict, data_dir, split: str, indices, caption: bool = False) -> list[dict]:
+    """Decoded + validated records at these indices of a split (in the order given), by random access."""
+    paths, counts = _shard_paths(meta, data_dir, split)
+    source, decode = _Source(paths, counts), _Decode(meta, paths, counts, caption=caption)
+    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if any(not 0 <= i < len(source) for i in idx):
+        raise UserError(f"record indices must lie in [0, {len(source)}) for split {split!r} of {meta['name']!r}")
+    return [decode(i, source[i]) for i in idx]
+
+
 class StoredImages:
     """The stored images ('x') of a split, read when asked: `take` by index, `chunks` in stored order. For metrics
     over a whole split (stage 2's end-of-run ranking), which load_split would hold in memory at once (a 100k-image
@@ -235,9 +245,7 @@ class StoredImages:
         return self.n
 
     def take(self, indices) -> np.ndarray:
-        paths, counts = _shard_paths(self.meta, self.data_dir, self.split)
-        source, decode = _Source(paths, counts), _Decode(self.meta, paths, counts)
-        return np.stack([decode(int(i), source[int(i)])["x"] for i in np.asarray(indices).reshape(-1)])
+        return np.stack([rec["x"] for rec in _records_at(self.meta, self.data_dir, self.split, indices)])
 
     def chunks(self, size: int = 4096):
         n, records = read_records(self.meta, self.data_dir, self.split)
@@ -273,12 +281,7 @@ def load_text(meta: dict, data_dir, split: str, indices=None) -> dict:
     if indices is None:
         _, records = read_records(meta, data_dir, split, caption=True)
     else:
-        paths, counts = _shard_paths(meta, data_dir, split)
-        source, decode = _Source(paths, counts), _Decode(meta, paths, counts, caption=True)
-        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
-        if any(not 0 <= i < len(source) for i in idx):
-            raise UserError(f"record indices must lie in [0, {len(source)}) for split {split!r} of {meta['name']!r}")
-        records = (decode(i, source[i]) for i in idx)
+        records = _records_at(meta, data_dir, split, indices, caption=True)
     text, mask, caption = [], [], []
     for rec in records:
         text.append(rec["text"]), mask.append(rec["mask"]), caption.append(rec["caption"])

@@ -45,9 +45,6 @@ class PromptConds:
     def __init__(self, enc, prompts: list[str], idx: np.ndarray, max_tokens: int):
         self.enc, self.prompts, self.idx, self.max_tokens = enc, prompts, idx, max_tokens
 
-    def __len__(self) -> int:
-        return len(self.idx)
-
     def __call__(self, lo: int, hi: int) -> tuple:
         from training.generate import text_conds
 
@@ -66,42 +63,35 @@ def prompt_conds(prompt, num_samples: int, meta: dict, data_dir, prompts_file=No
     from data.text import get_encoder
     from training.generate import text_conds
 
-    t = meta["text"]
+    t, max_tokens, n = meta["text"], int(meta["text"]["max_tokens"]), int(num_samples)
+    enc = None
     if prompts_file is not None:
         prompts = read_prompts(prompts_file)
-        enc, n = get_encoder(t["encoder"], t.get("encoder_path")), int(num_samples)
-        long = enc.long_captions(prompts, int(t["max_tokens"]))
-        if long:
-            print(f"note: {len(long)} of {len(prompts)} prompts are longer than data.max_tokens={t['max_tokens']} "
-                  f"tokens and will be cut to it (the model sees only their start), e.g. {long[0][:80]!r}",
-                  flush=True)
-        if n < len(prompts):
-            print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)
-        idx = np.sort(np.arange(max(n, len(prompts))) % len(prompts))
-        return idx, PromptConds(enc, prompts, idx, int(t["max_tokens"])), prompts
-    if prompt is not None:
+    elif prompt is not None:
         # a list from the command line arrives as OmegaConf's ListConfig (a Sequence, not a list)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
         # Hydra types prompt=123 / true / null: a caption is text, and str() would invent "None" or "True"
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError("prompt must be a non-empty string or list of strings (quote numbers and words Hydra "
                             "reads as values: 'prompt=\"123\"', or 'prompt=[\"a red apple\",\"true\"]')")
-        enc = get_encoder(t["encoder"], t.get("encoder_path"))
-        text, mask = enc.encode(prompts, int(t["max_tokens"]))
-        note = enc.truncation_note("prompts", int(t["max_tokens"]))
-        if note:
-            print(note, flush=True)
     else:
         n_train = int(meta["splits"]["train"]["num_records"])
         # up to 8 captions spread over the set, and no more than the images asked for (the user named no prompts);
         # only those records are read (not every caption's features)
-        pick = np.linspace(0, n_train - 1, min(8, n_train, int(num_samples))).astype(int)
-        c = load_text(meta, data_dir, "train", pick)
-        prompts, text, mask = c["caption"], c["text"], c["mask"]
-    n = int(num_samples)
+        c = load_text(meta, data_dir, "train", np.linspace(0, n_train - 1, min(8, n_train, n)).astype(int))
+        prompts = c["caption"]
+    if prompts_file is not None or prompt is not None:   # the user's prompts, through the set's encoder
+        enc = get_encoder(t["encoder"], t.get("encoder_path"))
+        long = enc.long_captions(prompts, max_tokens)
+        if long:
+            print(f"note: {len(long)} of {len(prompts)} prompts are longer than data.max_tokens={max_tokens} tokens "
+                  f"and are cut to it (the model sees only their start), e.g. {long[0][:80]!r}", flush=True)
     if n < len(prompts):
         print(f"num_samples={n} is fewer than the {len(prompts)} prompts: one image per prompt", flush=True)
     idx = np.sort(np.arange(max(n, len(prompts))) % len(prompts))   # exactly num_samples; earlier prompts get the rest
+    if prompts_file is not None:
+        return idx, PromptConds(enc, prompts, idx, max_tokens), prompts
+    text, mask = enc.encode(prompts, max_tokens) if enc is not None else (c["text"], c["mask"])
     return idx, text_conds(text[idx], mask[idx]), prompts
 
 

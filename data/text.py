@@ -22,7 +22,10 @@ class TextEncoder:
     def __init__(self, name: str, model, tokenizer, dim: int, source: str, device: str = "cpu"):
         self.name, self.model, self.tokenizer, self.dim, self.source = name, model, tokenizer, dim, source
         self.device = device
-        # captions encode() was given, and cut to max_tokens (with the first cut): what truncation_note says
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Captions encode() was given, and cut to max_tokens (with the first cut): what truncation_note says."""
         self.encoded, self.truncated, self.first_truncated = 0, 0, None
 
     def long_captions(self, captions: list[str], max_tokens: int) -> list[str]:

@@ -60,14 +60,14 @@ def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, 
     fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions) of the next records, in order;
     skip(indices): called instead for the records of a shard finished before (a sequential source reads past them).
     Returns (shard names, shard_stats of each batch)."""
-    from data.encode import _shard_intact
+    from data.encode import shard_intact
     from data.meta import shard_stats
     from data.prepare import captioned_record, shard_name, write_records
 
     total = max(1, math.ceil(n / per_shard))
     files, stats = [], []
     names = [shard_name(split, i, total) for i in range(total)]
-    done = [nm for nm in names if nm in state["shards"] and _shard_intact(out_dir / nm, state["shards"][nm]["records"])]
+    done = [nm for nm in names if nm in state["shards"] and shard_intact(out_dir / nm, state["shards"][nm]["records"])]
     if done:
         print(f"resuming: {len(done)} of {total} {split} shards already written", flush=True)
 

@@ -203,9 +203,9 @@ def run(cfg, task: Task) -> dict:
         grid = make_grid(imgs, nrow=8)
         samples_dir.mkdir(parents=True, exist_ok=True)
         save_png(grid, samples_dir / f"step{step:07d}.png", upscale=grid_upscale(imgs.shape[1]))
+        names = task.meta["class_names"]   # (a required key; a hand-made set may list fewer names than classes)
         rows = task.grid_rows() if task.grid_rows else \
-            [str(task.meta.get("class_names", [])[c]) if c < len(task.meta.get("class_names", [])) else f"class {c}"
-             for c in np.asarray(labels)[::8]]
+            [str(names[c]) if c < len(names) else f"class {c}" for c in np.asarray(labels)[::8]]
         write_text(samples_dir / "rows.txt", "".join(f"{i + 1}\t{r}\n" for i, r in enumerate(rows)))
         tracker.log_image(step, "samples/ema", grid, caption=f"EMA samples, step {step}; rows: " + " | ".join(rows))
         return ema, weak

@@ -215,7 +215,9 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
-    chunk = int(min(sampler_cfg.chunk, max(n, 1)))
+    # A request smaller than a chunk runs as one smaller chunk; a part of a larger one (first > 0) keeps the request's
+    # chunk, so its last chunk is padded as the whole request's was: the same batches, the same bits.
+    chunk = int(sampler_cfg.chunk if first else min(sampler_cfg.chunk, max(n, 1)))
     velocity = (("cfg_scale", float(sampler_cfg.cfg_scale)), ("prediction", prediction),
                 ("t_eps", float(t_eps if own_t_eps is None else own_t_eps)),   # null: the training clamp passed in
                 ("dtype", DTYPES[precision]), ("cfg_interval", intervals["cfg"]),
