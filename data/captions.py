@@ -10,15 +10,14 @@ Text features (data.text_encoder: minilm | t5gemma) are computed here, once: tok
 (stored float16) + mask + the caption string in every record, and meta["text"] = {encoder, dim, max_tokens}.
 """
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from data.meta import META_FILE, load_meta
 from data.records import check_str
+from data.text_reuse import check_reuse, images_bytes_sha256, request
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -34,7 +33,7 @@ def fashion_captions(labels: np.ndarray, seed: int = 0) -> list[str]:
     return [FASHION_TEMPLATES[p].format(FASHION_NAMES[int(y)]) for p, y in zip(picks, labels)]
 
 
-def _caption_rows(folder: Path, captions_file: Path, limit: int | None) -> list[tuple[int, str, str]]:
+def caption_rows(folder: Path, captions_file: Path, limit: int | None) -> list[tuple[int, str, str]]:
     """(line number, file, caption) of each image the JSONL lists (data.limit: the first `limit`), every line checked
     before any image is read, so a typo on line 900,000 is reported at once."""
     if not captions_file.is_file():
@@ -88,7 +87,7 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
     """Bring-your-own, in memory: JSONL {file, caption} -> RGB uint8 (N, size, size, 3) and the captions. Preparing
     a set streams instead (_prepare_folder_text); this reads the same pixels."""
     folder, captions_file = Path(folder), Path(captions_file)
-    rows = _caption_rows(folder, captions_file, limit)
+    rows = caption_rows(folder, captions_file, limit)
     return np.stack([_folder_image(folder, captions_file, r, size) for r in rows]), [r[2] for r in rows]
 
 
@@ -148,7 +147,7 @@ def _captions_of(f: Path) -> list[str]:
 
 
 def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) -> None:
-    """kind `folder`, streamed: `rows` (_caption_rows, every line already checked) are decoded a few threads at a time
+    """kind `folder`, streamed: `rows` (caption_rows, every line already checked) are decoded a few threads at a time
     (PIL lets go of the GIL) and written with their captions' features a batch at a time; the channel statistics are
     merged across batches."""
     import os
@@ -160,7 +159,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
 
     folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
     per_shard = min(RECORDS_PER_SHARD, max(1, text_shards.SHARD_BYTES // (size * size * 3)))
-    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, per_shard, enc))
+    state = text_shards.start(out_dir, text_shards.resume_request(_by_content(text_meta), per_shard, enc))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         def chunk(idx):
             x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
@@ -174,6 +173,13 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     text_shards.finish(out_dir)
 
 
+def _by_content(text_meta: dict) -> dict:
+    """text_meta with its sources by content alone (their hashes, not paths or stamps): the resume key of a
+    preparation, so an interrupted one resumes on a copy of its folder or latents (`cp -r` to scratch disk)."""
+    paths = ("folder", "captions_file", "images_sha256", "latents")
+    return {**text_meta, "request": {k: v for k, v in text_meta["request"].items() if k not in paths}}
+
+
 def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
     """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
     their captions' features. The latents are copied as stored, and the source's VAE entry and channel statistics
@@ -183,7 +189,7 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
     from data.meta import META_FORMAT_VERSION, write_meta
     from data.prepare import RECORDS_PER_SHARD
 
-    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, RECORDS_PER_SHARD, enc))
+    state = text_shards.start(out_dir, text_shards.resume_request(_by_content(text_meta), RECORDS_PER_SHARD, enc))
     splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"
@@ -211,104 +217,10 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
     text_shards.finish(out_dir)
 
 
-def _latents_sha256(src: Path) -> str | None:
-    """What a latent source is, by content: its meta.json (VAE and its weights' hash, shapes, counts, statistics) and
-    its captions. None when it is gone."""
-    if not (src / META_FILE).is_file():
-        return None
-    h = hashlib.sha256((src / META_FILE).read_bytes())
-    for f in sorted(src.glob("captions-*.jsonl")):
-        h.update(f.name.encode()), h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
-    """What the listed images are, cheaply: each one's path, size and modification time (as a latent encode tells an
-    edited image, data/encode.py). None when the folder, the captions or an image is gone (a prepared copy
-    elsewhere)."""
-    if not (folder.is_dir() and captions_file.is_file()):
-        return None
-    try:
-        rows = _caption_rows(folder, captions_file, limit)
-    except UserError:
-        return None
-    from data.folders import file_stamp
-
-    base = str(folder)   # run at every start and resume: str paths, as pathlib's joins cost as much as the stat calls
-    try:
-        stamps = [file_stamp(os.path.join(base, file), file) for _, file, _ in rows]
-    except OSError:
-        return None
-    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
-
-
-def _request(dc) -> dict:
-    """What a captioned set is made from. Stored in meta["text"]["request"] so that `data.name` pointing at a copy
-    prepared from another folder, captions file, size, limit or encoder is refused instead of silently reused (the
-    folder config keeps one name, `my_captions`, for every folder)."""
-    from data.text import encoder_weights
-
-    opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
-    req = {"kind": str(dc.kind), "limit": None if dc.get("limit") is None else int(dc.limit),
-           "text_encoder": str(dc.text_encoder),
-           "max_tokens": int(dc.max_tokens),   # not the encoder's path: weights that moved are the same encoder,
-           "text_encoder_weights": encoder_weights(str(dc.text_encoder), dc.get("text_encoder_path"))}  # others not
-    if req["kind"] == "latents":   # latents come at the size they were encoded at
-        src = Path(str(dc.latents)).expanduser()
-        req.update(latents=opt_path(src), latents_sha256=_latents_sha256(src))
-    else:
-        req["size"] = int(dc.size)
-    if req["kind"] == "folder":
-        captions = Path(str(dc.captions_file))
-        req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
-                   captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None,
-                   images_sha256=_images_sha256(Path(str(dc.folder)).expanduser(), captions, req["limit"]))
-    return req
-
-
-def _check_reuse(meta: dict, dc, out_dir: Path) -> None:
-    """Refuse a prepared captioned set that was made from another request. Sets prepared before the request was
-    recorded, or by other code (prepare_arrays with text directly), are taken as they are: training reads the token
-    count and encoder from their meta, not from the config."""
-    if not meta.get("text"):
-        if (out_dir / "captions-train.jsonl").is_file():   # encoded latents of a captioned folder, not yet featurised
-            raise UserError(f"{out_dir} holds the latents of a captioned folder: train stage 2 on them with "
-                            f"data=latents_text data.latents={out_dir}")
-        raise UserError(f"{out_dir} holds a data set without captions: pick another data.name for stage 2")
-    was = meta["text"].get("request")
-    if was is None:
-        return
-    now = _request(dc)
-    if now["kind"] == "folder" and was.get("captions_sha256"):
-        # Sources that moved (prepared/ copied to another machine, a folder renamed) or are gone leave the prepared
-        # set usable: the captions' hash, not their path, says whether they changed; another folder of images counts
-        # as moved only when the one recorded is no longer there.
-        if now["captions_sha256"] is None:
-            print(f"note: {dc.captions_file} is gone; using {out_dir}, prepared from {was.get('captions_file')}",
-                  flush=True)
-        if now["captions_sha256"] in (None, was["captions_sha256"]):
-            now.update(captions_file=was.get("captions_file"), captions_sha256=was["captions_sha256"])
-            if now["captions_sha256"] is None or not Path(str(was.get("folder"))).is_dir():
-                now["folder"] = was.get("folder")
-        if now["images_sha256"] is None:   # images gone (a copy elsewhere): the prepared pixels are all there is
-            now["images_sha256"] = was.get("images_sha256")
-    if now["kind"] == "latents" and was.get("latents_sha256"):
-        # The same for latents: moved or gone, the copy here is still theirs; re-encoded or re-captioned, it is not.
-        if now["latents_sha256"] is None:
-            print(f"note: {dc.latents} is gone; using {out_dir}, prepared from {was.get('latents')}", flush=True)
-        if now["latents_sha256"] in (None, was["latents_sha256"]):
-            now.update(latents=was.get("latents"), latents_sha256=was["latents_sha256"])
-    # a key recorded only by later code (text_encoder_weights) is not held against a set prepared before it
-    diff = [f"{k}: prepared {was.get(k)!r}, asked {now[k]!r}" for k in now if k in was and was[k] != now[k]]
-    if diff:
-        raise UserError(f"{out_dir} was prepared from something else ({'; '.join(diff)}): pick a new data.name, or "
-                        f"rebuild it (`python prepare_data.py data=<this config> <your overrides> force=true`)")
-
-
 def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
     """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use;
-    a copy prepared from another request (_request) is refused. Prepared once under a lock, as the built-ins are
-    (data.prepare.prepare_once)."""
+    a copy prepared from another request (data.text_reuse.request) is refused. Prepared once under a lock, as the
+    built-ins are (data.prepare.prepare_once)."""
     from data.prepare import prepare_once
 
     out_dir = Path(dc.root) / dc.name
@@ -320,7 +232,7 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
         if not (out_dir / META_FILE).exists():
             return None
         meta = load_meta(out_dir)
-        _check_reuse(meta, dc, out_dir)
+        check_reuse(meta, dc, out_dir)
         return meta
 
     return prepare_once(out_dir, ready, lambda: _prepare_text(dc, out_dir, encoder)), out_dir
@@ -333,7 +245,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     # or an unset key (???) is one line at once
     kind = str(dc.kind)
     latents = _latent_source(dc) if kind == "latents" else None
-    rows = _caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
+    rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
                          None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
@@ -351,10 +263,13 @@ def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
 
     d = None if latents or rows else _load(dc)
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
-                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": _request(dc)}
+                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": request(dc)}
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
-    if rows:
+    if rows:   # the images' bytes too, read once now: a copy with new times is then known for the same (text_reuse)
+        limit = None if dc.get("limit") is None else int(dc.limit)
+        text_meta["request"]["images_bytes_sha256"] = images_bytes_sha256(
+            Path(str(dc.folder)).expanduser(), Path(str(dc.captions_file)), limit)
         return _prepare_folder_text(dc, out_dir, enc, text_meta, rows)
     splits, text = {}, {}
     for split in ("train", "test"):

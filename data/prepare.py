@@ -158,7 +158,7 @@ def split_rule_of(meta: dict) -> str:
 
 
 ADDED_LATER = ("encoder", "text")   # data_identity keys that older checkpoints do not hold
-# What a captioned set's features were made from (data.captions._request), without paths: a folder or latents that
+# What a captioned set's features were made from (data.text_reuse.request), without paths: a folder or latents that
 # moved are the same data, other captions (their hash) or another encoder are not.
 TEXT_IDENTITY = ("kind", "limit", "size", "text_encoder", "text_encoder_weights", "max_tokens", "captions_sha256",
                  "latents_sha256")

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from data.captions import FASHION_NAMES, ensure_prepared_text, fashion_captions, read_folder
 from data.loader import load_text, make_iterator
+from data.meta import load_meta
 from data.text import get_encoder
 from training.errors import UserError
 
@@ -65,7 +66,7 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
 
     import torch
 
-    from data.captions import _check_reuse, _request
+    from data.text_reuse import check_reuse, request
     from data.text import encoder_weights
     shutil.copytree(tmp_path / "t5g", tmp_path / "t5g_moved")
     torch.manual_seed(1)
@@ -74,12 +75,12 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
     assert ids[0] == ids[1] != ids[2] and ids[0]
     dc = OmegaConf.create({"kind": "emoji", "size": 8, "limit": 4, "text_encoder": "t5gemma", "max_tokens": 6,
                            "text_encoder_path": str(tmp_path / "t5g")})
-    meta = {"text": {"request": _request(dc)}}
-    _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_moved")}), tmp_path)
+    meta = {"text": {"request": request(dc)}}
+    check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_moved")}), tmp_path)
     with pytest.raises(UserError, match="text_encoder_weights"):
-        _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
+        check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
     del meta["text"]["request"]["text_encoder_weights"]     # a set prepared before the key existed: not held against it
-    _check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
+    check_reuse(meta, OmegaConf.merge(dc, {"text_encoder_path": str(tmp_path / "t5g_other")}), tmp_path)
 
 
 def test_emoji_render_and_captions():
@@ -214,6 +215,7 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
     moved = OmegaConf.merge(dc, {"folder": str(tmp_path.parent / f"{tmp_path.name}-moved"),
                                  "captions_file": str(tmp_path / "c2.jsonl")})
     shutil.copy(tmp_path / "c.jsonl", tmp_path / "c2.jsonl")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path.parent / f"{tmp_path.name}-moved" / "3.png")
     with pytest.raises(UserError, match="folder"):   # the recorded folder is still there: another folder of images
         ensure_prepared_text(moved, encoder=minilm)
     os.rename(tmp_path / "c.jsonl", tmp_path / "c.keep")
@@ -234,6 +236,48 @@ def test_captioned_folder_prepared_and_loaded(tmp_path, minilm):
     with pytest.raises(UserError, match="images_sha256"):
         ensure_prepared_text(dc, encoder=minilm)
     assert (d / "meta.json").is_file()
+
+
+def test_a_copied_or_touched_folder_is_the_same_set(tmp_path, minilm, capsys):
+    """The images' stamps (size, mtime) change under `cp -r` and `touch`: a resume after copying the folder to scratch
+    disk was refused ("prepared from something else"), and the way out recomputed every caption's features. The bytes
+    now decide, read only when the stamps disagree; meta.json then records the images where they are, so the next
+    start is the cheap stat pass again. Edited bytes are still refused."""
+    import shutil
+
+    from PIL import Image
+
+    src, rows = tmp_path / "a", []
+    src.mkdir()
+    for i, col in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        Image.new("RGB", (8, 8), col).save(src / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": f"square {i}"}))
+    (src / "c.jsonl").write_text("\n".join(rows))
+    dc = OmegaConf.create({"name": "sq", "kind": "folder", "folder": str(src), "captions_file": str(src / "c.jsonl"),
+                           "size": 8, "root": str(tmp_path / "prep"), "text_encoder": "minilm", "max_tokens": 6,
+                           "limit": None})
+    meta, d = ensure_prepared_text(dc, encoder=minilm)
+    shards = {f: (d / f).stat().st_mtime_ns for f in meta["splits"]["train"]["files"]}
+    capsys.readouterr()
+    for f in src.glob("*.png"):   # touched: other times, the same bytes
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = ensure_prepared_text(dc, encoder=None)[0]
+    assert "comparing their bytes" in capsys.readouterr().out
+    assert {**again, "text": {}} == {**meta, "text": {}} and again["text"]["request"]["images_sha256"] != \
+        meta["text"]["request"]["images_sha256"] and load_meta(d) == again
+    assert ensure_prepared_text(dc, encoder=None)[0] == again and "bytes" not in capsys.readouterr().out
+    # copied to another disk with `cp -r` (new times), the original still there: the same set, recorded there now
+    copy = tmp_path / "scratch"
+    shutil.copytree(src, copy, copy_function=shutil.copyfile)
+    on_copy = OmegaConf.merge(dc, {"folder": str(copy), "captions_file": str(copy / "c.jsonl")})
+    assert ensure_prepared_text(on_copy, encoder=None)[0]["text"]["request"]["folder"] == str(copy.resolve())
+    assert {f: (d / f).stat().st_mtime_ns for f in shards} == shards   # not prepared again
+    # other bytes in the copy: refused, as edited images were, and the set stays as it was
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(copy / "1.png")
+    with pytest.raises(UserError, match="images_sha256"):
+        ensure_prepared_text(on_copy, encoder=minilm)
+    assert {f: (d / f).stat().st_mtime_ns for f in shards} == shards and load_meta(d)["splits"] == meta["splits"]
 
 
 def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkeypatch):
@@ -299,9 +343,17 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     cut.write_bytes(b"half a shard")
     seen.clear()
     monkeypatch.setattr(minilm, "encode", lambda caps, n: seen.append(list(caps)) or encode(caps, n))
-    meta5, d5 = ensure_prepared_text(OmegaConf.merge(dc, {"name": "st5"}), encoder=minilm)
+    # resumed from a `cp -r` of the folder (new paths and times, the same bytes), as on a cluster's scratch disk
+    import shutil
+    copy = tmp_path.parent / f"{tmp_path.name}-copy"
+    shutil.copytree(tmp_path, copy, copy_function=shutil.copyfile, ignore=shutil.ignore_patterns("prep"))
+    on_copy = {"name": "st5", "folder": str(copy), "captions_file": str(copy / "c.jsonl")}
+    meta5, d5 = ensure_prepared_text(OmegaConf.merge(dc, on_copy), encoder=minilm)
     assert seen == [["picture number 5", "picture number 6"]]
-    assert {**meta5, "name": "st"} == meta and not (d5 / ".prepare-state.json").exists() and not cut.exists()
+    paths = ("folder", "captions_file", "images_sha256")
+    strip = lambda m: {**m, "name": "st", "source": None, "text": {**m["text"], "request": {
+        k: v for k, v in m["text"]["request"].items() if k not in paths}}}
+    assert strip(meta5) == strip(meta) and not (d5 / ".prepare-state.json").exists() and not cut.exists()
     # features from another kind of device differ in the last bits: not resumed into one set
     req = lambda device: text_shards.resume_request({"dim": 4}, 3, type("E", (), {"device": device}))
     assert req("cuda:0") == req("cuda:1") != req("cpu")
