@@ -4,6 +4,7 @@
     python train_stage2.py model.mixing=joint train.ckpt_dir=checkpoints/stage2_joint
     python train_stage2.py data=fashion_mnist_text train.init_from=checkpoints/stage1 model.hidden_size=192 model.depth=6 model.num_heads=6 model.patch_size=7   # from stage 1's default run
     python train_stage2.py data=latents_text data.latents=prepared/my_latents model.patch_size=2   # VAE latents
+    python train_stage2.py data=folder data.folder=... data.captions_file=... train.init_from=checkpoints/stage2   # fine-tune
     python train_stage2.py train.is_restore=true                      # resume from the latest checkpoint
 """
 
@@ -47,12 +48,10 @@ def main(cfg):
     def init_model(model):
         if not cfg.train.init_from or cfg.train.is_restore:
             return model
-        from models.convert import load_stage1, stage1_to_stage2
+        from models.convert import init_from
 
-        s1, _ = load_stage1(cfg.train.init_from, prediction=cfg.train.prediction)
-        model = stage1_to_stage2(s1, model, float(cfg.train.init_fold_t))   # refuses a stage-1 model that does not fit
-        print(f"initialised from stage 1 {cfg.train.init_from} (adaLN folded at t={cfg.train.init_fold_t})", flush=True)
-        return model
+        return init_from(str(cfg.train.init_from), model, spec, meta, str(cfg.train.prediction),
+                         float(cfg.train.init_fold_t))
 
     @functools.cache   # read once: the same 8 captions at every grid
     def grid_captions():  # 8 training captions spread over the set, 8 samples each (one caption per row)

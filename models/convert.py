@@ -60,24 +60,84 @@ def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
                                    s1.blocks.mlp, table, s1.final_ada, s1.final))
 
 
-def load_stage1(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT, dict]:
-    """EMA weights of a stage-1 run (its spec rebuilt from the checkpoint's saved config). With `prediction` (the
-    stage-2 run's train.prediction), a run that predicts another quantity is refused: its weights would output a
-    velocity where stage 2 reads a clean image, or the reverse, and train on from there without a word."""
+def load_run(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT | TextDiT, dict, dict]:
+    """(EMA weights, spec, saved config) of a run, stage 1 or stage 2 (its spec rebuilt from the checkpoint's saved
+    config). With `prediction` (the new run's train.prediction), a run that predicts another quantity is refused: its
+    weights would output a velocity where the new run reads a clean image, or the reverse, and train on from there
+    without a word."""
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
 
     if not Path(ckpt_dir).is_dir():   # read_config's own hint (ckpt_dir=...) is sample.py's key, not this one
-        raise UserError(f"train.init_from={ckpt_dir} is no directory: give the train.ckpt_dir of a stage-1 run "
-                        "(e.g. checkpoints/stage1), or train.init_from=null to start from scratch")
+        raise UserError(f"train.init_from={ckpt_dir} is no directory: give the train.ckpt_dir of a stage-1 or stage-2 "
+                        "run (e.g. checkpoints/stage1), or train.init_from=null to start from scratch")
     saved, step = read_config(ckpt_dir, step)
     spec = saved.get("model_spec", {})
-    if spec.get("mixing") is not None or "num_classes" not in spec:
-        raise UserError(f"train.init_from={ckpt_dir} is not a stage-1 (class-conditional) run")
+    if spec.get("mixing") is None and "num_classes" not in spec:
+        raise UserError(f"train.init_from={ckpt_dir} is not a DiT run (stage 1 or stage 2)")
     was = str(saved.get("train", {}).get("prediction", "v"))   # runs saved before train.prediction existed: v
     if prediction is not None and was != str(prediction):
         raise UserError(f"train.init_from={ckpt_dir} was trained with train.prediction={was}, and this run uses "
-                        f"{prediction}: pass train.prediction={was}, or initialise from a run that predicts {prediction}")
+                        f"{prediction}: pass train.prediction={was}, or initialise from a run that predicts "
+                        f"{prediction}")
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(ckpt_dir, create=False) as ck:
-        return ck.restore_weights(template, step), spec
+        return ck.restore_weights(template, step), spec, saved
+
+
+def load_stage1(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT, dict]:
+    """EMA weights and spec of a stage-1 run (load_run); a stage-2 run is refused."""
+    model, spec, _ = load_run(ckpt_dir, step, prediction)
+    if spec.get("mixing") is not None:
+        raise UserError(f"{ckpt_dir} is a stage-2 (text-conditional) run, not a stage-1 one")
+    return model, spec
+
+
+def init_from(ckpt_dir: str, model: TextDiT, spec: dict, meta: dict, prediction: str, fold_t: float) -> TextDiT:
+    """train.init_from: `model` (freshly built for this stage-2 run from `spec`) with the weights of the run in
+    `ckpt_dir`: a stage-1 run's transplanted (stage1_to_stage2), or a stage-2 run's copied whole, to fine-tune it on
+    another captioned set (copy_stage2)."""
+    old, old_spec, saved = load_run(ckpt_dir, prediction=prediction)
+    if old_spec.get("mixing") is None:
+        model = stage1_to_stage2(old, model, fold_t)   # refuses a stage-1 model that does not fit
+        print(f"initialised from stage 1 {ckpt_dir} (adaLN folded at t={fold_t})", flush=True)
+        return model
+    model = copy_stage2(old, model, saved, spec, meta, ckpt_dir)
+    print(f"initialised from stage-2 run {ckpt_dir}: every weight copied (its EMA)", flush=True)
+    return model
+
+
+# What a stage-2 model's weights are shaped and mean by, other than num_classes (a captioned set's class count does
+# not reach the weights). input_size / in_channels: the same image (or latent) shape.
+STAGE2_ARCH = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels", "mixing",
+               "text_dim", "max_tokens")
+
+
+def copy_stage2(old: TextDiT, new: TextDiT, saved: dict, spec: dict, meta: dict, ckpt_dir: str) -> TextDiT:
+    """`new` (built from `spec`) with `old`'s arrays: the same architecture (this run's model keys and data shape) and
+    caption features from the same text encoder (the same width from another encoder would be read as noise).
+    Static fields (scan, remat, attention kernel) stay this run's."""
+    was_spec, now_spec = saved["model_spec"], spec
+    bad = [f"{k}: run {was_spec.get(k)} vs now {now_spec.get(k)}" for k in STAGE2_ARCH
+           if k in now_spec and _norm(was_spec.get(k)) != _norm(now_spec.get(k))]
+    if bad:
+        raise UserError(f"train.init_from={ckpt_dir} is another stage-2 model ({'; '.join(bad)}): use its model "
+                        f"keys and a data set of the same image shape, data.max_tokens and text encoder")
+    was_text = (saved.get("data_identity") or {}).get("text") or {}
+    now_text = {"encoder": meta["text"].get("encoder"),
+                "text_encoder_weights": (meta["text"].get("request") or {}).get("text_encoder_weights")}
+    diff = [f"{k}: run {str(was_text[k])[:12]} vs now {str(now_text[k])[:12]}" for k in now_text
+            if was_text.get(k) and now_text[k] and was_text[k] != now_text[k]]
+    if diff:
+        raise UserError(f"train.init_from={ckpt_dir} was trained on caption features of another text encoder "
+                        f"({', '.join(diff)}): prepare this data set with that run's data.text_encoder (and "
+                        "data.text_encoder_path)")
+    arrays, static = eqx.partition(new, eqx.is_array)
+    loaded = eqx.filter(old, eqx.is_array)
+    shapes = lambda t: [a.shape for a in jax.tree.leaves(t)]   # static fields (kernel, remat) may differ: new's stay
+    assert shapes(loaded) == shapes(arrays), "same architecture keys, other arrays"   # a bug here, not the user's
+    return eqx.combine(loaded, static)
+
+
+def _norm(value):
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else value

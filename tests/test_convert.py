@@ -112,11 +112,47 @@ def test_init_from_a_stage1_checkpoint(digits_text_root, digits_root, tmp_path):
             "train.init_from": s1_dir, "train.prediction": other})))
 
 
+def test_init_from_a_stage2_run_fine_tunes_it(digits_text_root, tmp_path):
+    """train.init_from took only stage-1 runs: fine-tuning a stage-2 model on another captioned set (the PixArt user's
+    first step) meant training from scratch. A stage-2 run's EMA is now copied whole; another architecture or text
+    encoder is refused in one line."""
+    import equinox as eqx
+
+    import train_stage2
+    from models.convert import copy_stage2
+    from training.checkpoint import Checkpointer, read_config
+    from training.cli import compose
+    from training.errors import UserError
+
+    def ema(ckpt_dir):
+        saved, step = read_config(ckpt_dir)
+        with Checkpointer(ckpt_dir, create=False) as ck:
+            return ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step), saved
+
+    a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
+    train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, a_dir, steps=3)))
+    train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, b_dir, steps=3, **{
+        "train.init_from": a_dir, "train.lr": 1e-12, "train.seed": 7})))
+    (a, saved), (b, _) = ema(a_dir), ema(b_dir)
+    assert float(jnp.abs(a.final.weight).max()) > 0   # zero at init: trained weights, not a fresh model's
+    for x, y in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array))):
+        np.testing.assert_allclose(y, x, atol=1e-7)   # lr 1e-12 for three steps: B's EMA is A's
+    with pytest.raises(UserError, match=r"another stage-2 model \(hidden_size: run 32 vs now 64\)"):
+        train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, str(tmp_path / "c"), steps=3, **{
+            "train.init_from": a_dir, "model.hidden_size": 64})))
+    spec = saved["model_spec"]
+    other = {**saved, "data_identity": {"text": {"encoder": "t5gemma"}}}
+    with pytest.raises(UserError, match=r"another text encoder \(encoder: run t5gemma vs now minilm\)"):
+        copy_stage2(a, build_model(spec, key=jax.random.PRNGKey(1)), other, spec, {"text": {"encoder": "minilm"}}, "a")
+    with pytest.raises(UserError, match="is a stage-2 .* not a stage-1 one"):
+        load_stage1(a_dir)
+
+
 def test_a_missing_init_from_names_the_key(tmp_path):
     """It used to say 'pass ckpt_dir=<dir of a run>', sample.py's key, to a user who had typed train.init_from."""
     from training.errors import UserError
 
-    with pytest.raises(UserError, match=r"train.init_from=.*no directory.*train.ckpt_dir of a stage-1 run"):
+    with pytest.raises(UserError, match=r"train.init_from=.*no directory.*train.ckpt_dir of a stage-1 or stage-2 run"):
         load_stage1(str(tmp_path / "absent"))
 
 
