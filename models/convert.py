@@ -118,11 +118,13 @@ def copy_stage2(old: TextDiT, new: TextDiT, saved: dict, spec: dict, meta: dict,
     caption features from the same text encoder (the same width from another encoder would be read as noise).
     Static fields (scan, remat, attention kernel) stay this run's."""
     was_spec, now_spec = saved["model_spec"], spec
-    bad = [f"{k}: run {was_spec.get(k)} vs now {now_spec.get(k)}" for k in STAGE2_ARCH
+    key = {"input_size": "data.size", "in_channels": "image channels", "text_dim": "text encoder width",
+           "max_tokens": "data.max_tokens"}   # the override that sets each; the rest are model.<key>
+    bad = [f"{key.get(k, 'model.' + k)}: run {was_spec.get(k)} vs now {now_spec.get(k)}" for k in STAGE2_ARCH
            if k in now_spec and _norm(was_spec.get(k)) != _norm(now_spec.get(k))]
     if bad:
-        raise UserError(f"train.init_from={ckpt_dir} is another stage-2 model ({'; '.join(bad)}): use its model "
-                        f"keys and a data set of the same image shape, data.max_tokens and text encoder")
+        raise UserError(f"train.init_from={ckpt_dir} is another stage-2 model ({'; '.join(bad)}): pass the run's "
+                        f"values (its model keys, and a data set of the same image size, token count and encoder)")
     was_text = (saved.get("data_identity") or {}).get("text") or {}
     now_text = {"encoder": meta["text"].get("encoder"),
                 "text_encoder_weights": (meta["text"].get("request") or {}).get("text_encoder_weights")}
