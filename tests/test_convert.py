@@ -137,7 +137,8 @@ def test_init_from_a_stage2_run_fine_tunes_it(digits_text_root, tmp_path):
     assert float(jnp.abs(a.final.weight).max()) > 0   # zero at init: trained weights, not a fresh model's
     for x, y in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array))):
         np.testing.assert_allclose(y, x, atol=1e-7)   # lr 1e-12 for three steps: B's EMA is A's
-    with pytest.raises(UserError, match=r"stage-2 model \(model.hidden_size: run 32 vs now 64\): pass the run's values"):
+    mismatch = r"stage-2 model \(model.hidden_size: run 32 vs now 64\): pass the run's values"
+    with pytest.raises(UserError, match=mismatch):
         train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, str(tmp_path / "c"), steps=3, **{
             "train.init_from": a_dir, "model.hidden_size": 64})))
     spec = saved["model_spec"]
