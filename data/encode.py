@@ -7,14 +7,15 @@ in batches (data/vae.py, whose docstring defines the latent convention) -> float
 
 Resume: `<out>/.prepare-state.json` holds a fingerprint of the plan (source files with their labels and captions,
 class names, VAE, resolution, flip, dtype, shard size) and, per finished shard, its record/skip counts and channel
-statistics. A re-run with the same plan skips the finished shards that are still intact and encodes the rest (an
-interrupted run, or a finished set that lost a shard); the shards it writes are bitwise identical to an uninterrupted
-run's (same batches, same order). A different plan starts over. meta.json is written last.
+statistics, and its source files' bytes. A re-run with the same plan skips the finished shards that are still intact
+and encodes the rest (an interrupted run, or a finished set that lost a shard); the shards it writes are bitwise
+identical to an uninterrupted run's (same batches, same order). A different plan starts over; a source copied
+(`cp -r`, elsewhere) or touched keeps its shards when its files hold their bytes (data/encode_plan.py).
+meta.json is written last.
 
 Corrupt images are skipped with a warning and counted (per split in meta.json, `skipped`); the run continues.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from data.meta import META_FILE, combine_stats, load_meta, shard_stats, write_meta
+from data.encode_plan import (builtin_items, changed_settings, content_key, fingerprint, folder_items,
+                              refuse_other_plan, same_content, shard_bytes, vae_identity)
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
 from training.files import atomic_write, write_json
@@ -37,75 +40,6 @@ SHARD_SIZE = 4096        # source images per shard (x2 records with hflip copies
 # How images are read (data.folders.open_image), kept in the resume state: 2 = photos turned upright by their EXIF
 # orientation (2026-12-06); an encode state without it is version 1. Raise it whenever reading changes pixels.
 READER_VERSION = 2
-
-
-class _Items:
-    """One split of a source: n examples, each loaded as uint8 (res, res, C) or None (undecodable)."""
-
-    def __init__(self, n, load, labels, ids, captions=None):
-        self.n, self.load, self.labels, self.ids, self.captions = n, load, labels, ids, captions
-
-
-def _builtin_items(name: str, resolution: int | None, channels: int) -> tuple[dict, list, str, int]:
-    from PIL import Image
-
-    from data.builtin import load_builtin
-
-    d = load_builtin(name)
-    native = d["train"][0].shape[1]
-    res = int(resolution or native)
-
-    def loader(x):
-        def load(i):
-            a = x[i]
-            if res != a.shape[0] or channels != a.shape[-1]:
-                im = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-                im = im.convert("L" if channels == 1 else "RGB").resize((res, res), Image.BICUBIC)
-                a = np.asarray(im)
-                a = a[..., None] if a.ndim == 2 else a
-            return a
-        return load
-
-    items = {s: _Items(len(d[s][0]), loader(d[s][0]), [int(v) for v in d[s][1]],
-                       [f"{name}/{s}/{i}" for i in range(len(d[s][0]))]) for s in ("train", "test")}
-    # The split joins the source, so the resume plan never mixes two cuts (meta's encoder records it: pixels_split)
-    return items, d["class_names"], f'{d["source"]}; split: {d["split_rule"]}', res
-
-
-def _folder_items(source, resolution: int, channels: int) -> tuple[dict, list, str, str]:
-    from data.folders import file_stamp, load_image, scan_source
-
-    src = scan_source(source)
-    root = Path(source).expanduser()
-    items = {}
-    for split, sp in src.splits.items():
-        files = list(sp.files)
-        # The id is the path as listed under the source folder, symlinks not followed: a subset built from links to
-        # files elsewhere is still readable, and two links to one file stay two examples. Size and mtime (of the
-        # target) catch an edited image.
-        items[split] = _Items(len(files), lambda i, f=files: load_image(f[i], resolution, channels), list(sp.labels),
-                              [file_stamp(p, Path(os.path.relpath(p, root)).as_posix()) for p in files], sp.captions)
-    return items, src.class_names, str(root.resolve()), src.layout
-
-
-def _fingerprint(plan: dict, items: dict) -> str:
-    """Hash of the plan and every example (id, label, caption): an edited captions.jsonl or labels file is a new
-    plan (captions would otherwise stay stale in captions-<split>.jsonl)."""
-    h = hashlib.sha256(json.dumps(plan, sort_keys=True).encode())
-    for split in sorted(items):
-        h.update(split.encode()), h.update(json.dumps(items[split].ids).encode())
-        h.update(json.dumps(items[split].labels).encode()), h.update(json.dumps(items[split].captions).encode())
-    return h.hexdigest()
-
-
-def _vae_identity(vae) -> dict:
-    """Config plus the size and mtime of its weight files: a changed VAE must not resume old shards."""
-    ident = {"name": vae.name, "config": {k: v for k, v in dict(vae.model.config).items() if not k.startswith("_")}}
-    p = Path(vae.name)
-    if p.is_dir():
-        ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
-                                if f.suffix in (".safetensors", ".bin"))
-    return json.loads(json.dumps(ident, default=str))
 
 
 def shard_intact(path: Path, records: int) -> bool:
@@ -143,11 +77,12 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
         isinstance(have[s], dict) and {k: have[s].get(k) for k in ("files", "num_records")} == want[s] for s in want)
 
 
-def _start_over(out_dir: Path, fp: str, plan: dict) -> dict:
-    """An empty set and a fresh resume state for this plan, read by today's image reader."""
+def _start_over(out_dir: Path, fp: str, plan: dict, content: str) -> dict:
+    """An empty set and a fresh resume state for this plan, read by today's image reader; `content`: the source
+    without its place or times (data.encode_plan.content_key)."""
     clear_set(out_dir)
     shutil.rmtree(out_dir / CAPTIONS_DIR, ignore_errors=True)
-    state = {"fingerprint": fp, "plan": plan, "reader": READER_VERSION, "shards": {}}
+    state = {"fingerprint": fp, "plan": plan, "content": content, "reader": READER_VERSION, "shards": {}}
     _save_state(out_dir, state)
     return state
 
@@ -198,12 +133,12 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     out_dir = Path(out_dir)
     is_builtin = str(source) in BUILTIN_NAMES and not Path(str(source)).is_dir()
     if is_builtin:
-        items, class_names, src_desc, resolution = _builtin_items(str(source), resolution, vae.in_channels)
+        items, class_names, src_desc, resolution = builtin_items(str(source), resolution, vae.in_channels)
         layout = "builtin"
     else:
         if not resolution:
             raise UserError("encoding a folder needs resolution=<size> (images are resized and centre-cropped to it)")
-        items, class_names, src_desc, layout = _folder_items(source, int(resolution), vae.in_channels)
+        items, class_names, src_desc, layout = folder_items(source, int(resolution), vae.in_channels)
     resolution = int(resolution)
     latent_shape = vae.latent_shape(resolution, resolution)
     if min(latent_shape[:2]) < 2:   # e.g. digits' 8x8 through an SD VAE: 1x1 latents no patch size can split
@@ -215,10 +150,10 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     # longer matches and is re-encoded once, from scratch (its old captions may be stale; nothing tells).
     plan = {"version": 2, "source": src_desc, "layout": layout, "resolution": resolution, "hflip": bool(hflip),
             "dtype": dtype, "sample": bool(sample), "seed": int(seed), "shard_size": int(shard_size),
-            "batch_size": int(batch_size), "vae": _vae_identity(vae), "class_names": list(class_names)}
+            "batch_size": int(batch_size), "vae": vae_identity(vae), "class_names": list(class_names)}
     if vae.dtype != "float32":   # only when not the default, so that sets encoded before this key keep their plan
         plan["vae_dtype"] = vae.dtype
-    fp = _fingerprint(plan, items)
+    fp = fingerprint(plan, items)
     jobs = []   # (split, shard index, n shards, example indices)
     for split, it in items.items():
         n = max(1, math.ceil(it.n / shard_size))
@@ -233,18 +168,25 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     if not force and (state.get("fingerprint", fp) != fp or not state and (out_dir / META_FILE).exists()):
         # Something else is there: a set or an encode with other settings is refused; the same settings over an
         # edited source (images, labels, captions, class names) are the same command, encoded again.
-        diff = _changed_settings(state.get("plan"), plan)
-        if diff or not state.get("plan"):
-            _refuse_other_plan(out_dir, diff)
-        print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
-              flush=True)
-        if (out_dir / META_FILE).exists():
-            # A complete set (a mere `touch` or copy of the source changes its mtimes): it waits aside until its
-            # replacement is complete, and comes back if the encode fails or is stopped, as with force=true.
-            from data.prepare import rebuild_keeping_old
-            return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
+        diff = changed_settings(state.get("plan"), plan)
+        if set(diff) <= {"source"} and state.get("plan") and same_content(state, plan, items, jobs, shard_name):
+            # a `touch`, a `cp -r`, the source copied elsewhere: the same files, so the shards stay (an ImageNet
+            # encode is hours); the state records where they are now, and the next run is the stat pass again
+            print(f"same bytes, labels and captions: {out_dir} keeps its shards", flush=True)
+            state.update(fingerprint=fp, plan=plan)
+            _save_state(out_dir, state)
+        else:
+            if diff or not state.get("plan"):
+                refuse_other_plan(out_dir, diff)
+            print(f"{source}: images, labels or captions changed since {out_dir} was encoded: encoding it again",
+                  flush=True)
+            if (out_dir / META_FILE).exists():
+                # A complete set: it waits aside until its replacement is complete, and comes back if the encode
+                # fails or is stopped, as with force=true.
+                from data.prepare import rebuild_keeping_old
+                return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
-        state = _start_over(out_dir, fp, plan)
+        state = _start_over(out_dir, fp, plan, content_key(plan, items))
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items()
             if shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
@@ -316,6 +258,9 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
             (tmp_name,) = _write_shards(scratch, split, x, np.asarray(ys, np.int64), 1)
             os.rename(scratch / tmp_name, out_dir / name)
             info = {"records": len(x), "skipped": skipped, "stats": shard_stats(x) if len(x) else {"count": 0}}
+            digest = shard_bytes(it, idx)   # what a copy of the source must hold to keep this shard (same_content)
+            if digest is not None:
+                info["bytes"] = digest
             if caps:   # in a file of the shard's own: kept in the state, every save rewrote all of them (N^2 in all)
                 (out_dir / CAPTIONS_DIR).mkdir(exist_ok=True)
                 with atomic_write(out_dir / CAPTIONS_DIR / f"{name}.jsonl") as tmp:
@@ -353,22 +298,6 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
     dt = time.perf_counter() - t0
     print(f"encoded {n_img} images in {dt:.1f} s ({n_img / max(dt, 1e-9):.1f} images/s), {skipped} skipped", flush=True)
     return meta
-
-
-def _changed_settings(was: dict | None, plan: dict) -> list[str]:
-    """The plan keys (not the class names, which come from the source's files) that differ from an earlier plan."""
-    return [k for k in sorted(set(plan) | set(was)) if k != "class_names" and was.get(k) != plan.get(k)] if was else []
-
-
-def _refuse_other_plan(out_dir: Path, diff: list[str]) -> None:
-    """out= already holds a set (or an interrupted encode) made from another source, VAE or settings, or a set this
-    command did not make: replacing it silently deleted it before the new encode had even started."""
-    what = f" ({', '.join(diff)} differ)" if diff else ""
-    if (out_dir / META_FILE).exists():
-        raise UserError(f"{out_dir} already holds a prepared data set made from something else{what}: pick another "
-                        f"out=, or add force=true to replace it (the old set is kept until the new one is complete)")
-    raise UserError(f"{out_dir} holds an interrupted encode with other settings{what}: rerun with its settings to "
-                    f"resume it, or add force=true to start over")
 
 
 def _bar(total: int, enabled: bool):

@@ -188,9 +188,9 @@ def test_interrupted_prepare_resumes_to_identical_shards(vae_dir, tmp_path):
 
 
 def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae_dir, tmp_path, capsys):
-    """Re-encoding after the source changed (here only an mtime: a `touch`, or a copy without -p) deleted the complete
-    set first: stopped after one shard, the user was left with one shard and no meta.json. Now the old set waits
-    aside, as with force=true, and is back whole when the new encode is stopped."""
+    """Re-encoding after the source changed (an edited image) deleted the complete set first: stopped after one
+    shard, the user was left with one shard and no meta.json. Now the old set waits aside, as with force=true, and
+    is back whole when the new encode is stopped."""
     from data.encode import prepare_latents
     from data.vae import load_vae
 
@@ -200,8 +200,8 @@ def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae_di
     write_images(tmp_path / "s" / "a", [f"{i}.png" for i in range(6)])
     meta = encode()
     before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
-    st = os.stat(tmp_path / "s" / "a" / "0.png")
-    os.utime(tmp_path / "s" / "a" / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    original = (tmp_path / "s" / "a" / "0.png").read_bytes()
+    write_images(tmp_path / "s" / "a", ["0.png"], seed=1)   # other pixels
 
     def stop(name):
         raise KeyboardInterrupt
@@ -209,10 +209,62 @@ def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae_di
         encode(on_shard=stop)
     assert "old copy is back in place" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    (tmp_path / "s" / "a" / "0.png").write_bytes(original)   # put back: other times, the encoded bytes
     assert encode() == meta    # then it completes: the same latents
     assert {p.name: p.read_bytes() for p in (tmp_path / "o").glob("*.array_record")} == \
         {k: v for k, v in before.items() if k.endswith(".array_record")}
     assert not list(tmp_path.glob(".o.replaced-*"))
+
+
+def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys):
+    """A `touch`, a `cp -r` (new times) or a copy of the source elsewhere re-encoded every image ("changed since") or
+    was refused ("source differ"): an ImageNet encode is hours of GPU. Each finished shard now records its files'
+    bytes; a source whose files hold them (and the same names, labels, captions and settings) keeps the shards, and
+    an interrupted encode resumes on the copy. Other bytes are still encoded again."""
+    import shutil
+
+    from data.encode import STATE_FILE, prepare_latents
+    from data.vae import load_vae
+
+    vae = load_vae(vae_dir)
+    encode = lambda src, out, **kw: prepare_latents(str(src), vae, tmp_path / out, resolution=8, shard_size=2,
+                                                    progress=False, **kw)
+    src = tmp_path / "s"
+    write_images(src / "a", [f"{i}.png" for i in range(3)])
+    write_images(src / "b", [f"{i}.png" for i in range(3)], seed=2)
+    meta = encode(src, "o")
+    shards = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "o").glob("*.array_record")}
+    for f in src.rglob("*.png"):   # touched: other times, the same bytes
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert encode(src, "o") == meta
+    out = capsys.readouterr().out
+    assert "comparing their bytes" in out and "keeps its shards" in out
+    assert encode(src, "o") == meta and "comparing" not in capsys.readouterr().out   # recorded: the stat pass again
+    copy = tmp_path / "scratch" / "s"   # elsewhere, with `cp -r`'s new times; the original still there
+    shutil.copytree(src, copy, copy_function=shutil.copyfile)
+    assert encode(copy, "o") == meta
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "o").glob("*.array_record")} == shards
+    # interrupted after its first shard, resumed on a copy: only the other shards are encoded, to the same bytes
+    names = []
+
+    def stop(name):
+        names.append(name)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        encode(src, "o2", on_shard=stop)
+    copy2 = tmp_path / "scratch2"
+    shutil.copytree(src, copy2, copy_function=shutil.copyfile)
+    encode(copy2, "o2", on_shard=names.append)
+    assert len(names) == len(shards) and len(set(names)) == len(names)   # the first shard was not encoded again
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o2").glob("*.array_record")} == \
+        {k: v[0] for k, v in shards.items()}
+    # other bytes: encoded again, as an edited source was
+    write_images(copy / "a", ["1.png"], seed=5)
+    encode(copy, "o")
+    assert "changed since" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / STATE_FILE).read_text())["plan"]["source"] == str(copy.resolve())
 
 
 def test_prepare_data_cli_offline(vae_dir, tmp_path):
