@@ -200,7 +200,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         # would hold both. A complete set is left as it is (one reader throughout); this one is encoded whole.
         print(f"{out_dir}: its finished shards were read by an older image reader (photos' EXIF orientation not "
               f"applied): encoding all of it again, so that every image is read alike", flush=True)
-        state, done = _start_over(out_dir, fp, plan), set()
+        state, done = _start_over(out_dir, fp, plan, content_key(plan, items)), set()
     elif (out_dir / META_FILE).exists():
         print(f"{out_dir} was prepared with these settings but " + (
             f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"
