@@ -115,7 +115,7 @@ def test_damaged_checkpoint_is_one_line_on_stderr(digits_root, tmp_path):
     import types
 
     from faults_helpers import run_script
-    from training import checkpoint
+    from training import errors
 
     ck = tmp_path / "run"
     over = tiny_overrides(digits_root, str(ck), steps=8)
@@ -131,8 +131,8 @@ def test_damaged_checkpoint_is_one_line_on_stderr(digits_root, tmp_path):
     seen, previous = [], sys.unraisablehook
     sys.unraisablehook = lambda u: seen.append(str(u.exc_value))
     try:
-        checkpoint._quiet_abandoned_reads()
-        checkpoint._quiet_abandoned_reads()   # once only: the hook is not stacked
+        errors.quiet_abandoned_reads()
+        errors.quiet_abandoned_reads()   # once only: the hook is not stacked
         for err in (RuntimeError("Event loop is closed"), RuntimeError("something else")):
             sys.unraisablehook(types.SimpleNamespace(exc_value=err))
         assert seen == ["something else"]

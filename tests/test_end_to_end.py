@@ -39,6 +39,9 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     # Batches from the worker process come in shared memory: every block is freed before exit, none left to warn
     assert "leaked shared_memory" not in p.stderr, p.stderr[-2000:]
     assert sorted(int(d.name) for d in ckpt.iterdir() if d.name.isdigit()) == [7, 14]
+    # step 7 sheds its params and optimizer state once newer steps follow it: autoguidance reads only its EMA
+    assert {d.name for d in (ckpt / "7").iterdir() if d.is_dir()} == {"ema", "train", "data", "config", "checksums"}
+    assert (ckpt / "14" / "params").is_dir() and not list((ckpt / ".deleted").iterdir())
     assert list((ckpt / "samples").glob("*.png"))
     assert (ckpt / "samples" / "rows.txt").read_text().splitlines() == [f"{i + 1}\t{i}" for i in range(10)]  # classes
     out = tmp_path / "s" / "samples.npz"

@@ -229,3 +229,12 @@ def test_a_changed_sampler_on_resume_keeps_the_weak_models_checkpoint(digits_roo
                                                 "train.resume_changes": True}))
     assert "needs the EMA of step 8" in line and "train.steps 10 -> 16 moves it there, past this run's step 10" in line
     assert "add sampler.guide_step=9 (the weak step this run kept)" in line, line
+    # A kept weak step holds only its EMA once newer steps follow it (XL/2: 2.7 of 8.1 GB): sampling reads nothing
+    # else, and a resume from it alone is refused in one line
+    run = tmp_path / "run"
+    assert (run / "5" / "ema").is_dir() and not any((run / "5" / item).exists() for item in ("params", "opt_state"))
+    assert (run / "10" / "params").is_dir() and (run / "10" / "opt_state").is_dir()
+    for s in (9, 10):
+        (run / str(s)).rename(tmp_path / f"away-{s}")
+    line = run_cli(monkeypatch, capsys, over(**{"train.is_restore": True}))
+    assert f"checkpoint {run / '5'} holds only its EMA" in line and "cannot resume from it" in line, line

@@ -1,6 +1,7 @@
 """Orbax checkpoints: params, optimizer state, EMA, counters + PRNG key, the Grain iterator and the resolved config.
 
-Layout: <ckpt_dir>/<step>/{params, opt_state, ema, train, data, config, checksums}/ written by one CheckpointManager.
+Layout: <ckpt_dir>/<step>/{params, opt_state, ema, train, data, config, checksums}/ written by one CheckpointManager;
+a preserved step (autoguidance's weak model) sheds params and opt_state once newer steps follow it (thin_preserved).
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
 the previous checkpoint as the latest one; saves are asynchronous and `close()` waits for them before exit.
 Items are restored into shape/dtype skeletons built from the same config, never unpickled. `checksums` holds a
@@ -10,10 +11,8 @@ are refused in one line instead of resumed from.
 
 import gc
 import json
-import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import equinox as eqx
@@ -25,13 +24,14 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from training import checksums
 from training.errors import (OTHER_VERSION, UserError, check_whole, check_writable_dir, first_line,
-                             storage_reason)
+                             quiet_abandoned_reads, storage_reason)
 from training.runlock import RunLock
 from training.sharding import host_value
 from training.state import TrainState
 
 ITEMS = ("params", "opt_state", "ema", "train", "data", "config", "checksums")
 SUMMED = ("params", "opt_state", "ema", "train")   # the array items `checksums` covers
+THINNED = ("params", "opt_state")   # what a preserved step sheds once newer steps follow it (thin_preserved)
 # Old checkpoints (beyond keep-last-N) are first *renamed* here by Orbax, then emptied by us. Deleting a step in place
 # is not atomic: a kill -9 during Orbax's rmtree left a half-deleted `<step>/` that looked like foreign data to the
 # next run (found by the kill matrix in tests/test_faults.py). A rename either happened or did not.
@@ -54,6 +54,7 @@ class Checkpointer:
         """keep: the last `keep` steps stay; preserve: these steps stay too (autoguidance's weak model)."""
         check_whole("train.keep_ckpts", keep, 1, "the last N checkpoints are kept")   # Orbax: 0 deletes every one
         self.directory = Path(directory).absolute()
+        self.keep, self.preserve = int(keep), tuple(int(s) for s in preserve)
         self.lock = RunLock(self.directory)
         if create:
             self.check_writable()
@@ -163,16 +164,43 @@ class Checkpointer:
         )
         self.empty_trash()   # steps the previous save's retention moved there
         try:  # also waits for the previous asynchronous save, so a failed write surfaces here or in close()
-            return self.manager.save(step, args=args, force=force)
+            saved = self.manager.save(step, args=args, force=force)
         except Exception as err:
             user = self._storage_error(err)
             if user is None:
                 raise
             raise user from None
+        self.thin_preserved()
+        return saved
+
+    def thin_preserved(self):
+        """A preserved step (autoguidance's weak model) keeps only what sampling reads once `keep` complete steps
+        follow it: its EMA, counters, config and checksums. Its params and optimizer state go (XL/2: 8.1 GB -> 2.7
+        GB); a resume never needs them, since newer complete steps are there. Moved into TRASH first, so a kill
+        leaves the step either whole or thinned."""
+        if jax.process_index() != 0:
+            return
+        done = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        for step in self.preserve:
+            d = self.directory / str(step)
+            if step in done and sum(s > step for s in done) >= self.keep and (d / "params").is_dir():
+                (self.directory / TRASH).mkdir(exist_ok=True)
+                for item in THINNED:
+                    if (d / item).is_dir():
+                        (d / item).rename(self.directory / TRASH / f"{step}-{item}")
+        self.empty_trash()
+
+    def is_thinned(self, step: int) -> bool:
+        d = self.directory / str(step)
+        return not (d / "params").is_dir() and (d / "ema").is_dir()
 
     def restore(self, template: TrainState, data_iter, step: int | None = None) -> TrainState:
         """Restore into `template` (a freshly initialised state of the same config) and the given iterator."""
         step = self.latest_step() if step is None else step
+        if self.is_thinned(step):
+            raise UserError(f"checkpoint {self.directory / str(step)} holds only its EMA (autoguidance's weak model, "
+                            f"thinned once newer steps followed it): a run cannot resume from it; restore the newer "
+                            f"steps into {self.directory}, or start a new run")
         train_t = {"step": template.step, "key": template.key, "bad_steps": template.bad_steps,
                    "skipped": template.skipped}
         r = self._restore(step, ocp.args.Composite(
@@ -197,7 +225,7 @@ class Checkpointer:
         field added or removed), not a user's override. Any other failure to read the files (damaged or truncated
         array files, a missing item: TensorStore's and Orbax's errors are of many types) is a damaged checkpoint:
         one line naming it and the previous step, and nothing is deleted."""
-        _quiet_abandoned_reads()
+        quiet_abandoned_reads()
         try:
             return self.manager.restore(step, args=args)
         except UserError:
@@ -250,7 +278,7 @@ class Checkpointer:
             e = e.__cause__ or e.__context__
         # TensorStore's own message ("OUT_OF_RANGE: Error reading ...") sits deeper than Orbax's wrapper around it.
         reason = next((first_line(x) for x in chain if re.match(r"[A-Z_]{4,}: ", first_line(x))), first_line(err))
-        earlier = [s for s in self.manager.all_steps() if s < step]
+        earlier = [s for s in self.manager.all_steps() if s < step and not self.is_thinned(s)]
         then = (f"the latest checkpoint is then step {max(earlier)}" if earlier else
                 "there is no earlier checkpoint: a new run starts without train.is_restore")
         return UserError(f"checkpoint {self.directory / str(step)} cannot be read, its files are damaged ({reason}): "
@@ -313,11 +341,6 @@ class Checkpointer:
             self.lock.release()
 
 
-# What the abandoned reads' errors say: asyncio's closed loop, Orbax's read wrapper, TensorStore's own read error.
-ABANDONED = ("Event loop is closed", "Encountered error while reading array index", "_read_array_index_and_device_put",
-             " in OCDBT database at ")
-
-
 def _listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
@@ -329,27 +352,6 @@ def _is_step_dir(path: Path) -> bool:
     """One step of a run (`<ckpt_dir>/<step>/`), which a user may pass where the run's folder belongs."""
     return path.name.isdigit() and path.is_dir() and ((path / "_CHECKPOINT_METADATA").is_file()
                                                       or (path / "config").is_dir())
-
-
-def _quiet_abandoned_reads() -> None:
-    """A restore that fails on damaged files leaves Orbax's other array reads in flight. When they finish after its
-    event loop has closed, or are garbage-collected, Python prints their errors as unraisable exceptions and asyncio
-    logs "Task / _GatheringFuture / Future exception was never retrieved": tens of traceback lines around our
-    one-line message, some before it. They are the failure the restore itself reports; drop exactly those (the texts
-    in ABANDONED), from the first restore on, and pass every other unraisable exception and log record through."""
-    previous = sys.unraisablehook
-    if getattr(previous, "quiets_abandoned_reads", False):
-        return
-
-    def hook(unraisable):
-        if not any(text in str(unraisable.exc_value) for text in ABANDONED):
-            previous(unraisable)
-
-    hook.quiets_abandoned_reads = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not ("exception was never retrieved" in record.getMessage()
-                            and any(text in record.getMessage() for text in ABANDONED)))
 
 
 def read_config(ckpt_dir: str, step: int | None = None, keys=("ckpt_dir", "step")) -> tuple[dict, int]:

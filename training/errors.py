@@ -4,6 +4,9 @@ Entry scripts catch `UserError` and print its message as one line, with no trace
 is a bug in this project and keeps its traceback.
 """
 
+import logging
+import sys
+
 
 class UserError(Exception):
     """A problem the user can fix; the message says what to do."""
@@ -60,3 +63,29 @@ def check_writable_dir(directory, lead: str, fix: str) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(f"{lead} ({err.strerror}): {fix}") from err
+
+
+# What the abandoned reads' errors say: asyncio's closed loop, Orbax's read wrapper, TensorStore's own read error.
+ABANDONED = ("Event loop is closed", "Encountered error while reading array index", "_read_array_index_and_device_put",
+             " in OCDBT database at ")
+
+
+def quiet_abandoned_reads() -> None:
+    """A restore that fails on damaged files leaves Orbax's other array reads in flight. When they finish after its
+    event loop has closed, or are garbage-collected, Python prints their errors as unraisable exceptions and asyncio
+    logs "Task / _GatheringFuture / Future exception was never retrieved": tens of traceback lines around our
+    one-line message, some before it. They are the failure the restore itself reports; drop exactly those (the texts
+    in ABANDONED), from the first restore on, and pass every other unraisable exception and log record through."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not any(text in str(unraisable.exc_value) for text in ABANDONED):
+            previous(unraisable)
+
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not ("exception was never retrieved" in record.getMessage()
+                            and any(text in record.getMessage() for text in ABANDONED)))
