@@ -346,8 +346,9 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
         raise UserError(f"data set {meta.get('name')!r} is not a latent data set (meta.json has no encoder.vae)")
     redo = ("put that VAE back, or re-encode the set with the VAE you have (prepare_data.py source=... vae=... "
             "out=<the set> force=true) and train on it anew")
-    try:
-        vae = load_vae(enc["vae"], device or os.environ.get("DIT_VAE_DEVICE", "cpu"))
+    device = torch_device(device or os.environ.get("DIT_VAE_DEVICE", "cpu"), knob="DIT_VAE_DEVICE=cpu")
+    try:   # the device first: a CUDA request under a CPU torch is this host's setting, not a VAE to put back
+        vae = load_vae(enc["vae"], device)
     except UserError as err:
         raise UserError(f"data set {meta.get('name')!r} was encoded with the VAE {enc['vae']}, which cannot be loaded "
                         f"now ({err}): {redo}") from None

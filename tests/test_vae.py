@@ -105,6 +105,22 @@ def test_load_errors_are_user_errors(tmp_path):
             load_vae(str(tmp_path / "noconfig"), "cuda")
 
 
+def test_a_cuda_request_under_a_cpu_torch_is_not_a_vae_to_re_encode(vae_dir, monkeypatch):
+    """DIT_VAE_DEVICE=cuda under the CPU torch wheel said the set's VAE "cannot be loaded now: put that VAE back, or
+    re-encode the set": hours of encoding for a setting of this host. The line names the setting."""
+    import torch
+
+    from data.vae import load_vae, vae_for_meta
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA torch: the request is served")
+    meta = {"name": "lat", "encoder": load_vae(vae_dir).info()}
+    monkeypatch.setenv("DIT_VAE_DEVICE", "cuda")
+    with pytest.raises(UserError, match=r"VAE device 'cuda' requested .* use DIT_VAE_DEVICE=cpu") as e:
+        vae_for_meta(meta)
+    assert "re-encode" not in str(e.value)
+
+
 def test_an_unreachable_hub_fails_at_once(monkeypatch):
     """Without HF_HUB_OFFLINE, on a machine whose DNS cannot resolve the hub, a hub id fails in one line at once
     (only the local cache is tried) instead of after the hub client's five retries and their warnings."""
