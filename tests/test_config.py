@@ -168,6 +168,7 @@ def test_cli_flags_unset_keys_and_unwritable_paths_are_one_line(monkeypatch, cap
     line = run_cli(monkeypatch, capsys, ["data=digits", "model=tiny", f"data.root={blocker}", "wandb.mode=disabled",
                                          f"train.ckpt_dir={tmp_path / 'ck'}"])
     assert str(blocker) in line and "choose a path" in line, line
+    assert f"(data.root={blocker})" in line, line   # the key too (it read only the path)
 
 
 def test_a_stage_main_called_from_python_checks_values_too(tmp_path, digits_root):

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import sys
+import types
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -227,8 +228,9 @@ def one_line_errors():
 
     from omegaconf.errors import MissingMandatoryValue
 
+    run = types.SimpleNamespace(cfg=None)   # the composed config, once there: an unwritable path is named by its key
     try:
-        yield
+        yield run
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -242,12 +244,38 @@ def one_line_errors():
         # errno-carrying errors naming a file. Any other OSError keeps its traceback.
         if err.filename is None or err.errno is None:
             raise
-        print(f"error: {err.strerror}: {err.filename}: choose a path that can be created and written", file=sys.stderr,
-              flush=True)
+        key = _key_of_path(run.cfg, err.filename)
+        print(f"error: {err.strerror}: {err.filename}{f' ({key})' if key else ''}: choose a path that can be "
+              "created and written", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def _key_of_path(cfg, filename) -> str | None:
+    """`key=value` of the config path that `filename` is or lies under (the most specific one), or None."""
+    from omegaconf import OmegaConf
+
+    if cfg is None:
+        return None
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:   # noqa: BLE001 - an interpolation that does not resolve: no key to name
+        return None
+    target, best = Path(os.fsdecode(filename)).absolute(), None
+
+    def walk(node, prefix):
+        nonlocal best
+        for k, v in (node.items() if isinstance(node, dict) else ()):
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str) and v.strip():
+                path = Path(v).expanduser().absolute()
+                if (path == target or path in target.parents) and (best is None or len(str(path)) > len(best[1])):
+                    best = (f"{prefix}{k}={v}", str(path))
+    walk(tree, "")
+    return best and best[0]
 
 
 HYDRA_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
@@ -315,15 +343,17 @@ def main(config_name: str, fn) -> None:
         import hydra
 
         def job(cfg):   # under -m each job of the sweep: the same checks and one-line errors as a plain run
-            with one_line_errors():
+            with one_line_errors() as run:
                 checked(cfg)
+                run.cfg = cfg
                 fn(cfg)
         hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)(job)()
         return
-    with one_line_errors():
+    with one_line_errors() as run:
         try:
             cfg = compose(config_name, argv)
         except (HydraException, OmegaConfBaseException, ValueError) as err:
             raise UserError(f"bad configuration: {_explain_composition_error(err)}") from err
         checked(cfg, argv)
+        run.cfg = cfg
         fn(cfg)
