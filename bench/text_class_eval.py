@@ -28,12 +28,14 @@ def main(argv):
     from training.evaluate import evaluator_for
     from training.generate import generate, load_weak, text_conds
     from training.sampling import balanced_labels
-    from training.text_eval import load_run
+    from training.text_eval import load_run, parse_args
 
-    ckpt_dir, kv = argv[0], dict(a.split("=", 1) for a in argv[1:])
-    saved, cfg, step, meta, _, ema = load_run(ckpt_dir, int(kv["step"]) if "step" in kv else None, **(
-        {"cfg_scale": float(kv["cfg_scale"])} if "cfg_scale" in kv else {}))   # the run's own guidance unless given
-    n, seed, root = int(kv.get("num_samples", 1000)), int(kv.get("seed", 0)), kv.get("root", str(cfg.data.root))
+    keys = {"num_samples": int, "seed": int, "step": int, "cfg_scale": float, "root": str}
+    ckpt_dir, kv = parse_args(argv, keys, "usage: python bench/text_class_eval.py <ckpt_dir> [num_samples=1000] "
+                                          "[seed=0] [step=N] [cfg_scale=S] [root=DIR]")
+    saved, cfg, step, meta, _, ema = load_run(ckpt_dir, kv.get("step"), **(
+        {"cfg_scale": kv["cfg_scale"]} if "cfg_scale" in kv else {}))   # the run's own guidance unless given
+    n, seed, root = kv.get("num_samples", 1000), kv.get("seed", 0), kv.get("root", str(cfg.data.root))
     fm_meta, fm_dir = ensure_prepared("fashion_mnist", root)
     if list(meta.get("class_names", [])) != list(fm_meta["class_names"]):   # before sampling, not after it
         raise UserError(f"{ckpt_dir} was trained on {meta.get('name')} (classes {meta.get('class_names', [])[:3]}"

@@ -199,6 +199,19 @@ def test_text_eval_mistakes_end_in_one_line(tmp_path, capsys):
             text_eval.run(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (argv, err)
+    # bench/text_class_eval.py (a README command) took a misspelt key silently (1000 samples for num_sample=20), and
+    # no arguments or a bare key as tracebacks
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    for argv, needle in (([], "name the stage-2 run's checkpoint directory first"),
+                         ([str(stage1), "num_sample=20"], "'num_sample=20' is not key=value"),
+                         ([str(stage1), "cfg_scale"], "'cfg_scale' is not key=value")):
+        p = subprocess.run([sys.executable, "bench/text_class_eval.py", *argv], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and needle in err[0], (argv, p.stderr[-2000:])
 
 
 def test_a_stage1_data_config_is_one_line(monkeypatch, capsys, tmp_path):

@@ -67,22 +67,23 @@ KEYS = {"step": int, "num_samples": int, "cfg_scale": float, "steps": int}
 USAGE = "usage: python -m training.text_eval <ckpt_dir> [step=N] [num_samples=N] [cfg_scale=X] [steps=N]"
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict]:
-    """<ckpt_dir> key=value ...: the run's directory and the known keys, typed; anything else one UserError."""
+def parse_args(argv: list[str], keys: dict = KEYS, usage: str = USAGE) -> tuple[str, dict]:
+    """<ckpt_dir> key=value ...: the run's directory and the known `keys`, typed; anything else one UserError (also
+    for bench/text_class_eval.py, which took a misspelt key silently and a missing directory as an IndexError)."""
     if not argv or "=" in argv[0]:
-        raise UserError(f"name the stage-2 run's checkpoint directory first: {USAGE}")
+        raise UserError(f"name the stage-2 run's checkpoint directory first: {usage}")
     kv = {}
     for arg in argv[1:]:
         key, eq, value = arg.partition("=")
-        if not eq or key not in KEYS:
-            raise UserError(f"{arg!r} is not key=value with one of the keys {', '.join(KEYS)}: {USAGE}")
+        if not eq or key not in keys:
+            raise UserError(f"{arg!r} is not key=value with one of the keys {', '.join(keys)}: {usage}")
         try:
-            kv[key] = KEYS[key](value)
+            kv[key] = keys[key](value)
         except ValueError:
-            what = "a whole number" if KEYS[key] is int else "a number"
-            raise UserError(f"{arg}: {key} must be {what}: {USAGE}") from None
-        if key in ("num_samples", "steps") and kv[key] < 1 or key == "step" and kv[key] < 0:
-            raise UserError(f"{arg}: {key} must be >= {0 if key == 'step' else 1}: {USAGE}")
+            what = "a whole number" if keys[key] is int else "a number"
+            raise UserError(f"{arg}: {key} must be {what}: {usage}") from None
+        if key in ("num_samples", "steps") and kv[key] < 1 or key in ("step", "seed") and kv[key] < 0:
+            raise UserError(f"{arg}: {key} must be >= {0 if key in ('step', 'seed') else 1}: {usage}")
     return argv[0], kv
 
 
