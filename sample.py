@@ -96,13 +96,16 @@ def main(cfg):
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(cfg.ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(template, step)
+    weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)   # before the line below: a refusal is alone
     guide = ""
     if sampler.get("guidance") == "auto":
-        weak_from = sampler.get("guide_ckpt_dir") or f"step {guide_step(sampler, run_cfg.train)}"
+        if not sampler.get("guide_ckpt_dir"):   # the step it read, in the line and in the npz's request
+            sampler = OmegaConf.merge(sampler, {"guide_step": guide_step(sampler, run_cfg.train)})
+        weak_from = sampler.get("guide_ckpt_dir") or f"step {sampler.guide_step}"
         guide = f", autoguidance {sampler.guide_scale} from {weak_from}"
+    plain = "apg" if sampler.get("guidance") == "apg" else "cfg"
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"cfg {sampler.cfg_scale}{guide})", flush=True)
-    weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)
+          f"{plain} {sampler.cfg_scale}{guide})", flush=True)
     key = jax.random.PRNGKey(int(cfg.seed))
 
     def make(lo, hi):   # images lo..hi-1 of the request

@@ -55,6 +55,7 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     np.testing.assert_array_equal(z["arr_1"], z["labels"])
     made = json.loads(str(z["request"]))   # what made them, read without pickle
     assert made["step"] == 14 and made["seed"] == 0 and made["sampler"]["solver"] == "heun"
+    assert made["sampler"]["guide_step"] == 7   # the weak step it read (the request said null: half the run)
     assert len(made["labels"]) == 12
     assert sorted(np.bincount(z["labels"], minlength=10).tolist()) == [1] * 8 + [2] * 2
     assert out.with_suffix(".png").is_file()

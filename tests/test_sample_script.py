@@ -75,8 +75,10 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
         monkeypatch.setattr("sys.argv", ["sample.py", *args])
         with pytest.raises(SystemExit) as exit_:
             cli.main("sample", sample.main)
-        err = capsys.readouterr().err.strip().splitlines()
+        out = capsys.readouterr()
+        err = out.err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and needle in err[0], (args, err)
+        assert "sampling" not in out.out, (args, out.out)   # refused before it says it samples (a weak step too)
     assert png.read_bytes() == b"the user's own picture"   # out=mine.png used to write mine.png.npz, then the grid here
 
 
