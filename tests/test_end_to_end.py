@@ -63,6 +63,8 @@ def test_train_then_sample_from_checkpoint(digits_root, tmp_path):
     assert {"cond_acc", "fd", "fd_floor"} <= set(res)
     with pytest.raises(UserError, match=r"guide_step=4 .* holds steps \[7, 14\]"):
         load_weak(ckpt, OmegaConf.create({"guidance": "auto", "guide_step": 4}), None, OmegaConf.create({"steps": 14}))
+    p = run_script("sample.py", f"ckpt_dir={ckpt}", "guide_step=4", check=False)   # the refusal alone, first
+    assert p.returncode == 2 and "holds steps [7, 14]" in p.stderr and "sampling" not in p.stdout, p.stdout
     # The weak model named as another run's directory (here a copy of this run, at step 7: the same weights as the
     # default) gives the same samples bit for bit; a run with other inputs or another prediction target is refused.
     import shutil
