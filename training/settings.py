@@ -12,8 +12,14 @@ def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
     diff = [k for k in ARCH_KEYS if old.get(k) != spec.get(k)]
     if diff:
         pairs = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {spec.get(k)!r}" for k in diff)
-        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): "
-                        f"use the same model/data overrides, or another train.ckpt_dir")
+        # the run's own values to paste: model keys as model.<key>=..., the data-made ones (shape, classes, text
+        # features) by the data set the run saw
+        own = [f"model.{k}={_show(old.get(k))}" for k in diff if k in (saved.get("model") or {})]
+        data = (saved.get("data") or {}).get("name")
+        if data and len(own) < len(diff):
+            own.append(f"the data set it saw ({data})")
+        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): resume with the "
+                        f"run's own {' '.join(own) or 'model and data overrides'}, or use another train.ckpt_dir")
 
 
 # Keys a resume may change freely: where and how often the run logs, samples and saves, how it is tracked, sampled,
