@@ -230,7 +230,7 @@ def test_checkpoint_mistakes(monkeypatch, capsys, digits_root, tmp_path):
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{
         "train.is_restore": True, "model.depth": 3, "model.hidden_size": 48}))
     assert "different model" in line and "depth" in line and "hidden_size" in line, line
-    assert "resume with the run's own model.hidden_size=32 model.depth=2," in line, line   # what to paste
+    assert "resume with the run's own model.hidden_size=32 model.depth=2, or use" in line, line   # what to paste
     # Another optimizer: its state cannot be restored from this one's.
     other = {"adamw": "muon", "muon": "adamw"}[cli.compose("config", []).optim.name]
     line = run_cli(monkeypatch, capsys, tiny_overrides(digits_root, str(ck), steps=4, **{

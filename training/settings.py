@@ -16,10 +16,11 @@ def check_same_model(saved: dict, spec: dict, ckpt_dir: str) -> None:
         # features) by the data set the run saw
         own = [f"model.{k}={_show(old.get(k))}" for k in diff if k in (saved.get("model") or {})]
         data = (saved.get("data") or {}).get("name")
+        fix = f"the run's own {' '.join(own)}" if own else ""
         if data and len(own) < len(diff):
-            own.append(f"the data set it saw ({data})")
-        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): resume with the "
-                        f"run's own {' '.join(own) or 'model and data overrides'}, or use another train.ckpt_dir")
+            fix += f", on the data set it saw (data.name={data})" if fix else f"the data set it saw (data.name={data})"
+        raise UserError(f"the checkpoint in {ckpt_dir} was written by a different model ({pairs}): resume with "
+                        f"{fix or 'the same model and data overrides'}, or use another train.ckpt_dir")
 
 
 # Keys a resume may change freely: where and how often the run logs, samples and saves, how it is tracked, sampled,
