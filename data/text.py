@@ -118,6 +118,10 @@ def t5gemma(path: str) -> TextEncoder:
     if not path:
         raise UserError("data.text_encoder_path is required for the T5Gemma encoder (a local directory or a cached "
                         "Hugging Face id such as google/t5gemma-2b-2b-ul2)")
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path) and (path.startswith(("/", ".")) or path.count("/") != 1):   # a hub id is org/name
+        raise UserError(f"data.text_encoder_path={path}: no such directory: put the T5Gemma model there "
+                        "(save_pretrained or huggingface-cli download on a machine with internet)")
     _quiet()
     os.environ["HF_HUB_OFFLINE"] = "1"   # never download: weights must be on disk already
     _refuse_pickled_weights(path, "the T5Gemma text encoder")

@@ -102,7 +102,7 @@ def test_guide_step_from_fraction_and_from_older_configs():
 def test_user_errors_are_one_line(digits_root, tmp_path):
     cases = [
         (["train.lrr=1"], {}, "lrr"),
-        (["model=nope"], {}, "nope"),
+        (["model=nope"], {}, "Could not find 'model/nope'. The model presets are: B-2, B-4"),
         (["data=fashion_mnist"], {"FASHION_MNIST_DIR": str(tmp_path / "absent"),
                                   "DIT_DATA_ROOT": str(tmp_path / "empty")}, "apt-get install"),
         (tiny_overrides(digits_root, str(tmp_path / "none"), **{"train.is_restore": True}), {}, "no checkpoint"),

@@ -51,7 +51,7 @@ def test_t5gemma_from_a_local_directory(tmp_path, minilm, monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1" and enc.dim == 32
     states, mask = enc.encode(["a red apple", "a cat"], max_tokens=6)
     assert states.shape == (2, 6, 32) and mask.sum(1).tolist() == [5, 4] and np.isfinite(states).all()
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"text_encoder_path=.*missing: no such directory"):   # not a hub-id line
         get_encoder("t5gemma", str(tmp_path / "missing"))
     with pytest.raises(UserError):
         get_encoder("clip")

@@ -209,6 +209,10 @@ def _explain_composition_error(err: Exception) -> str:
     if cause is not None and str(cause).strip():
         msg += f" ({first_line(cause, 1000)})"
     if "Could not find" in msg or "not found in the defaults" in msg or "Could not load" in msg:
+        group = re.search(r"'(\w+)/[^']*'", msg)   # Could not find 'model/XL-3': list the model presets
+        names = sorted(f.stem for f in (CONFIG_DIR / group.group(1)).glob("*.yaml")) if group else []
+        if names:
+            return f"{msg}. The {group.group(1)} presets are: {', '.join(names)}"
         return f"{msg}. Available presets are the file names under {CONFIG_DIR}/<group>/."
     if "not in struct" in msg or "Could not override" in msg or "Key" in msg:
         return f"{msg}. Check the key name (see {CONFIG_DIR}), or add a new key with a leading '+'."
