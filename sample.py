@@ -159,24 +159,24 @@ def in_parts(out, request: dict, n: int, chunk: int, make):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
         (d / "request").write_text(key)
-    images, reused = None, 0
+    held = len(list(d.glob("part-*.npy")))
+    if held:   # said first: a rerun of a stopped job otherwise looked like it started over until it ended
+        print(f"resuming: {held} of {-(-n // size)} parts were sampled before (in {d}; a damaged one is made again)",
+              flush=True)
+    images = None
     for i, lo in enumerate(range(0, n, size)):
         hi, f = min(lo + size, n), d / f"part-{i:05d}.npy"
         try:
             x = np.load(f, allow_pickle=False) if f.is_file() else None
         except (OSError, ValueError):   # cut short some other way: made again
             x = None
-        if x is not None and len(x) == hi - lo:
-            reused += 1
-        else:
+        if x is None or len(x) != hi - lo:
             x = make(lo, hi)
             with atomic_write(f) as tmp:
                 np.save(tmp, x)
         if images is None:
             images = np.empty((n, *x.shape[1:]), x.dtype)
         images[lo:hi] = x
-    if reused:
-        print(f"resumed: {reused} of {-(-n // size)} parts were sampled before (in {d})", flush=True)
     return images, d
 
 

@@ -148,6 +148,6 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     stopped.stop, calls[:] = False, []
     capsys.readouterr()
     run(tmp_path / "s.npz")
-    assert calls == [6, 12] and "resumed: 1 of 3 parts" in capsys.readouterr().out
+    assert calls == [6, 12] and "resuming: 1 of 3 parts" in capsys.readouterr().out
     assert np.load(tmp_path / "s.npz")["images"].tobytes() == whole.tobytes()
     assert not (tmp_path / ".s.npz.parts").exists()
