@@ -4,7 +4,7 @@
     python train_stage2.py model.mixing=joint train.ckpt_dir=checkpoints/stage2_joint
     python train_stage2.py data=fashion_mnist_text train.init_from=checkpoints/stage1 model.hidden_size=192 model.depth=6 model.num_heads=6 model.patch_size=7   # from stage 1's default run
     python train_stage2.py data=latents_text data.latents=prepared/my_latents model.patch_size=2   # VAE latents
-    python train_stage2.py data=folder data.folder=... data.captions_file=... train.init_from=checkpoints/stage2   # fine-tune
+    python train_stage2.py data=folder data.folder=D data.captions_file=D/c.jsonl train.init_from=checkpoints/stage2
     python train_stage2.py train.is_restore=true                      # resume from the latest checkpoint
 """
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from data.meta import META_FILE, load_meta
 from data.records import check_str
-from data.text_reuse import check_reuse, images_bytes_sha256, request
+from data.text_reuse import PATH_KEYS, SetChanged, check_reuse, images_bytes_sha256, limit_of, request
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -176,8 +176,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
 def _by_content(text_meta: dict) -> dict:
     """text_meta with its sources by content alone (their hashes, not paths or stamps): the resume key of a
     preparation, so an interrupted one resumes on a copy of its folder or latents (`cp -r` to scratch disk)."""
-    paths = ("folder", "captions_file", "images_sha256", "latents")
-    return {**text_meta, "request": {k: v for k, v in text_meta["request"].items() if k not in paths}}
+    return {**text_meta, "request": {k: v for k, v in text_meta["request"].items() if k not in PATH_KEYS}}
 
 
 def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
@@ -200,7 +199,7 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
         if len(caps) != n:
             raise UserError(f"{f} lists {len(caps)} captions for {n} records of {src}: encode it again (the "
                             f"prepare_data.py command that made it, with force=true)")
-        n = n if dc.get("limit") is None else min(n, int(dc.limit))
+        n = n if limit_of(dc) is None else min(n, limit_of(dc))
 
         def chunk(idx):
             recs = [next(records) for _ in idx]
@@ -229,11 +228,16 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
                         f"data.name (the latents stay as they are, for stage 1)")
 
     def ready():
-        if not (out_dir / META_FILE).exists():
-            return None
-        meta = load_meta(out_dir)
-        check_reuse(meta, dc, out_dir)
-        return meta
+        for _ in range(3):
+            if not (out_dir / META_FILE).exists():
+                return None
+            meta = load_meta(out_dir)
+            try:
+                check_reuse(meta, dc, out_dir)
+                return meta
+            except SetChanged:   # another process recorded or rebuilt it while this one compared bytes: again
+                continue
+        raise UserError(f"{out_dir} kept changing while it was checked (other processes preparing it): run again")
 
     return prepare_once(out_dir, ready, lambda: _prepare_text(dc, out_dir, encoder)), out_dir
 
@@ -245,8 +249,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     # or an unset key (???) is one line at once
     kind = str(dc.kind)
     latents = _latent_source(dc) if kind == "latents" else None
-    rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)),
-                         None if dc.get("limit") is None else int(dc.limit)) if kind == "folder" else None
+    rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)), limit_of(dc)) if kind == "folder" else None
     print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
     enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
     enc.reset_counts()
@@ -267,9 +270,8 @@ def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
     if rows:   # the images' bytes too, read once now: a copy with new times is then known for the same (text_reuse)
-        limit = None if dc.get("limit") is None else int(dc.limit)
         text_meta["request"]["images_bytes_sha256"] = images_bytes_sha256(
-            Path(str(dc.folder)).expanduser(), Path(str(dc.captions_file)), limit)
+            Path(str(dc.folder)).expanduser(), Path(str(dc.captions_file)), limit_of(dc))
         return _prepare_folder_text(dc, out_dir, enc, text_meta, rows)
     splits, text = {}, {}
     for split in ("train", "test"):

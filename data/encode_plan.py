@@ -102,12 +102,15 @@ def content_key(plan: dict, items: dict) -> str:
 
 def shard_bytes(it: Items, idx) -> str | None:
     """data.folders.bytes_digest of a shard's source files (read just before by the encode: from the page cache);
-    None for a built-in set, whose examples have no files."""
+    None for a built-in set, whose examples have no files, or when a file cannot be read."""
     from data.folders import bytes_digest
 
     if it.paths is None:
         return None
-    return bytes_digest([it.paths[j] for j in idx], [it.names[j] for j in idx])
+    try:
+        return bytes_digest([it.paths[j] for j in idx], [it.names[j] for j in idx])
+    except OSError:   # a file gone or unreadable (the encode skipped it as undecodable): no record, old verdict
+        return None
 
 
 def same_content(state: dict, plan: dict, items: dict, jobs: list, shard_name) -> bool:

@@ -75,7 +75,7 @@ def request(dc) -> dict:
     from data.text import encoder_weights
 
     opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
-    req = {"kind": str(dc.kind), "limit": None if dc.get("limit") is None else int(dc.limit),
+    req = {"kind": str(dc.kind), "limit": limit_of(dc),
            "text_encoder": str(dc.text_encoder),
            "max_tokens": int(dc.max_tokens),   # not the encoder's path: weights that moved are the same encoder,
            "text_encoder_weights": encoder_weights(str(dc.text_encoder), dc.get("text_encoder_path"))}  # others not
@@ -134,31 +134,53 @@ def check_reuse(meta: dict, dc, out_dir: Path) -> None:
                         f"rebuild it (`python prepare_data.py data=<this config> <your overrides> force=true`)")
 
 
+class SetChanged(Exception):
+    """meta.json changed while the images' bytes were compared (another process recorded or rebuilt the set):
+    data.captions.ensure_prepared_text reads it again and judges against what is there now."""
+
+
 def _same_bytes(meta: dict, dc, out_dir: Path, now: dict) -> None:
     """The listed images' stamps (or their folder) are not those recorded, under the same captions: a `cp -r` to
     scratch disk, a `touch`, or edited images. Their bytes say which. The same bytes are the same set: `now` takes
-    the recorded values, and meta.json records the images where they are now (under the set's lock), so the next
-    start is the cheap stat pass again. Sets prepared before the bytes were recorded keep the stamps' verdict."""
+    the recorded values, and meta.json records the images where they are now (under the set's lock), keeping the
+    last few (folder, stamps) already compared (`images_verified`: hosts with scratch copies of their own then each
+    compare once, not at every start). Sets prepared before the bytes were recorded keep the stamps' verdict."""
     from data.prepare import preparing_lock
     from training.runlock import exclusive
 
     was = meta["text"]["request"]
     if not was.get("images_bytes_sha256"):
         return
-    folder = Path(str(dc.folder)).expanduser()
-    print(f"note: the images in {folder} are not as {out_dir} recorded them (other times, or another folder): "
-          f"comparing their bytes with the prepared ones ...", flush=True)
-    limit = None if dc.get("limit") is None else int(dc.limit)
-    if images_bytes_sha256(folder, Path(str(dc.captions_file)), limit) != was["images_bytes_sha256"]:
-        return   # refused by the caller: the stamps differ, and so do the bytes
-    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
-        try:   # as it is now: not a rebuild's empty folder, nor a set another process prepared meanwhile
-            current = load_meta(out_dir)
-        except UserError:
-            current = None
-        if current == meta:
-            recorded = dict(was, folder=now["folder"], images_sha256=now["images_sha256"])
+    here = [now["folder"], now["images_sha256"]]
+    if here not in was.get("images_verified", []):
+        folder = Path(str(dc.folder)).expanduser()
+        print(f"note: the images in {folder} are not as {out_dir} recorded them (other times, or another folder): "
+              f"comparing their bytes with the prepared ones ...", flush=True)
+        if images_bytes_sha256(folder, Path(str(dc.captions_file)), limit_of(dc)) != was["images_bytes_sha256"]:
+            return   # refused by the caller: the stamps differ, and so do the bytes
+        with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+            try:
+                current = load_meta(out_dir)
+            except UserError:
+                current = None
+            if current != meta:   # rebuilt, recorded or removed meanwhile: judged again against what is there
+                raise SetChanged
+            seen = [v for v in was.get("images_verified", []) if v != here] + [[was.get("folder"),
+                                                                                 was.get("images_sha256")]]
+            recorded = dict(was, folder=here[0], images_sha256=here[1], images_verified=seen[-VERIFIED:])
             meta["text"] = {**meta["text"], "request": recorded}
             write_meta(out_dir, meta)
-    print(f"note: same bytes: {out_dir} is used as prepared", flush=True)
+        print(f"note: same bytes: {out_dir} is used as prepared", flush=True)
     now.update(folder=was.get("folder"), images_sha256=was.get("images_sha256"))
+
+
+VERIFIED = 8   # (folder, stamps) pairs kept as compared
+
+
+def limit_of(dc) -> int | None:
+    return None if dc.get("limit") is None else int(dc.limit)
+
+
+# Where a captioned set's sources are and their stamps, in its request: not what they hold (the hashes are). Left
+# out of a preparation's resume key (data.captions._by_content), so it resumes on a copy of its sources.
+PATH_KEYS = ("folder", "captions_file", "images_sha256", "latents")

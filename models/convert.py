@@ -20,6 +20,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from models import ARCH_KEYS
 from models.dit import FREQ_DIM, DiT
 from models.layers import timestep_sinusoid
 from models.mmdit import TextDiT
@@ -60,11 +61,12 @@ def stage1_to_stage2(s1: DiT, s2: TextDiT, fold_t: float = 0.5) -> TextDiT:
                                    s1.blocks.mlp, table, s1.final_ada, s1.final))
 
 
-def load_run(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT | TextDiT, dict, dict]:
+def load_init(ckpt_dir: str, step=None, prediction: str | None = None, stage1: bool = False
+              ) -> tuple[DiT | TextDiT, dict, dict]:
     """(EMA weights, spec, saved config) of a run, stage 1 or stage 2 (its spec rebuilt from the checkpoint's saved
     config). With `prediction` (the new run's train.prediction), a run that predicts another quantity is refused: its
     weights would output a velocity where the new run reads a clean image, or the reverse, and train on from there
-    without a word."""
+    without a word. `stage1`: a stage-2 run is refused (before its weights are read)."""
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
 
@@ -75,6 +77,8 @@ def load_run(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[D
     spec = saved.get("model_spec", {})
     if spec.get("mixing") is None and "num_classes" not in spec:
         raise UserError(f"train.init_from={ckpt_dir} is not a DiT run (stage 1 or stage 2)")
+    if stage1 and spec.get("mixing") is not None:
+        raise UserError(f"{ckpt_dir} is a stage-2 (text-conditional) run, not a stage-1 one")
     was = str(saved.get("train", {}).get("prediction", "v"))   # runs saved before train.prediction existed: v
     if prediction is not None and was != str(prediction):
         raise UserError(f"train.init_from={ckpt_dir} was trained with train.prediction={was}, and this run uses "
@@ -86,10 +90,8 @@ def load_run(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[D
 
 
 def load_stage1(ckpt_dir: str, step=None, prediction: str | None = None) -> tuple[DiT, dict]:
-    """EMA weights and spec of a stage-1 run (load_run); a stage-2 run is refused."""
-    model, spec, _ = load_run(ckpt_dir, step, prediction)
-    if spec.get("mixing") is not None:
-        raise UserError(f"{ckpt_dir} is a stage-2 (text-conditional) run, not a stage-1 one")
+    """EMA weights and spec of a stage-1 run (load_init); a stage-2 run is refused."""
+    model, spec, _ = load_init(ckpt_dir, step, prediction, stage1=True)
     return model, spec
 
 
@@ -97,7 +99,7 @@ def init_from(ckpt_dir: str, model: TextDiT, spec: dict, meta: dict, prediction:
     """train.init_from: `model` (freshly built for this stage-2 run from `spec`) with the weights of the run in
     `ckpt_dir`: a stage-1 run's transplanted (stage1_to_stage2), or a stage-2 run's copied whole, to fine-tune it on
     another captioned set (copy_stage2)."""
-    old, old_spec, saved = load_run(ckpt_dir, prediction=prediction)
+    old, old_spec, saved = load_init(ckpt_dir, prediction=prediction)
     if old_spec.get("mixing") is None:
         model = stage1_to_stage2(old, model, fold_t)   # refuses a stage-1 model that does not fit
         print(f"initialised from stage 1 {ckpt_dir} (adaLN folded at t={fold_t})", flush=True)
@@ -109,8 +111,7 @@ def init_from(ckpt_dir: str, model: TextDiT, spec: dict, meta: dict, prediction:
 
 # What a stage-2 model's weights are shaped and mean by, other than num_classes (a captioned set's class count does
 # not reach the weights). input_size / in_channels: the same image (or latent) shape.
-STAGE2_ARCH = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "input_size", "in_channels", "mixing",
-               "text_dim", "max_tokens")
+STAGE2_ARCH = tuple(k for k in ARCH_KEYS if k != "num_classes")
 
 
 def copy_stage2(old: TextDiT, new: TextDiT, saved: dict, spec: dict, meta: dict, ckpt_dir: str) -> TextDiT:
@@ -125,6 +126,15 @@ def copy_stage2(old: TextDiT, new: TextDiT, saved: dict, spec: dict, meta: dict,
     if bad:
         raise UserError(f"train.init_from={ckpt_dir} is another stage-2 model ({'; '.join(bad)}): pass the run's "
                         f"values (its model keys, and a data set of the same image size, token count and encoder)")
+    from data.prepare import data_identity
+
+    # latents: the VAE that made them (its name; the set's own statistics may differ) or pixels, as the run's
+    was_vae = ((saved.get("data_identity") or {}).get("encoder") or {}).get("vae")
+    now_vae = (data_identity(meta).get("encoder") or {}).get("vae")
+    if was_vae != now_vae and "data_identity" in saved:
+        what = lambda v: f"latents of the VAE {v}" if v else "pixels"
+        raise UserError(f"train.init_from={ckpt_dir} was trained on {what(was_vae)}, and this data set holds "
+                        f"{what(now_vae)}: fine-tune it on data of the same kind")
     was_text = (saved.get("data_identity") or {}).get("text") or {}
     now_text = {"encoder": meta["text"].get("encoder"),
                 "text_encoder_weights": (meta["text"].get("request") or {}).get("text_encoder_weights")}

@@ -100,3 +100,11 @@ def vae(tmp_path_factory):
     from test_vae import make_tiny_vae
 
     return load_vae(make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The MiniLM text encoder (ships offline in a package), loaded once for every test that encodes captions."""
+    from data.text import get_encoder
+
+    return get_encoder("minilm")

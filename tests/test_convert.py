@@ -145,6 +145,9 @@ def test_init_from_a_stage2_run_fine_tunes_it(digits_text_root, tmp_path):
     other = {**saved, "data_identity": {"text": {"encoder": "t5gemma"}}}
     with pytest.raises(UserError, match=r"another text encoder \(encoder: run t5gemma vs now minilm\)"):
         copy_stage2(a, build_model(spec, key=jax.random.PRNGKey(1)), other, spec, {"text": {"encoder": "minilm"}}, "a")
+    with pytest.raises(UserError, match="trained on pixels, and this data set holds latents of the VAE /v"):
+        copy_stage2(a, build_model(spec, key=jax.random.PRNGKey(1)), saved, spec,
+                    {"text": {"encoder": "minilm"}, "encoder": {"vae": "/v"}}, "a")
     with pytest.raises(UserError, match="is a stage-2 .* not a stage-1 one"):
         load_stage1(a_dir)
 

@@ -43,3 +43,27 @@ def test_stage2_sampling_checks_prompts_and_the_caption_features():
                            ({"encoder": "t5gemma", "dim": 384}, "encoder: run 'minilm', data set now 't5gemma'")):
         with pytest.raises(UserError, match=needle):
             check_text_matches(saved, {**meta, "text": {**meta["text"], **change}}, "ck")
+
+
+def test_thinning_a_weak_step_counts_only_whole_steps_after_it_and_finishes_a_cut_one(tmp_path):
+    """Checkpointer.thin_preserved: a preserved (weak-model) step sheds params and opt_state once `keep` whole steps
+    follow it. Another thinned step after it is no step a run can resume from, so it does not count; and a thinning
+    killed between its two renames (params gone, opt_state left: the largest item) is finished at the next save."""
+    def step(n, *items):
+        for item in items:
+            (tmp_path / str(n) / item).mkdir(parents=True)
+        (tmp_path / str(n) / "_CHECKPOINT_METADATA").write_text("{}")
+
+    step(1, "ema", "opt_state", "train")            # a weak step whose thinning was cut between its renames
+    step(3, "params", "opt_state", "ema", "train")  # a weak step, whole
+    step(5, "ema", "train")                         # a weak step, thinned
+    step(7, "params", "opt_state", "ema", "train")  # the latest
+    items = lambda n: sorted(p.name for p in (tmp_path / str(n)).iterdir() if p.is_dir())
+    with Checkpointer(str(tmp_path), keep=2, preserve=(1, 3, 5)) as ck:
+        ck.thin_preserved()
+        assert items(1) == ["ema", "train"]                           # 3 and 7 follow it: finished
+        assert items(3) == ["ema", "opt_state", "params", "train"]    # only 7 does (5 cannot be resumed from)
+    with Checkpointer(str(tmp_path), keep=1, preserve=(1, 3, 5)) as ck:
+        ck.thin_preserved()
+        assert items(3) == ["ema", "train"] and items(7) == ["ema", "opt_state", "params", "train"]
+        assert ck.is_thinned(3) and ck.is_thinned(5) and not ck.is_thinned(7)

@@ -281,6 +281,11 @@ def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys):
     encode(copy, "o")
     assert "changed since" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / STATE_FILE).read_text())["plan"]["source"] == str(copy.resolve())
+    # a file the encode skipped as unreadable (gone since listed, EIO) leaves its shard without a record, not a
+    # FileNotFoundError after the shard was written, at every rerun
+    from data.encode_plan import Items, shard_bytes
+    gone = Items(1, None, [0], ["gone.png:1:1"], paths=[str(tmp_path / "gone.png")], names=["gone.png"])
+    assert shard_bytes(gone, [0]) is None
 
 
 def test_prepare_data_cli_offline(vae_dir, tmp_path):

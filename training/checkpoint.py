@@ -176,14 +176,16 @@ class Checkpointer:
     def thin_preserved(self):
         """A preserved step (autoguidance's weak model) keeps only what sampling reads once `keep` complete steps
         follow it: its EMA, counters, config and checksums. Its params and optimizer state go (XL/2: 8.1 GB -> 2.7
-        GB); a resume never needs them, since newer complete steps are there. Moved into TRASH first, so a kill
-        leaves the step either whole or thinned."""
+        GB); a resume never needs them, since `keep` newer whole steps are there. Each is moved into TRASH (a rename)
+        and then deleted: a kill between the two moves leaves the rest for the next save to finish."""
         if jax.process_index() != 0:
             return
-        done = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+        # complete steps a run can resume from (a thinned one cannot)
+        whole = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and (p / "params").is_dir()
+                 and (p / "_CHECKPOINT_METADATA").is_file()]
         for step in self.preserve:
             d = self.directory / str(step)
-            if step in done and sum(s > step for s in done) >= self.keep and (d / "params").is_dir():
+            if sum(s > step for s in whole) >= self.keep and any((d / item).is_dir() for item in THINNED):
                 (self.directory / TRASH).mkdir(exist_ok=True)
                 for item in THINNED:
                     if (d / item).is_dir():
