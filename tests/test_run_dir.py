@@ -67,3 +67,17 @@ def test_thinning_a_weak_step_counts_only_whole_steps_after_it_and_finishes_a_cu
         ck.thin_preserved()
         assert items(3) == ["ema", "train"] and items(7) == ["ema", "opt_state", "params", "train"]
         assert ck.is_thinned(3) and ck.is_thinned(5) and not ck.is_thinned(7)
+
+
+def test_a_run_ends_with_its_weak_step_thinned(digits_root, tmp_path):
+    """The README's default (weak step 800, keep_ckpts 3, saves at 1000, 1500, 1600) kept step 800 whole: thinning
+    ran only after a save, and the third step after it is the run's last save. The run's close thins it too."""
+    import train_stage1
+    from conftest import tiny_overrides
+    from training.cli import compose
+
+    ck = tmp_path / "run"
+    train_stage1.main(compose("config", tiny_overrides(digits_root, str(ck), steps=8, **{
+        "train.ckpt_every": 2, "train.keep_ckpts": 2, "sampler.guidance": "auto"})))   # weak step 4
+    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [4, 6, 8]
+    assert not (ck / "4" / "params").exists() and not (ck / "4" / "opt_state").exists() and (ck / "4" / "ema").is_dir()

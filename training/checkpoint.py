@@ -177,8 +177,9 @@ class Checkpointer:
         """A preserved step (autoguidance's weak model) keeps only what sampling reads once `keep` complete steps
         follow it: its EMA, counters, config and checksums. Its params and optimizer state go (XL/2: 8.1 GB -> 2.7
         GB); a resume never needs them, since `keep` newer whole steps are there. Each is moved into TRASH (a rename)
-        and then deleted: a kill between the two moves leaves the rest for the next save to finish."""
-        if jax.process_index() != 0:
+        and then deleted: a kill between the two moves leaves the rest for the next save to finish. Called after
+        each save and at close (the last save may be the one that completes the `keep` steps)."""
+        if jax.process_index() != 0 or not self.preserve:
             return
         # complete steps a run can resume from (a thinned one cannot)
         whole = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and (p / "params").is_dir()
@@ -333,6 +334,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
             self.manager.close()
+            self.thin_preserved()
             self.empty_trash()
         except Exception as err:
             user = self._storage_error(err)
