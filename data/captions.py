@@ -17,7 +17,7 @@ import numpy as np
 
 from data.meta import META_FILE, load_meta
 from data.records import check_str
-from data.text_reuse import PATH_KEYS, SetChanged, check_reuse, images_bytes_sha256, limit_of, request
+from data.text_reuse import SetChanged, check_reuse, folder_of, images_bytes_sha256, limit_of, request
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -159,7 +159,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
 
     folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
     per_shard = min(RECORDS_PER_SHARD, max(1, text_shards.SHARD_BYTES // (size * size * 3)))
-    state = text_shards.start(out_dir, text_shards.resume_request(_by_content(text_meta), per_shard, enc))
+    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, per_shard, enc))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         def chunk(idx):
             x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
@@ -173,12 +173,6 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     text_shards.finish(out_dir)
 
 
-def _by_content(text_meta: dict) -> dict:
-    """text_meta with its sources by content alone (their hashes, not paths or stamps): the resume key of a
-    preparation, so an interrupted one resumes on a copy of its folder or latents (`cp -r` to scratch disk)."""
-    return {**text_meta, "request": {k: v for k, v in text_meta["request"].items() if k not in PATH_KEYS}}
-
-
 def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, meta: dict) -> None:
     """kind `latents`, streamed: each output shard holds the next RECORDS_PER_SHARD source records (same order) with
     their captions' features. The latents are copied as stored, and the source's VAE entry and channel statistics
@@ -188,7 +182,7 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
     from data.meta import META_FORMAT_VERSION, write_meta
     from data.prepare import RECORDS_PER_SHARD
 
-    state = text_shards.start(out_dir, text_shards.resume_request(_by_content(text_meta), RECORDS_PER_SHARD, enc))
+    state = text_shards.start(out_dir, text_shards.resume_request(text_meta, RECORDS_PER_SHARD, enc))
     splits = {}
     for split in meta["splits"]:
         f = src / f"captions-{split}.jsonl"
@@ -270,8 +264,7 @@ def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
     if rows:   # the images' bytes too, read once now: a copy with new times is then known for the same (text_reuse)
-        text_meta["request"]["images_bytes_sha256"] = images_bytes_sha256(
-            Path(str(dc.folder)).expanduser(), Path(str(dc.captions_file)), limit_of(dc))
+        text_meta["request"]["images_bytes_sha256"] = images_bytes_sha256(folder_of(dc), rows)
         return _prepare_folder_text(dc, out_dir, enc, text_meta, rows)
     splits, text = {}, {}
     for split in ("train", "test"):

@@ -77,12 +77,13 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
         isinstance(have[s], dict) and {k: have[s].get(k) for k in ("files", "num_records")} == want[s] for s in want)
 
 
-def _start_over(out_dir: Path, fp: str, plan: dict, content: str) -> dict:
-    """An empty set and a fresh resume state for this plan, read by today's image reader; `content`: the source
-    without its place or times (data.encode_plan.content_key)."""
+def _start_over(out_dir: Path, fp: str, plan: dict, items: dict) -> dict:
+    """An empty set and a fresh resume state for this plan, read by today's image reader, with the source's content
+    key (data.encode_plan.content_key: without its place or times)."""
     clear_set(out_dir)
     shutil.rmtree(out_dir / CAPTIONS_DIR, ignore_errors=True)
-    state = {"fingerprint": fp, "plan": plan, "content": content, "reader": READER_VERSION, "shards": {}}
+    state = {"fingerprint": fp, "plan": plan, "content": content_key(plan, items), "reader": READER_VERSION,
+             "shards": {}}
     _save_state(out_dir, state)
     return state
 
@@ -186,7 +187,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
                 from data.prepare import rebuild_keeping_old
                 return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
-        state = _start_over(out_dir, fp, plan, content_key(plan, items))
+        state = _start_over(out_dir, fp, plan, items)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items()
             if shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
@@ -200,7 +201,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         # would hold both. A complete set is left as it is (one reader throughout); this one is encoded whole.
         print(f"{out_dir}: its finished shards were read by an older image reader (photos' EXIF orientation not "
               f"applied): encoding all of it again, so that every image is read alike", flush=True)
-        state, done = _start_over(out_dir, fp, plan, content_key(plan, items)), set()
+        state, done = _start_over(out_dir, fp, plan, items), set()
     elif (out_dir / META_FILE).exists():
         print(f"{out_dir} was prepared with these settings but " + (
             f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"

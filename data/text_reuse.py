@@ -37,13 +37,12 @@ def _rows(folder: Path, captions_file: Path, limit):
         return None
 
 
-def images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
-    """What the listed images are, cheaply: each one's path, size and modification time (as a latent encode tells an
-    edited image, data/encode.py). None when the folder, the captions or an image is gone (a prepared copy
-    elsewhere)."""
+def images_sha256(folder: Path, rows) -> str | None:
+    """What the listed images (`rows`: _rows) are, cheaply: each one's path, size and modification time (as a latent
+    encode tells an edited image, data/encode.py). None when the folder, the captions or an image is gone (a
+    prepared copy elsewhere)."""
     from data.folders import file_stamp
 
-    rows = _rows(folder, captions_file, limit)
     if rows is None:
         return None
     base = str(folder)   # run at every start and resume: str paths, as pathlib's joins cost as much as the stat calls
@@ -54,12 +53,11 @@ def images_sha256(folder: Path, captions_file: Path, limit) -> str | None:
     return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
 
 
-def images_bytes_sha256(folder: Path, captions_file: Path, limit) -> str | None:
+def images_bytes_sha256(folder: Path, rows) -> str | None:
     """What the listed images are by content (data.folders.bytes_digest: every byte read), recorded when the set is
     prepared and compared only when the stamps (images_sha256) disagree. None when something listed is gone."""
     from data.folders import bytes_digest
 
-    rows = _rows(folder, captions_file, limit)
     if rows is None:
         return None
     try:
@@ -88,7 +86,7 @@ def request(dc) -> dict:
         captions = Path(str(dc.captions_file))
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
                    captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None,
-                   images_sha256=images_sha256(Path(str(dc.folder)).expanduser(), captions, req["limit"]))
+                   images_sha256=images_sha256(folder_of(dc), _rows(folder_of(dc), captions, req["limit"])))
     return req
 
 
@@ -153,10 +151,11 @@ def _same_bytes(meta: dict, dc, out_dir: Path, now: dict) -> None:
         return
     here = [now["folder"], now["images_sha256"]]
     if here not in was.get("images_verified", []):
-        folder = Path(str(dc.folder)).expanduser()
+        folder = folder_of(dc)
         print(f"note: the images in {folder} are not as {out_dir} recorded them (other times, or another folder): "
               f"comparing their bytes with the prepared ones ...", flush=True)
-        if images_bytes_sha256(folder, Path(str(dc.captions_file)), limit_of(dc)) != was["images_bytes_sha256"]:
+        rows = _rows(folder, Path(str(dc.captions_file)), limit_of(dc))
+        if images_bytes_sha256(folder, rows) != was["images_bytes_sha256"]:
             return   # refused by the caller: the stamps differ, and so do the bytes
         with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
             try:
@@ -181,6 +180,10 @@ def limit_of(dc) -> int | None:
     return None if dc.get("limit") is None else int(dc.limit)
 
 
+def folder_of(dc) -> Path:
+    return Path(str(dc.folder)).expanduser()
+
+
 # Where a captioned set's sources are and their stamps, in its request: not what they hold (the hashes are). Left
-# out of a preparation's resume key (data.captions._by_content), so it resumes on a copy of its sources.
+# out of a preparation's resume key (data.text_shards.resume_request), so it resumes on a copy of its sources.
 PATH_KEYS = ("folder", "captions_file", "images_sha256", "latents")

@@ -44,8 +44,14 @@ def start(out_dir: Path, request: dict) -> dict:
 
 def resume_request(text_meta: dict, per_shard: int, enc) -> dict:
     """What finished shards must share to be resumed: the set's request and encoder, the shard cut, and the kind of
-    device the features came from (CPU and GPU features differ in the last bits: one set holds one kind)."""
-    return {**text_meta, "per_shard": int(per_shard), "device": str(getattr(enc, "device", "cpu")).split(":")[0]}
+    device the features came from (CPU and GPU features differ in the last bits: one set holds one kind). The
+    request's sources count by content (their hashes), not by where they are or their stamps (PATH_KEYS), so an
+    interrupted preparation resumes on a `cp -r` of its folder or latents."""
+    from data.text_reuse import PATH_KEYS
+
+    request = {k: v for k, v in (text_meta.get("request") or {}).items() if k not in PATH_KEYS}
+    return {**text_meta, "request": request, "per_shard": int(per_shard),
+            "device": str(getattr(enc, "device", "cpu")).split(":")[0]}
 
 
 def finish(out_dir: Path) -> None:
