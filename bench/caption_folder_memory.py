@@ -6,8 +6,9 @@
 Writes a folder of n random 96x96 PNGs (64 base images shifted, so they compress like photos do not) with 4-12-word
 captions (seeded) under work= (default: a temporary directory, reused when it already holds n images), then runs
 that checkout's prepare_data.py on it at data.size=64 in a child process and prints one JSON line: the child's peak
-RSS (GiB), wall seconds, and the records written. same_as=<set dir> (the "out" of an earlier line) adds how many
-records are byte for byte those of that set. Arguments are key=value; defaults n=20000 size=64.
+RSS (GiB), wall seconds, the bytes it read (read_gb, against the images' images_gb) and the records written.
+same_as=<set dir> (the "out" of an earlier line) adds how many records are byte for byte those of that set.
+Arguments are key=value; defaults n=20000 size=64.
 """
 
 import json
@@ -50,6 +51,13 @@ def records(d: Path) -> list[bytes]:
     return out
 
 
+# The child's own count of bytes read (/proc/self/io rchar: files, page cache or disk, and the libraries it imports),
+# printed as it exits: how many passes over the images a preparation makes.
+READ_BYTES = ("import atexit, runpy, sys; atexit.register(lambda: sys.stderr.write('read_bytes=' + "
+              "open('/proc/self/io').read().split()[1] + '\\n')); sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def main(argv):
     args = dict(a.split("=", 1) for a in argv)
     n, size = int(args.get("n", 20000)), int(args.get("size", 64))
@@ -57,7 +65,7 @@ def main(argv):
     work = Path(args.get("work") or tempfile.mkdtemp(prefix="capmem-"))
     make_folder(work, n)
     out = Path(tempfile.mkdtemp(prefix="capmem-out-"))
-    cmd = [sys.executable, "prepare_data.py", "data=folder", f"data.folder={work / 'imgs'}",
+    cmd = [sys.executable, "-c", READ_BYTES, "prepare_data.py", "data=folder", f"data.folder={work / 'imgs'}",
            f"data.captions_file={work / 'c.jsonl'}", f"data.size={size}", f"data.root={out}"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
@@ -65,6 +73,8 @@ def main(argv):
     if done.returncode:
         sys.exit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
     meta = json.loads((out / "my_captions" / "meta.json").read_text())
+    read = [int(line.split("=")[1]) for line in done.stderr.splitlines() if line.startswith("read_bytes=")]
+    images = sum(f.stat().st_size for f in (work / "imgs").iterdir())
     same = {}
     if args.get("same_as"):
         a, b = records(out / "my_captions"), records(Path(args["same_as"]))
@@ -72,7 +82,8 @@ def main(argv):
     print(json.dumps({**same, "n": n, "size": size, "repo": str(repo),
                       "records": meta["splits"]["train"]["num_records"],
                       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 3),
-                      "wall_s": round(wall, 1), "out": str(out / "my_captions")}))
+                      "wall_s": round(wall, 1), "read_gb": round(read[0] / 2**30, 3) if read else None,
+                      "images_gb": round(images / 2**30, 3), "out": str(out / "my_captions")}))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """What telling a copied source from an edited one costs: the stat pass run at every start against the bytes pass
-(data.folders.bytes_digest) run once per shard as an encode writes it, once when a captioned folder is prepared, and
-again only when the stamps disagree. Prints JSON.
+(data.folders.bytes_digest) run again only when the stamps disagree (an encode or a captioned folder's preparation
+hashes the bytes it decodes, with no pass of its own). Prints JSON.
 
     python bench/source_bytes.py [n=20000] [size=64] [dir=/tmp/source_bytes]
 
 Writes n random size x size RGB PNGs (about 12 KB each at 64 px; kept in `dir` for reruns) and times both passes
-over them, twice; the second bytes pass reads from the page cache, as an encode's hashing of the shard it has just
-read does.
+over them, twice; the second bytes pass reads from the page cache.
 """
 
 import json

@@ -17,7 +17,7 @@ import numpy as np
 
 from data.meta import META_FILE, load_meta
 from data.records import check_str
-from data.text_reuse import SetChanged, check_reuse, folder_of, images_bytes_sha256, limit_of, request
+from data.text_reuse import SetChanged, check_reuse, limit_of, request
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -65,22 +65,28 @@ def caption_rows(folder: Path, captions_file: Path, limit: int | None) -> list[t
     return rows
 
 
-def _folder_image(folder: Path, captions_file: Path, row: tuple[int, str, str], size: int) -> np.ndarray:
-    """One listed image as RGB uint8 (size, size, 3), centre-cropped square and resized. Decoded by stage 1's
-    data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white); the crop and LANCZOS
-    resize stay this function's own, so sets prepared before keep their pixels."""
+def _folder_image(folder: Path, captions_file: Path, row: tuple[int, str, str], size: int) -> tuple[np.ndarray, str]:
+    """One listed image as RGB uint8 (size, size, 3), centre-cropped square and resized, and the sha256 of the bytes
+    it was decoded from (the file is read once: data.text_shards records what each shard was made from). Decoded by
+    stage 1's data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white); the crop
+    and LANCZOS resize stay this function's own, so sets prepared before keep their pixels."""
+    import hashlib
+
     from PIL import Image
 
     from data.folders import open_image
 
     n, file, _ = row
     try:
-        im = open_image(folder / file, 3)
+        with open(folder / file, "rb") as f:
+            data = f.read()
+        im = open_image(folder / file, 3, data)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
         raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
     s = min(im.size)
     left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-    return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS))
+    return (np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)),
+            hashlib.sha256(data).hexdigest())
 
 
 def read_folder(folder, captions_file, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -88,7 +94,7 @@ def read_folder(folder, captions_file, size: int, limit: int | None = None) -> t
     a set streams instead (_prepare_folder_text); this reads the same pixels."""
     folder, captions_file = Path(folder), Path(captions_file)
     rows = caption_rows(folder, captions_file, limit)
-    return np.stack([_folder_image(folder, captions_file, r, size) for r in rows]), [r[2] for r in rows]
+    return np.stack([_folder_image(folder, captions_file, r, size)[0] for r in rows]), [r[2] for r in rows]
 
 
 def _load(dc) -> dict:
@@ -154,6 +160,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     from concurrent.futures import ThreadPoolExecutor
 
     from data import text_shards
+    from data.folders import digest_line, file_digests
     from data.meta import combine_stats, write_meta
     from data.prepare import RECORDS_PER_SHARD, set_meta
 
@@ -162,11 +169,17 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     state = text_shards.start(out_dir, text_shards.resume_request(text_meta, per_shard, enc))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         def chunk(idx):
-            x = np.stack(list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx)))
-            return x, np.zeros(len(idx), np.int64), [rows[j][2] for j in idx]
+            got = list(pool.map(lambda j: _folder_image(folder, captions_file, rows[j], size), idx))
+            return (np.stack([x for x, _ in got]), np.zeros(len(idx), np.int64), [rows[j][2] for j in idx],
+                    [digest_line(rows[j][1], sha) for j, (_, sha) in zip(idx, got)])
 
-        files, stats = text_shards.write_split(out_dir, state, "train", len(rows), per_shard, chunk, enc,
-                                               int(dc.max_tokens))
+        def file_lines(idx):   # a finished shard's images, read again (not decoded) at a resume
+            return file_digests([folder / rows[j][1] for j in idx], [rows[j][1] for j in idx])
+
+        files, stats, digest = text_shards.write_split(out_dir, state, "train", len(rows), per_shard, chunk, enc,
+                                                       int(dc.max_tokens), file_lines=file_lines)
+    # the images' bytes as decoded: a copy with new times is then known for the same set (data.text_reuse)
+    text_meta = {**text_meta, "request": {**text_meta["request"], "images_bytes_sha256": digest}}
     meta = set_meta(str(dc.name), f"folder {dc.folder} with captions {dc.captions_file}", (size, size, 3), "uint8",
                     ["image"], {"train": {"files": files, "num_records": len(rows)}}, *combine_stats(stats))
     write_meta(out_dir, {**meta, "text": text_meta})
@@ -198,9 +211,9 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
         def chunk(idx):
             recs = [next(records) for _ in idx]
             return (np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64),
-                    [caps[j] for j in idx])
+                    [caps[j] for j in idx], None)
 
-        files, _ = text_shards.write_split(out_dir, state, split, n, RECORDS_PER_SHARD, chunk, enc,
+        files, _, _ = text_shards.write_split(out_dir, state, split, n, RECORDS_PER_SHARD, chunk, enc,
                                            int(dc.max_tokens), skip=lambda idx: [next(records) for _ in idx])
         splits[split] = {"files": files, "num_records": int(n)}
     keep = ("encoder", "shape", "dtype", "num_classes", "class_names", "channel_mean", "channel_std", "shift", "scale")
@@ -263,8 +276,7 @@ def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
                  "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": request(dc)}
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
-    if rows:   # the images' bytes too, read once now: a copy with new times is then known for the same (text_reuse)
-        text_meta["request"]["images_bytes_sha256"] = images_bytes_sha256(folder_of(dc), rows)
+    if rows:   # streamed shard by shard, recording the images' bytes as they are decoded
         return _prepare_folder_text(dc, out_dir, enc, text_meta, rows)
     splits, text = {}, {}
     for split in ("train", "test"):

@@ -29,7 +29,7 @@ import numpy as np
 
 from data.meta import META_FILE, combine_stats, load_meta, shard_stats, write_meta
 from data.encode_plan import (builtin_items, changed_settings, content_key, fingerprint, folder_items,
-                              refuse_other_plan, same_content, shard_bytes, vae_identity)
+                              refuse_other_plan, same_content, shard_digest, vae_identity)
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
 from training.files import atomic_write, write_json
@@ -224,12 +224,13 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
                 continue
             it = items[split]
             flip = hflip and split == "train"
-            xs, ys, caps, skipped = [], [], [], 0
+            xs, ys, caps, shas, skipped = [], [], [], [], 0
             for k in range(0, len(idx), batch_size):
                 chunk = idx[k:k + batch_size]
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    imgs = list(pool.map(it.load, chunk))
+                    imgs, got_shas = zip(*pool.map(it.load, chunk))
+                shas += got_shas
                 for w in caught:
                     warnings.warn(str(w.message), stacklevel=1)
                 keep = [j for j, a in zip(chunk, imgs) if a is not None]
@@ -259,7 +260,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
             (tmp_name,) = _write_shards(scratch, split, x, np.asarray(ys, np.int64), 1)
             os.rename(scratch / tmp_name, out_dir / name)
             info = {"records": len(x), "skipped": skipped, "stats": shard_stats(x) if len(x) else {"count": 0}}
-            digest = shard_bytes(it, idx)   # what a copy of the source must hold to keep this shard (same_content)
+            digest = shard_digest(it, idx, shas)   # what a copy of the source must hold to keep it (same_content)
             if digest is not None:
                 info["bytes"] = digest
             if caps:   # in a file of the shard's own: kept in the state, every save rewrote all of them (N^2 in all)

@@ -19,7 +19,8 @@ from training.errors import UserError
 
 
 class Items:
-    """One split of a source: n examples, each loaded as uint8 (res, res, C) or None (undecodable)."""
+    """One split of a source: n examples, each loaded as (uint8 (res, res, C) or None when undecodable, the sha256 of
+    its file's bytes or None: a built-in's examples have no file)."""
 
     def __init__(self, n, load, labels, ids, captions=None, paths=None, names=None):
         self.n, self.load, self.labels, self.ids, self.captions = n, load, labels, ids, captions
@@ -43,7 +44,7 @@ def builtin_items(name: str, resolution: int | None, channels: int) -> tuple[dic
                 im = im.convert("L" if channels == 1 else "RGB").resize((res, res), Image.BICUBIC)
                 a = np.asarray(im)
                 a = a[..., None] if a.ndim == 2 else a
-            return a
+            return a, None
         return load
 
     items = {s: Items(len(d[s][0]), loader(d[s][0]), [int(v) for v in d[s][1]],
@@ -53,7 +54,7 @@ def builtin_items(name: str, resolution: int | None, channels: int) -> tuple[dic
 
 
 def folder_items(source, resolution: int, channels: int) -> tuple[dict, list, str, str]:
-    from data.folders import file_stamp, load_image, scan_source
+    from data.folders import file_stamp, load_hashed, scan_source
 
     src = scan_source(source)
     root = Path(source).expanduser()
@@ -64,7 +65,7 @@ def folder_items(source, resolution: int, channels: int) -> tuple[dict, list, st
         # The id is the path as listed under the source folder, symlinks not followed: a subset built from links to
         # files elsewhere is still readable, and two links to one file stay two examples. Size and mtime (of the
         # target) catch an edited image.
-        items[split] = Items(len(files), lambda i, f=files: load_image(f[i], resolution, channels), list(sp.labels),
+        items[split] = Items(len(files), lambda i, f=files: load_hashed(f[i], resolution, channels), list(sp.labels),
                              [file_stamp(p, name) for p, name in zip(files, names)], sp.captions, files, names)
     return items, src.class_names, str(root.resolve()), src.layout
 
@@ -100,9 +101,19 @@ def content_key(plan: dict, items: dict) -> str:
     return h.hexdigest()
 
 
+def shard_digest(it: Items, idx, shas: list) -> str | None:
+    """shard_bytes of a shard from its files' hashes as the encode read them (Items.load): None for a built-in set,
+    or when a file could not be read (no record: the stamps' verdict stands)."""
+    from data.folders import digest_line
+
+    if it.paths is None or any(sha is None for sha in shas):
+        return None
+    return hashlib.sha256(b"".join(digest_line(it.names[j], sha) for j, sha in zip(idx, shas))).hexdigest()
+
+
 def shard_bytes(it: Items, idx) -> str | None:
-    """data.folders.bytes_digest of a shard's source files (read just before by the encode: from the page cache);
-    None for a built-in set, whose examples have no files, or when a file cannot be read."""
+    """data.folders.bytes_digest of a shard's source files, read again (same_content); None for a built-in set,
+    whose examples have no files, or when a file cannot be read."""
     from data.folders import bytes_digest
 
     if it.paths is None:

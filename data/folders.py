@@ -20,6 +20,7 @@ None so the caller can skip and count it. Tables are read as utf-8-sig: Excel's 
 """
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -67,26 +68,37 @@ def file_stamp(path, name: str) -> str:
     return f"{name}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def bytes_digest(paths: list, names: list[str]) -> str:
-    """sha256 over each file's name and the sha256 of its bytes: what a list of files is by content, for when their
-    stamps (file_stamp) changed but the bytes may not have (`cp -r` or `touch`, a copy on another disk). Reads every
-    byte, a few threads at a time (hashlib lets go of the GIL); only when the cheap stamps disagree, and once when a
-    set is prepared."""
-    import hashlib
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_line(name: str, sha256: str) -> bytes:
+    """One file's part of bytes_digest: its name and the sha256 of its bytes."""
+    return f"{name}:{sha256}\n".encode()
+
+
+def file_digests(paths: list, names: list[str]) -> list[bytes]:
+    """digest_line of each file, read a few threads at a time (hashlib lets go of the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return h.hexdigest()
-
-    total = hashlib.sha256()
+    lines = []
     with ThreadPoolExecutor(8) as pool:
         for lo in range(0, len(paths), 4096):   # map() submits all it is given at once: ImageNet's 1.28M futures
-            for name, digest in zip(names[lo:lo + 4096], pool.map(one, paths[lo:lo + 4096])):
-                total.update(f"{name}:{digest}\n".encode())
+            lines += map(digest_line, names[lo:lo + 4096], pool.map(file_sha256, paths[lo:lo + 4096]))
+    return lines
+
+
+def bytes_digest(paths: list, names: list[str]) -> str:
+    """sha256 over each file's name and the sha256 of its bytes (file_digests): what a list of files is by content,
+    for when their stamps (file_stamp) changed but the bytes may not have (`cp -r` or `touch`, a copy on another
+    disk). Reads every byte; only when the cheap stamps disagree (a preparation hashes the bytes it decodes)."""
+    total = hashlib.sha256()
+    for lo in range(0, len(paths), 4096):
+        total.update(b"".join(file_digests(paths[lo:lo + 4096], names[lo:lo + 4096])))
     return total.hexdigest()
 
 
@@ -264,14 +276,16 @@ def _scale_to_8bit(im):
     return out
 
 
-def open_image(path, channels: int):
-    """The decoded image at `path` as a PIL image in mode L (channels 1) or RGB, turned upright by its EXIF
-    orientation; 16-bit, 32-bit and float images scaled to 8 bits (_scale_to_8bit), transparency composited over
-    white. Decoding errors propagate (OSError, ValueError, SyntaxError, DecompressionBombError): load_image skips the
-    file, stage 2's read_folder refuses it."""
+def open_image(path, channels: int, data: bytes | None = None):
+    """The decoded image at `path` (or its bytes, `data`, read by the caller: they are hashed as well) as a PIL image
+    in mode L (channels 1) or RGB, turned upright by its EXIF orientation; 16-bit, 32-bit and float images scaled to
+    8 bits (_scale_to_8bit), transparency composited over white. Decoding errors propagate (OSError, ValueError,
+    SyntaxError, DecompressionBombError): load_image skips the file, stage 2's read_folder refuses it."""
+    import io
+
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    with Image.open(path if data is None else io.BytesIO(data)) as im:
         im.load()
         try:
             im = ImageOps.exif_transpose(im)   # a phone photo's EXIF orientation: stored upright, as viewers show it
@@ -287,13 +301,25 @@ def open_image(path, channels: int):
         return im.convert("L" if channels == 1 else "RGB")
 
 
-def load_image(path: Path, resolution: int, channels: int) -> np.ndarray | None:
+def load_hashed(path, resolution: int, channels: int) -> tuple[np.ndarray | None, str | None]:
+    """(load_image of the file, the sha256 of the bytes it was decoded from), from one read: what a latent encode
+    records of each shard's images (data.encode_plan.shard_digest). (None, None) when the file cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return load_image(path, resolution, channels), None   # None, with the warning that says why
+    return load_image(path, resolution, channels, data), hashlib.sha256(data).hexdigest()
+
+
+def load_image(path: Path, resolution: int, channels: int, data: bytes | None = None) -> np.ndarray | None:
     """uint8 (resolution, resolution, channels): shorter side resized to `resolution` (bicubic; box-filtered first
-    when shrinking a lot, as ADM does), centre-cropped. None (with a warning) if the file cannot be decoded."""
+    when shrinking a lot, as ADM does), centre-cropped. None (with a warning) if the file cannot be decoded. `data`:
+    the file's bytes, when the caller read them."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        im = open_image(path, channels)
+        im = open_image(path, channels, data)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # DecompressionBombError (over twice PIL's pixel limit) is no OSError, but it is an unusable image all the same
         warnings.warn(f"skipping {path}: cannot decode it as an image ({type(e).__name__})", stacklevel=2)

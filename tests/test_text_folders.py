@@ -215,3 +215,56 @@ def test_captioned_folder_is_streamed_a_batch_at_a_time(tmp_path, minilm, monkey
     assert req("cuda:0") == req("cuda:1") != req("cpu")
     for f in meta["splits"]["train"]["files"]:
         assert (d5 / f).read_bytes() == (d / f).read_bytes(), f
+
+
+def test_a_folder_is_read_once_and_a_changed_finished_shard_is_made_again(tmp_path, minilm, monkeypatch):
+    """Preparing a captioned folder read every image twice: once up front to hash its bytes (the resume key held
+    them), then again to decode it; a resume read them all up front again. Now each image is hashed from the bytes
+    it is decoded from, each finished shard records its images' hash, and a resume reads again only finished shards'
+    files: one whose images changed since (same size and time) is made again, the others are kept."""
+    import builtins
+
+    from PIL import Image
+
+    import data.text_shards as text_shards
+    from data.folders import bytes_digest
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": f"image {i}"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    monkeypatch.setattr(text_shards, "SHARD_BYTES", 2 * 8 * 8 * 3)   # shards of 2 images
+    dc = OmegaConf.create({"name": "once", "kind": "folder", "folder": str(tmp_path), "captions_file":
+                           str(tmp_path / "c.jsonl"), "size": 8, "root": str(tmp_path / "prep"),
+                           "text_encoder": "minilm", "max_tokens": 6, "limit": None})
+    reads, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (str(f).endswith(".png") and reads.append(
+        os.path.basename(str(f)))) or real_open(f, *a, **k))
+    meta, d = ensure_prepared_text(dc, encoder=minilm)
+    assert sorted(reads) == [f"{i}.png" for i in range(6)], reads   # each image once (twice before)
+    files = [f"{i}.png" for i in range(6)]
+    assert meta["text"]["request"]["images_bytes_sha256"] == bytes_digest([tmp_path / f for f in files], files)
+
+    # interrupted in its third shard; meanwhile image 1 (in the first, finished, shard) is edited, keeping its size
+    # and time; the resume makes the first shard again and keeps the second
+    seen, encode = [], minilm.encode
+    stop = lambda caps: (_ for _ in ()).throw(KeyboardInterrupt) if "image 4" in caps else None
+    monkeypatch.setattr(minilm, "encode", lambda caps, n: stop(caps) or seen.append(list(caps)) or encode(caps, n))
+    again = OmegaConf.merge(dc, {"name": "again"})
+    with pytest.raises(KeyboardInterrupt):
+        ensure_prepared_text(again, encoder=minilm)
+    st = os.stat(tmp_path / "1.png")
+    edited = (rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    Image.fromarray(edited).save(tmp_path / "1.png")
+    assert os.stat(tmp_path / "1.png").st_size == st.st_size   # random pixels: PNG does not compress them
+    os.utime(tmp_path / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen.clear(), reads.clear()
+    monkeypatch.setattr(minilm, "encode", lambda caps, n: seen.append(list(caps)) or encode(caps, n))
+    meta2, d2 = ensure_prepared_text(again, encoder=minilm)
+    assert seen == [["image 0", "image 1"], ["image 4", "image 5"]], seen
+    assert sorted(reads) == [f"{i}.png" for i in (0, 0, 1, 1, 2, 3, 4, 5)], reads   # finished: read and hashed again
+    batch = next(make_iterator(meta2, d2, "train", batch_size=6, seed=0, shuffle=False))
+    np.testing.assert_array_equal(np.rint((batch["x"][1] + 1) * 127.5), edited)
+    assert meta2["text"]["request"]["images_bytes_sha256"] == bytes_digest([tmp_path / f for f in files], files)

@@ -232,7 +232,7 @@ def test_a_changed_source_keeps_the_complete_set_until_its_replacement_is(vae_di
     assert not list(tmp_path.glob(".o.replaced-*"))
 
 
-def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys):
+def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys, monkeypatch):
     """A `touch`, a `cp -r` (new times) or a copy of the source elsewhere re-encoded every image ("changed since") or
     was refused ("source differ"): an ImageNet encode is hours of GPU. Each finished shard now records its files'
     bytes; a source whose files hold them (and the same names, labels, captions and settings) keeps the shards, and
@@ -248,7 +248,13 @@ def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys):
     src = tmp_path / "s"
     write_images(src / "a", [f"{i}.png" for i in range(3)])
     write_images(src / "b", [f"{i}.png" for i in range(3)], seed=2)
+    import builtins
+    reads, real_open = [], builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (str(f).endswith(".png") and reads.append(str(f)))
+                        or real_open(f, *a, **k))
     meta = encode(src, "o")
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert sorted(reads) == sorted(map(str, src.rglob("*.png"))), reads   # each image read once: decoded and hashed
     shards = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "o").glob("*.array_record")}
     for f in src.rglob("*.png"):   # touched: other times, the same bytes
         st = f.stat()
@@ -283,9 +289,12 @@ def test_a_copied_or_touched_source_keeps_its_shards(vae_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / STATE_FILE).read_text())["plan"]["source"] == str(copy.resolve())
     # a file the encode skipped as unreadable (gone since listed, EIO) leaves its shard without a record, not a
     # FileNotFoundError after the shard was written, at every rerun
-    from data.encode_plan import Items, shard_bytes
+    from data.encode_plan import Items, shard_bytes, shard_digest
+    from data.folders import load_hashed
     gone = Items(1, None, [0], ["gone.png:1:1"], paths=[str(tmp_path / "gone.png")], names=["gone.png"])
-    assert shard_bytes(gone, [0]) is None
+    with pytest.warns(UserWarning, match="skipping .*gone.png"):
+        got = load_hashed(tmp_path / "gone.png", 8, 3)
+    assert got == (None, None) and shard_digest(gone, [0], [got[1]]) is None and shard_bytes(gone, [0]) is None
 
 
 def test_prepare_data_cli_offline(vae_dir, tmp_path):
