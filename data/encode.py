@@ -29,9 +29,10 @@ import numpy as np
 
 from data.meta import META_FILE, combine_stats, load_meta, shard_stats, write_meta
 from data.encode_plan import (builtin_items, changed_settings, content_key, fingerprint, folder_items,
-                              refuse_other_plan, same_content, shard_digest, vae_identity)
+                              recorded_vae, refuse_other_plan, same_content, shard_digest, vae_identity)
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
+from training.files import weights_fingerprint
 from training.files import atomic_write, write_json
 
 STATE_FILE = ".prepare-state.json"
@@ -77,13 +78,13 @@ def _meta_agrees(meta: dict, state: dict, jobs: list) -> bool:
         isinstance(have[s], dict) and {k: have[s].get(k) for k in ("files", "num_records")} == want[s] for s in want)
 
 
-def _start_over(out_dir: Path, fp: str, plan: dict, items: dict) -> dict:
+def _start_over(out_dir: Path, fp: str, plan: dict, items: dict, weights: str | None) -> dict:
     """An empty set and a fresh resume state for this plan, read by today's image reader, with the source's content
-    key (data.encode_plan.content_key: without its place or times)."""
+    key (data.encode_plan.content_key: without its place or times) and the VAE's weights_fingerprint (recorded_vae)."""
     clear_set(out_dir)
     shutil.rmtree(out_dir / CAPTIONS_DIR, ignore_errors=True)
     state = {"fingerprint": fp, "plan": plan, "content": content_key(plan, items), "reader": READER_VERSION,
-             "shards": {}}
+             "vae_weights": weights, "shards": {}}
     _save_state(out_dir, state)
     return state
 
@@ -166,6 +167,12 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
+    weights = weights_fingerprint(vae.name)
+    same = None if force else recorded_vae(out_dir, state, plan, weights)
+    if same is not None:   # the VAE copied elsewhere (each node's scratch disk) or touched: judged as the recorded one
+        print(f"the VAE {vae.name} has the config and weights {out_dir} was encoded with: the same VAE", flush=True)
+        plan = {**plan, "vae": same}
+        fp = fingerprint(plan, items)
     if not force and (state.get("fingerprint", fp) != fp or not state and (out_dir / META_FILE).exists()):
         # Something else is there: a set or an encode with other settings is refused; the same settings over an
         # edited source (images, labels, captions, class names) are the same command, encoded again.
@@ -187,7 +194,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
                 from data.prepare import rebuild_keeping_old
                 return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
-        state = _start_over(out_dir, fp, plan, items)
+        state = _start_over(out_dir, fp, plan, items, weights)
     # Finished shards are reused only while intact: a deleted or damaged one is encoded again, and only it.
     done = {name for name, info in state["shards"].items()
             if shard_intact(out_dir / name, info["records"]) and _captions_done(out_dir, info)}
@@ -201,7 +208,7 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         # would hold both. A complete set is left as it is (one reader throughout); this one is encoded whole.
         print(f"{out_dir}: its finished shards were read by an older image reader (photos' EXIF orientation not "
               f"applied): encoding all of it again, so that every image is read alike", flush=True)
-        state, done = _start_over(out_dir, fp, plan, items), set()
+        state, done = _start_over(out_dir, fp, plan, items, weights), set()
     elif (out_dir / META_FILE).exists():
         print(f"{out_dir} was prepared with these settings but " + (
             f"{len(jobs) - len(done)} of {len(jobs)} shards are missing or damaged: encoding only those"

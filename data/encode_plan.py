@@ -90,6 +90,22 @@ def vae_identity(vae) -> dict:
     return json.loads(json.dumps(ident, default=str))
 
 
+def recorded_vae(out_dir: Path, state: dict, plan: dict, weights: str | None) -> dict | None:
+    """The VAE identity the state recorded, when the plan's VAE differs from it only in where its files are or their
+    times: the same config and the same weights (training.files.weights_fingerprint `weights`, against the state's or,
+    for a state from before it was kept, a complete set's meta.json). None otherwise: the old verdict stands."""
+    was = (state.get("plan") or {}).get("vae")
+    if not isinstance(was, dict) or was == plan["vae"] or not weights or was.get("config") != plan["vae"]["config"]:
+        return None
+    recorded = state.get("vae_weights")
+    if recorded is None and (out_dir / META_FILE).is_file():
+        try:
+            recorded = (json.loads((out_dir / META_FILE).read_text()).get("encoder") or {}).get("weights_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return was if recorded == weights else None
+
+
 def content_key(plan: dict, items: dict) -> str:
     """fingerprint() without where the source is or its files' times: the plan less `source`, and per example its
     name under the source (a built-in's id), label and caption. With the shards' bytes it says "the same source"."""

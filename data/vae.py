@@ -337,27 +337,43 @@ def is_latent(meta: dict) -> bool:
 
 
 def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
-    """The VAE that made a latent data set (named in meta.json), checked against the recorded convention.
+    """The VAE that made a latent data set (named in meta.json), checked against the recorded convention and weights.
 
-    `device` defaults to `$DIT_VAE_DEVICE` or the CPU.
+    `device` defaults to `$DIT_VAE_DEVICE` or the CPU. `$DIT_VAE_DIR` names where that VAE is now when it moved (a
+    set and its VAE copied to another machine): that directory is used instead, if its weights are the ones recorded.
     """
     enc = meta.get("encoder") or {}
     if not isinstance(enc, dict) or "vae" not in enc:
         raise UserError(f"data set {meta.get('name')!r} is not a latent data set (meta.json has no encoder.vae)")
-    redo = ("put that VAE back, or re-encode the set with the VAE you have (prepare_data.py source=... vae=... "
-            "out=<the set> force=true) and train on it anew")
+    name, moved = meta.get("name"), os.environ.get("DIT_VAE_DIR")
+    redo = ("put that VAE back or, if it is elsewhere now, name its directory with DIT_VAE_DIR=<dir> (its weights "
+            "are checked against the set's), or re-encode the set with the VAE you have (prepare_data.py source=... "
+            "vae=... out=<the set> force=true) and train on it anew")
     device = torch_device(device or os.environ.get("DIT_VAE_DEVICE", "cpu"), knob="DIT_VAE_DEVICE=cpu")
+    where = enc["vae"]
+    if moved:
+        if not enc.get("weights_fingerprint"):   # nothing to check a copy against: the recorded name only
+            raise UserError(f"DIT_VAE_DIR={moved}: data set {name!r} records no fingerprint of its VAE's weights "
+                            f"({enc['vae']}: a hub id, or a set encoded before they were recorded), so a copy "
+                            f"elsewhere cannot be checked: unset DIT_VAE_DIR")
+        where = str(Path(moved).expanduser())
     try:   # the device first: a CUDA request under a CPU torch is this host's setting, not a VAE to put back
-        vae = load_vae(enc["vae"], device)
+        vae = load_vae(where, device)
     except UserError as err:
-        raise UserError(f"data set {meta.get('name')!r} was encoded with the VAE {enc['vae']}, which cannot be loaded "
+        looked = f" (looked for at DIT_VAE_DIR={moved})" if moved else ""
+        raise UserError(f"data set {name!r} was encoded with the VAE {enc['vae']}{looked}, which cannot be loaded "
                         f"now ({err}): {redo}") from None
     for k in ("scaling_factor", "shift_factor", "latent_channels"):
         if k in enc and not np.isclose(float(getattr(vae, k)), float(enc[k])):
-            raise UserError(f"the VAE at {enc['vae']} has {k} {getattr(vae, k)} but data set {meta.get('name')!r} was "
-                            f"encoded with {enc[k]}: the VAE changed since; {redo}")
-    if enc.get("weights_fingerprint") and weights_fingerprint(enc["vae"]) != enc["weights_fingerprint"]:
-        raise UserError(f"the weights of the VAE at {enc['vae']} changed since data set {meta.get('name')!r} was "
+            raise UserError(f"the VAE at {where} has {k} {getattr(vae, k)} but data set {name!r} was encoded with "
+                            f"{enc[k]}: " + ("DIT_VAE_DIR names another VAE; point it at a copy of the set's, or "
+                                             "unset it" if moved else f"the VAE changed since; {redo}"))
+    if enc.get("weights_fingerprint") and weights_fingerprint(where) != enc["weights_fingerprint"]:
+        if moved:
+            raise UserError(f"DIT_VAE_DIR={moved} holds other weights than the VAE that encoded data set {name!r} "
+                            f"({enc['vae']}): its latents would decode wrongly; point it at a copy of that VAE, or "
+                            f"unset it")
+        raise UserError(f"the weights of the VAE at {where} changed since data set {name!r} was "
                         f"encoded (retrained or replaced in place): its latents would decode wrongly; {redo}")
     return vae
 

@@ -53,3 +53,57 @@ def test_captions_live_beside_the_state_not_in_it(vae, tmp_path):
     _prep(tmp_path / "s", vae, tmp_path / "full", shard_size=3, on_shard=written.append)
     assert written == [lost.name[:-len(".jsonl")]] and lost.is_file()
     assert (tmp_path / "full" / "captions-train.jsonl").read_bytes() == caps
+
+
+def test_a_copied_vae_is_the_same_vae(tmp_path, capsys):
+    """The VAE's identity in the encode's plan holds its path and its files' times: an encode resumed with the VAE
+    copied to a node's scratch disk (or touched) was refused as "another plan", and the way out re-encoded every
+    shard. The same config and weights (weights_fingerprint) now make the same VAE; other weights are refused."""
+    import os
+    import shutil
+
+    from data.encode import prepare_latents
+    from data.vae import load_vae
+    from test_vae import make_tiny_vae
+
+    src = tmp_path / "s"
+    write_images(src / "a", [f"{i}.png" for i in range(3)])
+    write_images(src / "b", [f"{i}.png" for i in range(3)], seed=2)
+    vae_dir = make_tiny_vae(tmp_path / "vae")
+    encode = lambda vae, out, **kw: prepare_latents(str(src), load_vae(vae), tmp_path / out, resolution=8,
+                                                    shard_size=2, progress=False, **kw)
+    names = []
+
+    def stop(name):
+        names.append(name)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):   # interrupted after its first shard
+        encode(vae_dir, "o", on_shard=stop)
+    copy = tmp_path / "scratch" / "vae"
+    shutil.copytree(vae_dir, copy, copy_function=shutil.copyfile)   # new path, new times
+    capsys.readouterr()
+    meta = encode(str(copy), "o", on_shard=names.append)
+    assert "the same VAE" in capsys.readouterr().out
+    assert len(names) == 3 and len(set(names)) == 3, names   # 3 shards: the first was not encoded again
+    assert meta["encoder"]["vae"] == str(copy.resolve())     # decoded through the VAE where it is now
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.array_record")}
+    state_file = tmp_path / "o" / ".prepare-state.json"   # as a state from before the weights were kept in it:
+    state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items()  # meta.json's
+                                      if k != "vae_weights"}))                                     # record serves
+    for f in copy.iterdir():   # touched as well: still the same VAE, and the complete set is kept as it is
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    load_vae.cache_clear()
+    assert encode(str(copy), "o") == meta
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.array_record")} == shards
+    # other weights under the same config: another VAE, refused as before
+    import torch
+    from diffusers import AutoencoderKL
+    m = AutoencoderKL.from_pretrained(str(copy))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    m.save_pretrained(str(copy))
+    load_vae.cache_clear()
+    from training.errors import UserError
+    with pytest.raises(UserError, match="made from something else .*vae"):
+        encode(str(copy), "o")

@@ -82,7 +82,16 @@ def test_a_latent_run_checks_its_vae_and_evaluation_at_start(monkeypatch, capsys
                    [f"train.ckpt_dir={ck2}"])
     assert "cannot be loaded now" in line and "put that VAE back" in line and complete_steps(ck2) == [], line
     line = _sample(monkeypatch, capsys, [f"ckpt_dir={ck}", "num_samples=2", f"out={out}"])
-    assert "cannot be loaded now" in line and not os.path.exists(out), line
+    assert "cannot be loaded now" in line and "DIT_VAE_DIR=<dir>" in line and not os.path.exists(out), line
+    # A set and its VAE copied to another machine: the line's way out was to put the VAE back at its old path or to
+    # re-encode (hours). DIT_VAE_DIR names where it is now; a copy with the set's weights serves, others are refused.
+    monkeypatch.setenv("DIT_VAE_DIR", str(tmp_path / "moved"))   # the retrained weights: not the set's VAE
+    line = _sample(monkeypatch, capsys, [f"ckpt_dir={ck}", "num_samples=2", f"out={out}"])
+    assert "DIT_VAE_DIR=" in line and "other weights" in line and not os.path.exists(out), line
+    monkeypatch.setenv("DIT_VAE_DIR", other)   # make_tiny_vae is seeded: a copy of the VAE that encoded the set
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"ckpt_dir={ck}", "num_samples=2", f"out={out}"])
+    cli.main("sample", sample.main)
+    assert os.path.exists(out)
 
 
 def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp_path):

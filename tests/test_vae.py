@@ -121,6 +121,19 @@ def test_a_cuda_request_under_a_cpu_torch_is_not_a_vae_to_re_encode(vae_dir, mon
     assert "re-encode" not in str(e.value)
 
 
+def test_dit_vae_dir_needs_a_recorded_fingerprint(vae_dir, monkeypatch):
+    """DIT_VAE_DIR (a moved VAE) is checked against the weights the set recorded; a set that recorded none (a hub id,
+    an older set) cannot be checked, and says so instead of decoding through whatever the directory holds."""
+    from data.vae import load_vae, vae_for_meta
+
+    info = load_vae(vae_dir).info()
+    monkeypatch.setenv("DIT_VAE_DIR", vae_dir)
+    assert vae_for_meta({"name": "lat", "encoder": {**info, "vae": "/gone/vae"}}).name == load_vae(vae_dir).name
+    del info["weights_fingerprint"]
+    with pytest.raises(UserError, match="records no fingerprint .* unset DIT_VAE_DIR"):
+        vae_for_meta({"name": "lat", "encoder": {**info, "vae": "/gone/vae"}})
+
+
 def test_an_unreachable_hub_fails_at_once(monkeypatch):
     """Without HF_HUB_OFFLINE, on a machine whose DNS cannot resolve the hub, a hub id fails in one line at once
     (only the local cache is tried) instead of after the hub client's five retries and their warnings."""
