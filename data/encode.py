@@ -173,7 +173,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         print(f"the VAE {vae.name} has the config and weights {out_dir} was encoded with: the same VAE", flush=True)
         plan = {**plan, "vae": same}
         fp = fingerprint(plan, items)
-    if not force and (state.get("fingerprint", fp) != fp or not state and (out_dir / META_FILE).exists()):
+    kept = bool(state.get("shards")) or (out_dir / META_FILE).exists()   # an encode stopped before its first shard
+    if not force and kept and (state.get("fingerprint", fp) != fp or not state):   # keeps nothing: begun anew
         # Something else is there: a set or an encode with other settings is refused; the same settings over an
         # edited source (images, labels, captions, class names) are the same command, encoded again.
         diff = changed_settings(state.get("plan"), plan)

@@ -107,3 +107,31 @@ def test_a_copied_vae_is_the_same_vae(tmp_path, capsys):
     from training.errors import UserError
     with pytest.raises(UserError, match="made from something else .*vae"):
         encode(str(copy), "o")
+
+
+def test_an_encode_stopped_before_its_first_shard_keeps_nothing_to_refuse(tmp_path, vae):
+    """An encode stopped before it finished a shard (Ctrl-C while the VAE loaded its first batch), rerun on a copy of
+    the source or with a corrected setting, was refused as "an interrupted encode with other settings": nothing was
+    there to keep, and the way out was force=true. It now begins anew."""
+    import shutil
+
+    from data.encode import prepare_latents
+
+    src = tmp_path / "s"
+    write_images(src / "a", [f"{i}.png" for i in range(3)])
+    write_images(src / "b", [f"{i}.png" for i in range(3)], seed=2)
+    real = vae.encode
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    shutil.copytree(src, tmp_path / "copy")
+    for out, (source, res) in enumerate(((tmp_path / "copy", 8), (src, 16))):   # another source; another setting
+        vae.encode = stop
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                prepare_latents(str(src), vae, tmp_path / f"o{out}", resolution=8, shard_size=2, progress=False)
+        finally:
+            vae.encode = real
+        assert json.loads((tmp_path / f"o{out}" / ".prepare-state.json").read_text())["shards"] == {}
+        meta = prepare_latents(str(source), vae, tmp_path / f"o{out}", resolution=res, shard_size=2, progress=False)
+        assert meta["splits"]["train"]["num_records"] == 6 and meta["encoder"]["resolution"] == res
