@@ -202,19 +202,23 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
         if not f.is_file():
             continue
         caps = _captions_of(f)
-        n, records = read_records(meta, src, split)
+        n, _ = read_records(meta, src, split)
         if len(caps) != n:
             raise UserError(f"{f} lists {len(caps)} captions for {n} records of {src}: encode it again (the "
                             f"prepare_data.py command that made it, with force=true)")
         n = n if limit_of(dc) is None else min(n, limit_of(dc))
+        at = {"next": None, "records": None}   # a sequential reader, started again past the shards a resume keeps
 
-        def chunk(idx):
-            recs = [next(records) for _ in idx]
+        def chunk(idx, split=split, at=at):
+            if at["next"] != int(idx[0]):
+                at["records"] = read_records(meta, src, split, start=int(idx[0]))[1]
+            recs = [next(at["records"]) for _ in idx]
+            at["next"] = int(idx[-1]) + 1
             return (np.stack([r["x"] for r in recs]), np.array([r["label"] for r in recs], np.int64),
                     [caps[j] for j in idx], None)
 
         files, _, _ = text_shards.write_split(out_dir, state, split, n, RECORDS_PER_SHARD, chunk, enc,
-                                           int(dc.max_tokens), skip=lambda idx: [next(records) for _ in idx])
+                                              int(dc.max_tokens))
         splits[split] = {"files": files, "num_records": int(n)}
     keep = ("encoder", "shape", "dtype", "num_classes", "class_names", "channel_mean", "channel_std", "shift", "scale")
     write_meta(out_dir, {"format_version": META_FORMAT_VERSION, "name": str(dc.name),

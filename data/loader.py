@@ -191,21 +191,25 @@ def read_threads() -> int:
     return 1 if cpus <= 2 else min(4, cpus)
 
 
-def read_records(meta: dict, data_dir, split: str, caption: bool = False):
-    """(number of records, iterator of decoded + validated records in stored order) of a whole split; a corrupt shard
-    or a bad record is a one-line UserError."""
+def read_records(meta: dict, data_dir, split: str, caption: bool = False, start: int = 0):
+    """(number of records, iterator of decoded + validated records in stored order) of a whole split, from record
+    `start` on (the shards before it are not read); a corrupt shard or a bad record is a one-line UserError."""
     paths, counts = _shard_paths(meta, data_dir, split)
     decode = _Decode(meta, paths, counts, caption)
 
     def records():
         i = 0
         for path, count in zip(paths, counts):
+            if i + count <= start:
+                i += count
+                continue
             # Sequential reads of ~READ_BYTES: ~3x faster than random access through grain for a full pass. Not
             # read_all: a shard of 7,500 captioned records with T5's 120 x 4096 features is 7 GB in memory.
             reader = ArrayRecordReader(path)
             step = max(1, min(count, READ_BYTES * count // max(1, os.path.getsize(path))))   # ~READ_BYTES a read
+            first, i = max(0, start - i), max(i, start)
             try:
-                for lo in range(0, count, step):
+                for lo in range(first, count, step):
                     try:
                         raws = reader.read(lo, min(lo + step, count))
                     except Exception as e:

@@ -62,12 +62,11 @@ def finish(out_dir: Path) -> None:
 
 
 def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, chunk, enc, max_tokens: int,
-                skip=None, file_lines=None):
+                file_lines=None):
     """Records 0..n-1 of a split written as they are made, FEATURE_BATCH at a time, so memory holds one batch of
     images and caption features whatever the set's size or the shard's (all of ImageNet's caption features would not
     fit, nor 7,500 of a large text encoder's): chunk(indices) -> (x, labels, captions, lines) of the next records, in
     order, where lines are their source files' data.folders.digest_line (hashed from the bytes decoded) or None;
-    skip(indices): called instead for the records of a shard finished before (a sequential source reads past them).
     file_lines(indices): the lines of a finished shard's files, read again at a resume: the shard is kept only when
     its files hold the bytes it was made from (a source edited since is written again, a `cp -r` of it resumes).
     Returns (shard names, shard_stats of each batch, the split's data.folders.bytes_digest when it has files)."""
@@ -101,8 +100,6 @@ def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, 
             else:
                 digest.update(b"".join(lines))
         if name in done:
-            if skip is not None:
-                skip(idx)
             files.append(name)
             stats += state["shards"][name]["stats"]
             continue

@@ -250,6 +250,12 @@ def test_load_split_in_order(synth, monkeypatch):
     np.testing.assert_array_equal(xs, x)
     np.testing.assert_array_equal(ys, y)
     assert sum(reads) == N and max(reads) == 1
+    # from a record on (a resumed stage-2 copy of latents): the records before it are not read, nor their shards
+    from data.loader import read_records
+    for start in (1, N // 3, N // 3 + 1, N - 1):
+        reads.clear()
+        n, recs = read_records(*synth, "train", start=start)
+        assert n == N and [int(r["label"]) for r in recs] == y[start:].tolist() and sum(reads) == N - start
 
 
 def test_batches_shapes_values_and_epochs(synth):
