@@ -54,12 +54,18 @@ class TextEncoder:
             for i in range(0, len(captions), batch_size):
                 batch = list(captions[i:i + batch_size])
                 self.encoded += len(batch)
-                b = self.tokenizer(batch, padding="max_length", truncation=True, max_length=max_tokens,
-                                   return_tensors="pt")
-                long = self.long_captions(batch, max_tokens)
+                # Tokenized once, uncut, which also tells the captions to cut (truncation_note); only those are
+                # tokenized again, cut. Then padded: the ids and mask of one padded, truncating call.
+                ids = self.tokenizer(batch)["input_ids"]
+                long = [j for j, t in enumerate(ids) if len(t) > max_tokens]
                 if long:
+                    cut = self.tokenizer([batch[j] for j in long], truncation=True, max_length=max_tokens)
+                    for j, t in zip(long, cut["input_ids"]):
+                        ids[j] = t
                     self.truncated += len(long)
-                    self.first_truncated = self.first_truncated or long[0]
+                    self.first_truncated = self.first_truncated or batch[long[0]]
+                b = self.tokenizer.pad({"input_ids": ids}, padding="max_length", max_length=max_tokens,
+                                       return_tensors="pt")
                 h = self.model(input_ids=b["input_ids"].to(self.device),
                                attention_mask=b["attention_mask"].to(self.device)).last_hidden_state
                 m = b["attention_mask"].numpy().astype(bool)

@@ -14,10 +14,19 @@ from training.errors import UserError
 
 def test_minilm_token_states_and_mask(minilm):
     caps = ["a red apple", "a woman police officer with medium skin tone riding a bicycle"]
+    minilm.reset_counts()   # (a session-wide fixture)
     states, mask = minilm.encode(caps, max_tokens=8)
     assert states.shape == (2, 8, 384) and mask.dtype == bool
     assert mask[0].sum() == 5 and mask[1].all()                     # [CLS] a red apple [SEP]; the long one truncated
     assert np.all(states[0, ~mask[0]] == 0) and np.abs(states[0, mask[0]]).sum() > 0
+    # what one padded, truncating tokenizer call gives (encode tokenizes once and cuts only the long ones)
+    import torch
+    b = minilm.tokenizer(caps, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    with torch.inference_mode():
+        h = minilm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state.numpy()
+    np.testing.assert_array_equal(mask, b["attention_mask"].numpy().astype(bool))
+    np.testing.assert_array_equal(states, h * mask[..., None])
+    assert minilm.truncation_note("captions", 8).startswith("note: 1 of 2 captions")
     alone, _ = minilm.encode(caps[:1], max_tokens=8)                 # padding/batching does not change the states
     np.testing.assert_allclose(alone[0], states[0], atol=1e-5)
     # mean-pooled + normalised states are sentence embeddings: related captions are closer
