@@ -71,7 +71,8 @@ def main(argv):
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
-        sys.exit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        said = [line for line in done.stderr.strip().splitlines() if not line.startswith("read_bytes=")]
+        sys.exit(said[-1] if said else f"exit {done.returncode}")
     meta = json.loads((out / "my_captions" / "meta.json").read_text())
     read = [int(line.split("=")[1]) for line in done.stderr.splitlines() if line.startswith("read_bytes=")]
     images = sum(f.stat().st_size for f in (work / "imgs").iterdir())

@@ -32,8 +32,7 @@ from data.encode_plan import (builtin_items, changed_settings, content_key, fing
                               recorded_vae, refuse_other_plan, same_content, shard_digest, vae_identity)
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
-from training.files import weights_fingerprint
-from training.files import atomic_write, write_json
+from training.files import atomic_write, weights_fingerprint, write_json
 
 STATE_FILE = ".prepare-state.json"
 CAPTIONS_DIR = ".captions"   # each finished shard's captions (JSON lines), beside the state rather than inside it
@@ -105,11 +104,10 @@ def _caption_lines(out_dir: Path, info: dict) -> list[str]:
     return [json.dumps(c) + "\n" for c in info.get("captions", [])]
 
 
-def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None, hflip: bool = False,
-                    batch_size: int = 64, shard_size: int = SHARD_SIZE, dtype: str = "float16",
-                    sample: bool = False, seed: int = 0, workers: int = 4, progress: bool = True,
-                    on_shard=None, force: bool = False) -> dict:
-    """Encode `source` with `vae` into `out_dir` (shards + meta.json); returns the meta.
+def prepare_latents(source: str, vae, out_dir, **settings) -> dict:
+    """Encode `source` with `vae` into `out_dir` (shards + meta.json); returns the meta. One process at a time per
+    `out_dir` (the set's preparing lock; another waits): two encodes into one folder deleted each other's scratch
+    folder and overwrote each other's resume state.
 
     **Arguments:**
     - `source`: a folder in one of data/folders.py's layouts, or a built-in data set name (`fashion_mnist`,
@@ -124,6 +122,18 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
       and the VAE have been checked (a typo in either leaves the old set as it was).
     - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
     """
+    from data.prepare import preparing_lock
+    from training.runlock import exclusive
+
+    out_dir = Path(out_dir)
+    with exclusive(preparing_lock(out_dir), f"waiting for another process encoding into {out_dir} ..."):
+        return _prepare_latents(source, vae, out_dir, **settings)
+
+
+def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None = None, hflip: bool = False,
+                     batch_size: int = 64, shard_size: int = SHARD_SIZE, dtype: str = "float16",
+                     sample: bool = False, seed: int = 0, workers: int = 4, progress: bool = True,
+                     on_shard=None, force: bool = False) -> dict:
     from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS
 
     again = dict(resolution=resolution, hflip=hflip, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
@@ -300,6 +310,8 @@ def prepare_latents(source: str, vae, out_dir, *, resolution: int | None = None,
         warnings.warn(f"{skipped} undecodable image(s) skipped (counted per split in meta.json)", stacklevel=2)
     enc = dict(vae.info(), resolution=resolution, hflip_copies=bool(hflip), posterior="sample" if sample else "mean",
                layout=layout, vae_dtype=vae.dtype)
+    if same is not None:   # a copy of the recorded VAE: the set names the one it was encoded with, as before (the
+        enc["vae"] = same["name"]   # runs trained on it hold that name in their data identity); DIT_VAE_DIR serves
     if is_builtin:
         enc["pixels"] = str(source)   # the pixel data set these latents came from (evaluation decodes against it)
         enc["pixels_split"] = BUILTIN_SPLITS[str(source)]   # ... and how it was cut (its test images must be unseen)

@@ -3,8 +3,10 @@
 The plan (settings, VAE, source) and every example's id (a folder file's path, size and mtime), label and caption
 make the state's fingerprint: the same fingerprint resumes, other settings are refused, an edited source is encoded
 again. A `touch`, a `cp -r` or a copy of the source elsewhere changes only where the files are and their times:
-each finished shard records its images' bytes (shard_bytes), and a source whose bytes, labels and captions are those
-the state recorded (same_content) is the same source, reused as it is.
+each finished shard records its images' bytes (shard_digest, from the bytes the encode decoded), and a source whose
+bytes (shard_bytes, read again), labels and captions are those the state recorded (same_content) is the same source,
+reused as it is. A VAE copied elsewhere or touched, with the recorded config and weights, is the same VAE
+(recorded_vae).
 """
 
 import hashlib

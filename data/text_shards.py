@@ -48,7 +48,8 @@ def resume_request(text_meta: dict, per_shard: int, enc) -> dict:
     device the features came from (CPU and GPU features differ in the last bits: one set holds one kind). The
     request's sources count by content (their hashes), not by where they are or their stamps (PATH_KEYS), so an
     interrupted preparation resumes on a `cp -r` of its folder or latents. A folder's images are not in it: each
-finished shard is checked against the bytes it was made from (write_split), so they are read once, when decoded."""
+    finished shard is checked against the bytes it was made from (write_split), so they are read once, when
+    decoded."""
     from data.text_reuse import PATH_KEYS
 
     request = {k: v for k, v in (text_meta.get("request") or {}).items() if k not in PATH_KEYS}

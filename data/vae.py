@@ -351,6 +351,8 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
             "vae=... out=<the set> force=true) and train on it anew")
     device = torch_device(device or os.environ.get("DIT_VAE_DEVICE", "cpu"), knob="DIT_VAE_DEVICE=cpu")
     where = enc["vae"]
+    if moved and enc.get("weights_fingerprint") and weights_fingerprint(where) == enc["weights_fingerprint"]:
+        moved = None   # this set's VAE is where it was: DIT_VAE_DIR (exported for another set, say) is not needed
     if moved:
         if not enc.get("weights_fingerprint"):   # nothing to check a copy against: the recorded name only
             raise UserError(f"DIT_VAE_DIR={moved}: data set {name!r} records no fingerprint of its VAE's weights "

@@ -85,7 +85,8 @@ def test_a_copied_vae_is_the_same_vae(tmp_path, capsys):
     meta = encode(str(copy), "o", on_shard=names.append)
     assert "the same VAE" in capsys.readouterr().out
     assert len(names) == 3 and len(set(names)) == 3, names   # 3 shards: the first was not encoded again
-    assert meta["encoder"]["vae"] == str(copy.resolve())     # decoded through the VAE where it is now
+    # the set names the VAE it was begun with (a run's data identity holds that name): DIT_VAE_DIR points at copies
+    assert meta["encoder"]["vae"] == load_vae(vae_dir).name != load_vae(str(copy)).name
     shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").glob("*.array_record")}
     state_file = tmp_path / "o" / ".prepare-state.json"   # as a state from before the weights were kept in it:
     state_file.write_text(json.dumps({k: v for k, v in json.loads(state_file.read_text()).items()  # meta.json's
@@ -135,3 +136,36 @@ def test_an_encode_stopped_before_its_first_shard_keeps_nothing_to_refuse(tmp_pa
         assert json.loads((tmp_path / f"o{out}" / ".prepare-state.json").read_text())["shards"] == {}
         meta = prepare_latents(str(source), vae, tmp_path / f"o{out}", resolution=res, shard_size=2, progress=False)
         assert meta["splits"]["train"]["num_records"] == 6 and meta["encoder"]["resolution"] == res
+
+
+def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
+    """Two encodes into one out= (a command pasted into two terminals, a job submitted twice) ran at once: each
+    removed the other's scratch folder as an interruption's leftover and overwrote the other's resume state. The
+    second now waits for the set's preparing lock, then finds the set complete."""
+    import subprocess
+    import sys
+    import threading
+
+    from data.encode import prepare_latents
+    from data.prepare import preparing_lock
+
+    src = tmp_path / "s"
+    write_images(src / "a", [f"{i}.png" for i in range(2)])
+    write_images(src / "b", [f"{i}.png" for i in range(2)], seed=2)
+    out = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                               str(preparing_lock(out))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = []
+        second = threading.Thread(target=lambda: got.append(prepare_latents(str(src), vae, out, resolution=8,
+                                                                            progress=False)))
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive() and not (out / ".prepare-state.json").exists()   # waiting, nothing touched
+        assert "waiting for another process encoding into" in capsys.readouterr().out
+    finally:
+        holder.communicate("")   # the other process ends: its lock goes with it
+    second.join(timeout=60)
+    assert got and got[0]["splits"]["train"]["num_records"] == 4

@@ -142,8 +142,9 @@ def test_stage2_trains_and_samples_on_captioned_latents(monkeypatch, capsys, tmp
     np.testing.assert_array_equal(load_split(text, root / "lat_text", "train")[0],
                                   load_split(lat, root / "lat", "train")[0])
     assert load_text(text, root / "lat_text", "train")["caption"] == names * 2
-    # A copy interrupted in its second shard resumes there: the source's records of the finished shard are neither
-    # read nor featurised again, and the copy is byte for byte the uninterrupted one
+    # A copy interrupted in its second shard resumes there: the source's records of the finished shard are not
+    # featurised again (nor read: tests/test_data.py's read_records(start=)), and the copy is byte for byte the
+    # uninterrupted one
     from data.text import get_encoder
     enc, calls = get_encoder("minilm"), []
     encode = enc.encode

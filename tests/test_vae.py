@@ -129,6 +129,9 @@ def test_dit_vae_dir_needs_a_recorded_fingerprint(vae_dir, monkeypatch):
     info = load_vae(vae_dir).info()
     monkeypatch.setenv("DIT_VAE_DIR", vae_dir)
     assert vae_for_meta({"name": "lat", "encoder": {**info, "vae": "/gone/vae"}}).name == load_vae(vae_dir).name
+    monkeypatch.setenv("DIT_VAE_DIR", "/exported/for/another/set")   # this set's VAE is where it was: not needed
+    assert vae_for_meta({"name": "lat", "encoder": info}).name == load_vae(vae_dir).name
+    monkeypatch.setenv("DIT_VAE_DIR", vae_dir)
     del info["weights_fingerprint"]
     with pytest.raises(UserError, match="records no fingerprint .* unset DIT_VAE_DIR"):
         vae_for_meta({"name": "lat", "encoder": {**info, "vae": "/gone/vae"}})
