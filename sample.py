@@ -14,6 +14,22 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
+    """One sample.py per out= (a lock beside it): two at once mixed their parts into one npz without a word (another
+    seed's images under this one's request), or one deleted the parts folder under the other."""
+    from training.runlock import RunLock
+
+    out = check_out(cfg.out)
+    lock = RunLock(out.parent, "choose another out=", name=f".{out.name}.lock", who="another sample.py",
+                   writing=str(out)).acquire()
+    try:   # temporary files of a sample.py killed while writing this out= (an npz of 50k images: ~20 GB each)
+        for stale in [*out.parent.glob(f".{out.stem}.tmp-*"), *out.parent.glob(f".{out.stem}.eval.tmp-*")]:
+            stale.unlink(missing_ok=True)
+        return _sample(cfg, out)
+    finally:
+        lock.release()
+
+
+def _sample(cfg, out):
     import json
     import shutil
     from pathlib import Path
@@ -33,7 +49,6 @@ def main(cfg):
     from training.sampling import balanced_labels
     from training.tracking import grid_pick, grid_upscale, make_grid, save_png
 
-    out = check_out(cfg.out)
     saved, step = read_config(cfg.ckpt_dir, cfg.step)
     stage = int(saved.get("stage", 1))
     ignored = "labels" if stage == 2 and cfg.labels is not None else \
@@ -85,7 +100,12 @@ def main(cfg):
         from data.vae import vae_for_meta
 
         vae_for_meta(meta)   # moved or changed since: fails now, not after sampling everything
-    # The evaluator first (it may train the classifier once): a data set it cannot score fails before sampling.
+    # The weights first, read right after their step was picked: a run still training into ckpt_dir removes old steps
+    # (keep_ckpts) while the evaluator below may train its classifier for a minute.
+    template = build_model(spec, key=jax.random.PRNGKey(0))
+    with Checkpointer(cfg.ckpt_dir, create=False) as ck:
+        ema = ck.restore_weights(template, step)
+    # The evaluator before sampling (it may train the classifier once): a data set it cannot score fails before it.
     evaluator = None
     if cfg.evaluate and prompts is None:
         moved = data_mismatch(saved, meta)
@@ -93,9 +113,6 @@ def main(cfg):
             raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
                             f"evaluation here would mislead; sample with evaluate=false, or train again")
         evaluator = evaluator_for(meta, data_dir, run_cfg.data.root)
-    template = build_model(spec, key=jax.random.PRNGKey(0))
-    with Checkpointer(cfg.ckpt_dir, create=False) as ck:
-        ema = ck.restore_weights(template, step)
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)   # before the line below: a refusal is alone
     guide = ""
     if sampler.get("guidance") == "auto":

@@ -146,8 +146,44 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     assert stop.value.code == 130
     assert not (tmp_path / "s.npz").exists() and [p.name for p in (tmp_path / ".s.npz.parts").iterdir()] != []
     stopped.stop, calls[:] = False, []
+    # Another sample.py writing this out= (a job submitted twice, a sweep in two terminals) mixed its parts into
+    # this one's npz, or deleted the parts folder under it: one line naming it now, and its parts are left alone
+    import subprocess
+    import sys
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, json, os, sys; f = open(sys.argv[1], 'w'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); f.write(json.dumps({'pid': os.getpid(), 'host': 'h', "
+                             "'started': 'then'})); f.flush(); print('held', flush=True); sys.stdin.read()",
+                             str(tmp_path / ".s.npz.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        parts = sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir())
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            run(tmp_path / "s.npz")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert refused.value.code == 2 and "another sample.py (pid" in line and "choose another out=" in line, line
+        assert sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir()) == parts and calls == []
+    finally:
+        held.communicate("")
+    (tmp_path / ".s.tmp-99999.npz").write_bytes(b"PK half of 20 GB")   # a sample.py killed while writing the npz
     capsys.readouterr()
     run(tmp_path / "s.npz")
     assert calls == [6, 12] and "resuming: 1 of 3 parts" in capsys.readouterr().out
     assert np.load(tmp_path / "s.npz")["images"].tobytes() == whole.tobytes()
-    assert not (tmp_path / ".s.npz.parts").exists()
+    assert not (tmp_path / ".s.npz.parts").exists() and not (tmp_path / ".s.tmp-99999.npz").exists()
+    # A run still training into ckpt_dir removes old steps (keep_ckpts) while sample.py starts: the step it picked was
+    # gone when read, and the line called the checkpoint damaged ("move that directory out"): wrong and alarming
+    import shutil
+
+    import training.checkpoint as checkpoint
+    read = checkpoint.Checkpointer._restore
+
+    def pruned_meanwhile(self, step, args):
+        shutil.rmtree(self.directory / str(step))
+        return read(self, step, args)
+    monkeypatch.setattr(checkpoint.Checkpointer, "_restore", pruned_meanwhile)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(tmp_path / "t.npz")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was removed while it was read" in line and "run again" in line and "damaged" not in line, line

@@ -275,6 +275,11 @@ class Checkpointer:
             raise self._damaged(step, ValueError(f"non-finite values in {_listed(bad)}"))
 
     def _damaged(self, step: int, err: Exception) -> UserError:
+        if not (self.directory / str(step)).is_dir():   # not damaged: gone, pruned by the run writing there
+            kept = [s for s in self.manager.all_steps() if not self.is_thinned(s)] if self.directory.is_dir() else []
+            return UserError(f"checkpoint {self.directory / str(step)} was removed while it was read (a run writing "
+                             f"{self.directory} keeps only its last train.keep_ckpts steps): run again"
+                             + (f"; it holds steps {kept} now" if kept else ""))
         chain, e = [], err
         while e is not None and len(chain) < 20:
             chain.append(e)

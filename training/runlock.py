@@ -34,9 +34,14 @@ def _flock(fd: int, wait: bool) -> bool:
 
 
 class RunLock:
-    def __init__(self, directory, elsewhere: str = "choose another train.ckpt_dir"):
-        self.path = Path(directory) / LOCK_FILE
+    """An exclusive flock on `<directory>/<name>` held by one writer, refused at once to another (one line naming
+    the holder). `writing`: what is written, in that line (default: the directory)."""
+
+    def __init__(self, directory, elsewhere: str = "choose another train.ckpt_dir", name: str = LOCK_FILE,
+                 who: str = "another run", writing: str | None = None):
+        self.path = Path(directory) / name
         self.elsewhere = elsewhere   # the refusal's way out
+        self.who, self.writing = who, writing or str(Path(directory))
         self.fd = None
 
     def acquire(self) -> "RunLock":
@@ -44,7 +49,7 @@ class RunLock:
         if not _flock(fd, wait=False):
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise UserError(f"another run ({holder}) is writing to {self.path.parent}: wait for it to end or stop "
+            raise UserError(f"{self.who} ({holder}) is writing to {self.writing}: wait for it to end or stop "
                             f"it, or {self.elsewhere}")
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
