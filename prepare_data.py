@@ -16,32 +16,44 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
+    import time
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
-    from data.prepare import rebuild_keeping_old
+    from data.prepare import preparing_lock, rebuild_keeping_old, rebuilt_since, stopped_rebuild
     from training.errors import UserError
+    from training.runlock import exclusive
 
+    started = time.time()
     if cfg.get("source") or cfg.get("vae"):
-        return encode_latents(cfg)
+        return encode_latents(cfg, started)
     target = Path(cfg.data.root) / cfg.data.name
-    if cfg.force and (target / "meta.json").exists():
-        if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
-            raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data config; "
-                            f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
-                            f"command that made it (latents: prepare_data.py source=... vae=... out={target} "
-                            f"force=true)")
-        if cfg.data.get("kind") is not None:   # a captioned config replaces only what a data config can remake
-            from data.builtin import is_builtin_copy
-            from data.meta import load_meta
+    # The choice between rebuilding and preparing is made under the set's lock: a second force=true meanwhile saw
+    # the set moved aside, took it for absent, and went its own way.
+    with exclusive(preparing_lock(target), f"waiting for another process preparing {target} ..."):
+        force = bool(cfg.force)
+        if force and rebuilt_since(target, started):
+            print(f"{target} was rebuilt by another process while this one waited: kept as it is", flush=True)
+            force = False
+        stopped = stopped_rebuild(target) if force else None
+        if force and ((target / "meta.json").exists() or stopped is not None):
+            if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
+                raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data "
+                                f"config; {target} is neither, and removing its meta.json would leave it unusable: "
+                                f"re-run the command that made it (latents: prepare_data.py source=... vae=... "
+                                f"out={target} force=true)")
+            if cfg.data.get("kind") is not None:   # a captioned config replaces only what a data config can remake
+                from data.builtin import is_builtin_copy
+                from data.meta import load_meta
 
-            old = load_meta(target)
-            if not old.get("text") and not is_builtin_copy(cfg.data.name, old):
-                raise UserError(f"{target} holds a data set without captions ({old.get('source')}), which force=true "
-                                f"would delete for good: give the captioned set another data.name")
-        meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg))
-    else:
-        meta, data_dir = _prepare(cfg)
+                old = load_meta(stopped or target)
+                if not old.get("text") and not is_builtin_copy(cfg.data.name, old):
+                    raise UserError(f"{target} holds a data set without captions ({old.get('source')}), which "
+                                    f"force=true would delete for good: give the captioned set another data.name")
+            # a stopped rebuild resumes as the preparation itself does (its finished shards and resume state)
+            meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg), resume=lambda: _prepare(cfg))
+        else:
+            meta, data_dir = _prepare(cfg)
     counts = ", ".join(f"{s}: {v['num_records']}" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {data_dir}: shape {meta['shape']} {meta['dtype']}, {meta['num_classes']} classes, "
           f"{counts}")
@@ -57,28 +69,40 @@ def _prepare(cfg):
     return ensure_prepared(cfg.data.name, cfg.data.root)
 
 
-def encode_latents(cfg):
+def encode_latents(cfg, started: float):
     """source + vae: encode images to VAE latents (data/encode.py)."""
     from pathlib import Path
 
     from data.encode import prepare_latents
-    from data.prepare import rebuild_keeping_old
+    from data.prepare import preparing_lock, rebuild_keeping_old, rebuilt_since
     from data.vae import load_vae
     from training.errors import UserError
+    from training.runlock import exclusive
 
     if not cfg.source or not cfg.vae:
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
     out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
     vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
 
-    def encode():
+    def encode(force=True, rebuilding=False):
         return prepare_latents(str(cfg.source), vae, out, resolution=cfg.resolution, hflip=bool(cfg.hflip),
                                batch_size=int(cfg.batch_size), shard_size=int(cfg.shard_size), dtype=cfg.latent_dtype,
                                sample=bool(cfg.sample_posterior), workers=int(cfg.workers),
-                               progress=bool(cfg.progress), force=bool(cfg.force))
+                               progress=bool(cfg.progress), force=force, rebuilding=rebuilding)
 
-    # force=true over a complete set: it waits aside until the new one is complete, and comes back on any failure
-    meta = rebuild_keeping_old(out, encode) if cfg.force and (out / "meta.json").exists() else encode()
+    # force=true over a complete set: it waits aside until the new one is complete, and comes back on any failure; a
+    # rebuild killed outright resumes its new shards (the same command again). Chosen under the set's lock.
+    with exclusive(preparing_lock(out), f"waiting for another process preparing {out} ..."):
+        from data.prepare import stopped_rebuild
+
+        force = bool(cfg.force)
+        if force and rebuilt_since(out, started):
+            print(f"{out} was rebuilt by another process while this one waited: kept as it is", flush=True)
+            force = False
+        if force and ((out / "meta.json").exists() or stopped_rebuild(out) is not None):
+            meta = rebuild_keeping_old(out, encode, resume=lambda: encode(force=False, rebuilding=True))
+        else:
+            meta = encode(force=force)
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "

@@ -121,6 +121,8 @@ def prepare_latents(source: str, vae, out_dir, **settings) -> dict:
     - `force`: encode every shard again even where the set matches; what is there is removed only after the source
       and the VAE have been checked (a typo in either leaves the old set as it was).
     - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
+    - `rebuilding`: out_dir is a stopped force=true rebuild's unfinished new set (data.prepare.rebuild_keeping_old):
+      its shards resume if they were made with these settings, and it begins anew (not refused) if not.
     """
     from data.prepare import preparing_lock
     from training.runlock import exclusive
@@ -133,7 +135,7 @@ def prepare_latents(source: str, vae, out_dir, **settings) -> dict:
 def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None = None, hflip: bool = False,
                      batch_size: int = 64, shard_size: int = SHARD_SIZE, dtype: str = "float16",
                      sample: bool = False, seed: int = 0, workers: int = 4, progress: bool = True,
-                     on_shard=None, force: bool = False) -> dict:
+                     on_shard=None, force: bool = False, rebuilding: bool = False) -> dict:
     from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS
 
     again = dict(resolution=resolution, hflip=hflip, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
@@ -184,7 +186,8 @@ def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None 
         plan = {**plan, "vae": same}
         fp = fingerprint(plan, items)
     kept = bool(state.get("shards")) or (out_dir / META_FILE).exists()   # an encode stopped before its first shard
-    if not force and kept and (state.get("fingerprint", fp) != fp or not state):   # keeps nothing: begun anew
+    kept = kept and not rebuilding   # keeps nothing, nor a rebuild's new set (the old one waits aside): begun anew
+    if not force and kept and (state.get("fingerprint", fp) != fp or not state):
         # Something else is there: a set or an encode with other settings is refused; the same settings over an
         # edited source (images, labels, captions, class names) are the same command, encoded again.
         diff = changed_settings(state.get("plan"), plan)

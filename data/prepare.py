@@ -270,27 +270,37 @@ def _set_aside(out_dir: Path) -> list[Path]:
     return [p for p in sorted(real.parent.glob(f".{real.name}.replaced-*")) if p not in _REBUILDING]
 
 
-def rebuild_keeping_old(out_dir, build):
+def rebuild_keeping_old(out_dir, build, resume=None):
     """force=true: the complete set (and its cached classifier) is moved aside while `build()` makes a new one in
     its place, and comes back if the rebuild fails or is interrupted (a missing source, Ctrl-C): a rebuild never
-    leaves less than there was. The old copy is deleted only once the new one is complete; if the process is killed
-    outright in between, the next preparation of the set puts it back (restore_interrupted_rebuild). All of it
-    runs under the set's preparing lock, so a run starting meanwhile waits instead of preparing the set too."""
+    leaves less than there was. The old copy is deleted only once the new one is complete. If the process is killed
+    outright in between (kill -9, a preemption's SIGTERM), the old copy waits aside and the new set's finished
+    shards stay: `resume()` (the same command again) continues that rebuild, where building from nothing again
+    lost hours of encoding; other preparations of the set put the old copy back (restore_interrupted_rebuild). All
+    of it runs under the set's preparing lock, so a run starting meanwhile waits instead of preparing the set too."""
     import shutil
     import sys
 
     out_dir = Path(out_dir)
     with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
-        restore_interrupted_rebuild(out_dir)
         target = out_dir.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
         aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
-        print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
+        stopped = stopped_rebuild(out_dir) if resume is not None else None
+        if stopped is not None:   # the new set's shards are in place, the old copy aside: go on from there
+            os.rename(stopped, aside)
+            print(f"resuming the stopped rebuild of {target}; until it is complete the old copy waits in {aside}",
+                  flush=True)
+        else:
+            restore_interrupted_rebuild(out_dir)
+            print(f"rebuilding {target}; until it is complete the old copy waits in {aside}", flush=True)
         _REBUILDING.add(aside)
         try:
-            os.rename(target, aside)
+            if stopped is None:
+                os.rename(target, aside)
             try:
-                target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
-                result = build()
+                if stopped is None:
+                    target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
+                result = (build if stopped is None else resume)()
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(aside, target)
@@ -300,6 +310,23 @@ def rebuild_keeping_old(out_dir, build):
         finally:
             _REBUILDING.discard(aside)
     return result
+
+
+def stopped_rebuild(out_dir) -> Path | None:
+    """The old copy of a rebuild killed before it finished (no live owner: call under the set's preparing lock), when
+    the set in its place is that rebuild's unfinished new one: the copy to keep aside while the rebuild resumes."""
+    target = Path(out_dir).resolve()
+    if not target.is_dir() or (target / META_FILE).exists():
+        return None
+    old = [a for a in _set_aside(out_dir) if (a / META_FILE).exists()]
+    return old[-1] if old else None
+
+
+def rebuilt_since(out_dir, started: float) -> bool:
+    """The set was completed after `started` (time.time()): a second force=true (a job submitted twice) that waited
+    for the first one's lock keeps that fresh set instead of rebuilding it again, without its meta.json meanwhile."""
+    meta = Path(out_dir) / META_FILE
+    return meta.exists() and meta.stat().st_mtime >= started
 
 
 def restore_interrupted_rebuild(out_dir) -> None:

@@ -169,3 +169,63 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
         holder.communicate("")   # the other process ends: its lock goes with it
     second.join(timeout=60)
     assert got and got[0]["splits"]["train"]["num_records"] == 4
+
+
+def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(tmp_path, vae, monkeypatch, capsys):
+    """`prepare_data.py source=... vae=... force=true` killed outright (kill -9, a preemption) leaves the old set
+    aside and the new one's finished shards in place. The same command again put the old copy back and started
+    from nothing (hours of encoding at ImageNet size); it now resumes the new shards. A second force=true that
+    waited for the first one (a job submitted twice) saw the set moved aside, took it for absent and encoded it all
+    again in place, the set without meta.json meanwhile; it now keeps the set completed while it waited."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+
+    import prepare_data
+    from data.encode import prepare_latents
+    from data.prepare import preparing_lock
+    from training import cli
+
+    src = tmp_path / "s"
+    write_images(src / "a", [f"{i}.png" for i in range(3)])
+    write_images(src / "b", [f"{i}.png" for i in range(3)], seed=2)
+    kw = dict(resolution=8, shard_size=2, progress=False)
+    prepare_latents(str(src), vae, tmp_path / "full", **kw)   # what the rebuild makes, uninterrupted
+    shards = lambda d: {p.name: p.read_bytes() for p in d.glob("*.array_record")}
+    out = tmp_path / "o"
+    shutil.copytree(tmp_path / "full", tmp_path / ".o.replaced-4194304")   # the old set, aside (its process is gone)
+    names = []
+
+    def stop(name):
+        names.append(name)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):   # the killed rebuild had finished one shard of the new set
+        prepare_latents(str(src), vae, out, on_shard=stop, **kw)
+    first = (out / names[0]).stat().st_mtime_ns
+    argv = ["prepare_data.py", f"source={src}", f"vae={vae.name}", "resolution=8", f"out={out}", "shard_size=2",
+            "progress=false", "force=true"]
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    cli.main("prepare", prepare_data.main)
+    said = capsys.readouterr().out
+    assert "resuming the stopped rebuild" in said and "resuming: 1 of 3 shards" in said, said
+    assert (out / names[0]).stat().st_mtime_ns == first and shards(out) == shards(tmp_path / "full")
+    assert not list(tmp_path.glob(".o.replaced-*")) and (out / "meta.json").is_file()
+
+    # the same command twice: the second waits for the first, which completes the set meanwhile
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                             str(preparing_lock(out))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "held"
+        second = threading.Thread(target=cli.main, args=("prepare", prepare_data.main))
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive()
+        (out / "meta.json").write_text((out / "meta.json").read_text())   # the first one completes it meanwhile
+    finally:
+        held.communicate("")
+    second.join(timeout=60)
+    assert "rebuilt by another process while this one waited" in capsys.readouterr().out
+    assert shards(out) == shards(tmp_path / "full") and (out / names[0]).stat().st_mtime_ns == first

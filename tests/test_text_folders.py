@@ -268,3 +268,53 @@ def test_a_folder_is_read_once_and_a_changed_finished_shard_is_made_again(tmp_pa
     batch = next(make_iterator(meta2, d2, "train", batch_size=6, seed=0, shuffle=False))
     np.testing.assert_array_equal(np.rint((batch["x"][1] + 1) * 127.5), edited)
     assert meta2["text"]["request"]["images_bytes_sha256"] == bytes_digest([tmp_path / f for f in files], files)
+
+
+def test_a_killed_caption_rebuild_resumes(tmp_path, minilm, monkeypatch, capsys):
+    """`prepare_data.py data=folder ... force=true` after the captions were edited, killed outright: the rerun of the
+    same command put the old copy back, then refused it as "prepared from something else ... force=true" (the flag
+    it was given), and the run after that computed every caption's features again. It now resumes the rebuild."""
+    import shutil
+    import sys
+
+    from PIL import Image
+
+    import data.prepare
+    import data.text_shards as text_shards
+    import prepare_data
+    from data.text import TextEncoder
+    from training import cli
+
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"file": f"{i}.png", "caption": f"old caption {i}"}))
+    (tmp_path / "c.jsonl").write_text("\n".join(rows))
+    monkeypatch.setattr(text_shards, "SHARD_BYTES", 2 * 8 * 8 * 3)   # shards of 2 images
+    over = {"name": "sq", "kind": "folder", "folder": str(tmp_path), "captions_file": str(tmp_path / "c.jsonl"),
+            "size": 8, "root": str(tmp_path / "prep"), "text_encoder": "minilm", "max_tokens": 6, "limit": None}
+    dc = OmegaConf.create(over)
+    ensure_prepared_text(dc, encoder=minilm)
+    (tmp_path / "c.jsonl").write_text("\n".join(r.replace("old", "new") for r in rows))
+    d, aside = tmp_path / "prep" / "sq", tmp_path / "prep" / ".sq.replaced-4194304"
+    os.rename(d, aside)   # the killed rebuild: the old set aside, one shard of the new one written
+    d.mkdir()
+    seen, encode = [], TextEncoder.encode
+    stop = lambda caps: (_ for _ in ()).throw(KeyboardInterrupt) if "new caption 2" in caps else None
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, caps, n, **k: stop(caps) or seen.append(list(caps))
+                        or encode(self, caps, n, **k))
+    monkeypatch.setattr(data.prepare, "_REBUILDING", {aside})
+    with pytest.raises(KeyboardInterrupt):
+        ensure_prepared_text(dc, encoder=minilm)
+    monkeypatch.setattr(data.prepare, "_REBUILDING", set())
+    seen.clear()
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, caps, n, **k: seen.append(list(caps))
+                        or encode(self, caps, n, **k))
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", "data=folder", *[f"data.{k}={v}" for k, v in over.items()
+                                                                         if v is not None], "force=true"])
+    capsys.readouterr()
+    cli.main("prepare", prepare_data.main)
+    assert "resuming the stopped rebuild" in capsys.readouterr().out
+    assert seen == [["new caption 2", "new caption 3"], ["new caption 4", "new caption 5"]], seen
+    assert load_text(load_meta(d), d, "train")["caption"] == [f"new caption {i}" for i in range(6)]
+    assert not aside.exists()
