@@ -274,7 +274,6 @@ def test_a_killed_caption_rebuild_resumes(tmp_path, minilm, monkeypatch, capsys)
     """`prepare_data.py data=folder ... force=true` after the captions were edited, killed outright: the rerun of the
     same command put the old copy back, then refused it as "prepared from something else ... force=true" (the flag
     it was given), and the run after that computed every caption's features again. It now resumes the rebuild."""
-    import shutil
     import sys
 
     from PIL import Image
