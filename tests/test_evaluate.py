@@ -2,6 +2,7 @@
 held-out images from noise, wrong labels and mode collapse."""
 
 import json
+import os
 from pathlib import Path
 import time
 
@@ -68,7 +69,7 @@ def test_cache_round_trip_and_fingerprint(digits, tmp_path, capsys, monkeypatch)
     assert "training the evaluation classifier for digits" in capsys.readouterr().out
     info = json.loads((tmp_path / "classifier" / "classifier.json").read_text())
     assert info["hyperparameters"]["epochs"] == EPOCHS and info["test_accuracy"] > 0.9
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier"]   # no temp dirs left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".classifier.lock", "classifier"]   # no temp dirs left
 
     calls = []
     real_train = ev_mod.train_classifier
@@ -87,7 +88,32 @@ def test_cache_round_trip_and_fingerprint(digits, tmp_path, capsys, monkeypatch)
     get_evaluator(meta, str(tmp_path), load, epochs=EPOCHS + 1)   # other hyperparameters: retrains too
     (tmp_path / "classifier" / "classifier.eqx").write_bytes(b"garbage")
     get_evaluator(meta, str(tmp_path), load, epochs=EPOCHS + 1)   # corrupt weights: retrains instead of crashing
-    assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["classifier"]   # old copies removed
+    assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == [".classifier.lock", "classifier"]
+
+    # Runs finishing together (a seed sweep) each trained it: one trains, the others wait and read its cache
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    shutil.copytree(tmp_path / "classifier", tmp_path / "trained")   # what the other process will have written
+    shutil.rmtree(tmp_path / "classifier")
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                             str(tmp_path / ".classifier.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    got = []
+    try:
+        assert held.stdout.readline().strip() == "held"
+        waiting = threading.Thread(target=lambda: got.append(get_evaluator(meta, str(tmp_path), load,
+                                                                           epochs=EPOCHS + 1)))
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive() and "waiting for another process training" in capsys.readouterr().out
+        os.rename(tmp_path / "trained", tmp_path / "classifier")
+    finally:
+        held.communicate("")
+    waiting.join(timeout=60)
+    assert got and len(calls) == 5   # the other process's classifier, not trained again
 
 
 def test_real_held_out_images_score_like_real_data(digits, evaluator):

@@ -262,6 +262,23 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
     fp = _fingerprint(meta, x_test, y_test)
     cache = Path(data_dir) / "classifier"
     skeleton = Classifier(shape, k, width=hp["width"], key=jax.random.PRNGKey(seed))
+    clf = _cached(cache, fp, hp, skeleton)
+    if clf is None:   # trained by one process at a time: runs finishing together (a seed sweep) each trained it
+        import contextlib
+
+        from training.runlock import exclusive
+
+        writable = os.access(data_dir, os.W_OK)   # a read-only copy of the set: trained here, kept in memory
+        with exclusive(Path(data_dir) / ".classifier.lock", "waiting for another process training the evaluation "
+                       f"classifier of {meta.get('name')} ...") if writable else contextlib.nullcontext():
+            clf = _cached(cache, fp, hp, skeleton)   # the other process's, once it is done
+            if clf is None:
+                clf = _train_and_cache(meta, cache, fp, hp, load_split, x_test, y_test, k, seed)
+    return Evaluator(clf, k, x_test, y_test, seed)
+
+
+def _cached(cache: Path, fp: str, hp: dict, skeleton):
+    """The cached classifier if it was trained for this data (fingerprint) and these hyperparameters, else None."""
     try:
         info = json.loads((cache / "classifier.json").read_text())
         if info["fingerprint"] == fp and info["hyperparameters"] == hp:
@@ -269,9 +286,13 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
             same = [(a.shape, a.dtype) == (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(clf),
                                                                               jax.tree.leaves(skeleton))]
             if all(same):
-                return Evaluator(clf, k, x_test, y_test, seed)
-    except Exception:   # noqa: BLE001 - absent, stale or corrupt cache (any failure): retrain below
+                return clf
+    except Exception:   # noqa: BLE001 - absent, stale or corrupt cache (any failure): retrained
         pass
+    return None
+
+
+def _train_and_cache(meta, cache: Path, fp: str, hp: dict, load_split, x_test, y_test, k: int, seed: int):
     print(f"training the evaluation classifier for {meta.get('name')} (once, cached in {cache})", flush=True)
     x_train, y_train = load_split("train")
     t0 = time.perf_counter()
@@ -280,9 +301,10 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
     info = {"fingerprint": fp, "hyperparameters": hp, "test_accuracy": acc, "train_seconds": time.perf_counter() - t0,
             "note": "FD features: penultimate layer of this classifier (training/evaluate.py); not FID"}
     # Atomic: write a temp dir beside the cache, then swap it in, so a crash never leaves half a cache.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".classifier-tmp-", dir=cache.parent))
+    tmp = None
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".classifier-tmp-", dir=cache.parent))
         eqx.tree_serialise_leaves(tmp / "classifier.eqx", clf)
         (tmp / "classifier.json").write_text(json.dumps(info, indent=1))
         old = cache.parent / f".classifier-old-{os.getpid()}"
@@ -290,6 +312,7 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
             os.rename(cache, old)
         os.rename(tmp, cache)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)   # e.g. another process won the race: use our copy in memory
-    return Evaluator(clf, k, x_test, y_test, seed)
+    except OSError:   # e.g. a read-only copy of the set: the classifier in memory serves this run
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return clf
