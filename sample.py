@@ -41,7 +41,7 @@ def _sample(cfg, out):
     from data.meta import load_meta
     from data.prepare import data_mismatch
     from models import build_model
-    from training.checkpoint import Checkpointer, read_config
+    from training.checkpoint import Checkpointer, read_config, step_digest
     from training.errors import UserError
     from training.evaluate import evaluator_for
     from training.files import write_json
@@ -129,7 +129,10 @@ def _sample(cfg, out):
         return generate(ema, spec, meta, take(conds, lo, hi), key, sampler, run_cfg.train, weak=weak, first=lo)
     request = {"ckpt_dir": str(Path(str(cfg.ckpt_dir)).resolve()), "step": step, "seed": int(cfg.seed),
                "sampler": OmegaConf.to_container(sampler, resolve=True), "labels": labels.tolist(), "prompts": prompts}
-    images, parts = in_parts(out, request, len(labels), int(sampler.chunk), make)
+    # the parts of a stopped request are this checkpoint's: a run deleted and trained again into the same ckpt_dir
+    # has the same path and step numbers, other weights (their recorded checksums)
+    made_by = {**request, "weights": step_digest(cfg.ckpt_dir, step)}
+    images, parts = in_parts(out, made_by, len(labels), int(sampler.chunk), make)
 
     # The scores beside an npz are that npz's: those of the file being replaced go with it once it is replaced
     # (write_npz; they come back below when this one is evaluated).

@@ -171,11 +171,21 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     assert calls == [6, 12] and "resuming: 1 of 3 parts" in capsys.readouterr().out
     assert np.load(tmp_path / "s.npz")["images"].tobytes() == whole.tobytes()
     assert not (tmp_path / ".s.npz.parts").exists() and not (tmp_path / ".s.tmp-99999.npz").exists()
+    # The run deleted and trained again into the same ckpt_dir (same path, same step numbers, other weights): the
+    # parts a stopped request left are not its images
+    import training.checkpoint as checkpoint
+    stopped.stop, calls[:] = True, []
+    with pytest.raises(SystemExit):
+        run(tmp_path / "u.npz")
+    stopped.stop, calls[:] = False, []
+    monkeypatch.setattr(checkpoint, "step_digest", lambda *a: "the weights of another run")
+    capsys.readouterr()
+    run(tmp_path / "u.npz")
+    assert calls == [0, 6, 12] and "resuming" not in capsys.readouterr().out
     # A run still training into ckpt_dir removes old steps (keep_ckpts) while sample.py starts: the step it picked was
     # gone when read, and the line called the checkpoint damaged ("move that directory out"): wrong and alarming
     import shutil
 
-    import training.checkpoint as checkpoint
     read = checkpoint.Checkpointer._restore
 
     def pruned_meanwhile(self, step, args):
