@@ -41,7 +41,8 @@ def _sample(cfg, out):
     from data.meta import load_meta
     from data.prepare import data_mismatch
     from models import build_model
-    from training.checkpoint import Checkpointer, read_config, step_digest
+    from training.checkpoint import Checkpointer, read_config
+    from training.checksums import step_digest
     from training.errors import UserError
     from training.evaluate import evaluator_for
     from training.files import write_json

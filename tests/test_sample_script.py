@@ -174,11 +174,12 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     # The run deleted and trained again into the same ckpt_dir (same path, same step numbers, other weights): the
     # parts a stopped request left are not its images
     import training.checkpoint as checkpoint
+    import training.checksums as checksums
     stopped.stop, calls[:] = True, []
     with pytest.raises(SystemExit):
         run(tmp_path / "u.npz")
     stopped.stop, calls[:] = False, []
-    monkeypatch.setattr(checkpoint, "step_digest", lambda *a: "the weights of another run")
+    monkeypatch.setattr(checksums, "step_digest", lambda *a: "the weights of another run")
     capsys.readouterr()
     run(tmp_path / "u.npz")
     assert calls == [0, 6, 12] and "resuming" not in capsys.readouterr().out

@@ -363,17 +363,6 @@ def _is_step_dir(path: Path) -> bool:
                                                       or (path / "config").is_dir())
 
 
-def step_digest(ckpt_dir, step: int) -> str | None:
-    """sha256 of the array checksums a step recorded (training/checksums.py): which weights it holds, cheaply (a
-    small JSON file); None for a checkpoint from before checksums were recorded."""
-    import hashlib
-
-    try:
-        return hashlib.sha256((Path(str(ckpt_dir)) / str(step) / "checksums" / "metadata").read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def read_config(ckpt_dir: str, step: int | None = None, keys=("ckpt_dir", "step")) -> tuple[dict, int]:
     """The resolved config saved with a checkpoint (for sample.py and resume checks), without loading arrays. `keys`:
     the run directory's and the step's keys as the user typed them (sample.py's guide_ckpt_dir / guide_step), named

@@ -73,3 +73,15 @@ def mismatches(items: dict, saved: dict) -> list[str]:
             continue
         bad += [k for (k, _), a, b in zip(named_leaves(tree, name), now[name], saved[name]) if int(a) != int(b)]
     return bad
+
+
+def step_digest(ckpt_dir, step: int) -> str | None:
+    """sha256 of the array checksums a step of `ckpt_dir` recorded: which weights it holds, cheaply (a small JSON
+    file); None for a checkpoint from before checksums were recorded."""
+    import hashlib
+    from pathlib import Path
+
+    try:
+        return hashlib.sha256((Path(str(ckpt_dir)) / str(step) / "checksums" / "metadata").read_bytes()).hexdigest()
+    except OSError:
+        return None
