@@ -16,27 +16,25 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
-    import time
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
-    from data.prepare import preparing_lock, rebuild_keeping_old, rebuilt_since, stopped_rebuild
+    from data.prepare import done_meanwhile, meta_stamp, preparing_lock, rebuild_keeping_old, stopped_rebuild
     from training.errors import UserError
     from training.runlock import exclusive
 
-    started = time.time()
     if cfg.get("source") or cfg.get("vae"):
-        return encode_latents(cfg, started)
+        return encode_latents(cfg)
     target = Path(cfg.data.root) / cfg.data.name
+    before = meta_stamp(target)
     # The choice between rebuilding and preparing is made under the set's lock: a second force=true meanwhile saw
     # the set moved aside, took it for absent, and went its own way.
     with exclusive(preparing_lock(target), f"waiting for another process preparing {target} ..."):
-        force = bool(cfg.force)
-        if force and rebuilt_since(target, started):
-            print(f"{target} was rebuilt by another process while this one waited: kept as it is", flush=True)
-            force = False
-        stopped = stopped_rebuild(target) if force else None
-        if force and ((target / "meta.json").exists() or stopped is not None):
+        done = done_meanwhile(target, before, lambda: _prepare(cfg)) if cfg.force else None
+        stopped = stopped_rebuild(target) if cfg.force and done is None else None
+        if done is not None:
+            meta, data_dir = done
+        elif cfg.force and ((target / "meta.json").exists() or stopped is not None):
             if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
                 raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data "
                                 f"config; {target} is neither, and removing its meta.json would leave it unusable: "
@@ -69,12 +67,12 @@ def _prepare(cfg):
     return ensure_prepared(cfg.data.name, cfg.data.root)
 
 
-def encode_latents(cfg, started: float):
+def encode_latents(cfg):
     """source + vae: encode images to VAE latents (data/encode.py)."""
     from pathlib import Path
 
     from data.encode import prepare_latents
-    from data.prepare import preparing_lock, rebuild_keeping_old, rebuilt_since
+    from data.prepare import done_meanwhile, meta_stamp, preparing_lock, rebuild_keeping_old, stopped_rebuild
     from data.vae import load_vae
     from training.errors import UserError
     from training.runlock import exclusive
@@ -82,6 +80,7 @@ def encode_latents(cfg, started: float):
     if not cfg.source or not cfg.vae:
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
     out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
+    before = meta_stamp(out)
     vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
 
     def encode(force=True, rebuilding=False):
@@ -93,16 +92,11 @@ def encode_latents(cfg, started: float):
     # force=true over a complete set: it waits aside until the new one is complete, and comes back on any failure; a
     # rebuild killed outright resumes its new shards (the same command again). Chosen under the set's lock.
     with exclusive(preparing_lock(out), f"waiting for another process preparing {out} ..."):
-        from data.prepare import stopped_rebuild
-
-        force = bool(cfg.force)
-        if force and rebuilt_since(out, started):
-            print(f"{out} was rebuilt by another process while this one waited: kept as it is", flush=True)
-            force = False
-        if force and ((out / "meta.json").exists() or stopped_rebuild(out) is not None):
+        meta = done_meanwhile(out, before, lambda: encode(force=False)) if cfg.force else None
+        if meta is None and cfg.force and ((out / "meta.json").exists() or stopped_rebuild(out) is not None):
             meta = rebuild_keeping_old(out, encode, resume=lambda: encode(force=False, rebuilding=True))
-        else:
-            meta = encode(force=force)
+        elif meta is None:
+            meta = encode(force=bool(cfg.force))
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "

@@ -16,13 +16,16 @@ from training import cli  # noqa: E402
 def main(cfg):
     """One sample.py per out= (a lock beside it): two at once mixed their parts into one npz without a word (another
     seed's images under this one's request), or one deleted the parts folder under the other."""
+    import glob
+
     from training.runlock import RunLock
 
     out = check_out(cfg.out)
     lock = RunLock(out.parent, "choose another out=", name=f".{out.name}.lock", who="another sample.py",
                    writing=str(out)).acquire()
     try:   # temporary files of a sample.py killed while writing this out= (an npz of 50k images: ~20 GB each)
-        for stale in [*out.parent.glob(f".{out.stem}.tmp-*"), *out.parent.glob(f".{out.stem}.eval.tmp-*")]:
+        stem = glob.escape(out.stem)   # out=s[1].npz: not .s1.tmp-*, another out='s
+        for stale in [*out.parent.glob(f".{stem}.tmp-*"), *out.parent.glob(f".{stem}.eval.tmp-*")]:
             stale.unlink(missing_ok=True)
         return _sample(cfg, out)
     finally:
@@ -101,19 +104,18 @@ def _sample(cfg, out):
         from data.vae import vae_for_meta
 
         vae_for_meta(meta)   # moved or changed since: fails now, not after sampling everything
-    # The weights first, read right after their step was picked: a run still training into ckpt_dir removes old steps
-    # (keep_ckpts) while the evaluator below may train its classifier for a minute.
+    moved = data_mismatch(saved, meta) if cfg.evaluate and prompts is None else None
+    if moved:   # its test split may hold images the run trained on, or be another set: the scores would mislead
+        raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
+                        f"evaluation here would mislead; sample with evaluate=false, or train again")
+    # The weights (and what they are, for the parts of a stopped request) before the evaluator, which may train its
+    # classifier for a minute: a run still training into ckpt_dir removes old steps (keep_ckpts) meanwhile.
     template = build_model(spec, key=jax.random.PRNGKey(0))
     with Checkpointer(cfg.ckpt_dir, create=False) as ck:
         ema = ck.restore_weights(template, step)
+    weights = step_digest(cfg.ckpt_dir, step)
     # The evaluator before sampling (it may train the classifier once): a data set it cannot score fails before it.
-    evaluator = None
-    if cfg.evaluate and prompts is None:
-        moved = data_mismatch(saved, meta)
-        if moved:   # its test split may hold images the run trained on, or be another set: the scores would mislead
-            raise UserError(f"{cfg.ckpt_dir} was trained on another copy of {meta.get('name')} ({moved}): its "
-                            f"evaluation here would mislead; sample with evaluate=false, or train again")
-        evaluator = evaluator_for(meta, data_dir, run_cfg.data.root)
+    evaluator = evaluator_for(meta, data_dir, run_cfg.data.root) if cfg.evaluate and prompts is None else None
     weak = load_weak(cfg.ckpt_dir, sampler, template, run_cfg.train)   # before the line below: a refusal is alone
     guide = ""
     if sampler.get("guidance") == "auto":
@@ -132,7 +134,7 @@ def _sample(cfg, out):
                "sampler": OmegaConf.to_container(sampler, resolve=True), "labels": labels.tolist(), "prompts": prompts}
     # the parts of a stopped request are this checkpoint's: a run deleted and trained again into the same ckpt_dir
     # has the same path and step numbers, other weights (their recorded checksums)
-    made_by = {**request, "weights": step_digest(cfg.ckpt_dir, step)}
+    made_by = {**request, "weights": weights}
     images, parts = in_parts(out, made_by, len(labels), int(sampler.chunk), make)
 
     # The scores beside an npz are that npz's: those of the file being replaced go with it once it is replaced

@@ -267,7 +267,12 @@ def _set_aside(out_dir: Path) -> list[Path]:
     """Old copies that `force=true` rebuilds of `out_dir` set aside (`.<name>.replaced-<pid>`), other than this
     process's own rebuild in progress."""
     real = Path(out_dir).resolve()
-    return [p for p in sorted(real.parent.glob(f".{real.name}.replaced-*")) if p not in _REBUILDING]
+    def newest_first(p):   # the copy restored or resumed; one removed meanwhile (outside the lock) sorts last
+        try:
+            return -p.stat().st_mtime_ns
+        except OSError:
+            return 0
+    return sorted((p for p in real.parent.glob(f".{real.name}.replaced-*") if p not in _REBUILDING), key=newest_first)
 
 
 def rebuild_keeping_old(out_dir, build, resume=None):
@@ -301,15 +306,30 @@ def rebuild_keeping_old(out_dir, build, resume=None):
                 if stopped is None:
                     target.mkdir()   # empty, so a link to it is not left dangling while build() writes through it
                 result = (build if stopped is None else resume)()
+            except KeyboardInterrupt:   # Ctrl-C, or a preemption's signal taken as one: as a kill, resumable
+                if resume is None:
+                    _put_back(target, aside)
+                else:
+                    print(f"rebuild of {target} stopped: the same command resumes it; until then the old copy waits "
+                          f"in {aside} (anything else that prepares the set puts it back)", file=sys.stderr,
+                          flush=True)
+                raise
             except BaseException:
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(aside, target)
-                print(f"rebuild of {target} stopped: the old copy is back in place", file=sys.stderr, flush=True)
+                _put_back(target, aside)
                 raise
             shutil.rmtree(aside, ignore_errors=True)
         finally:
             _REBUILDING.discard(aside)
     return result
+
+
+def _put_back(target: Path, aside: Path) -> None:
+    import shutil
+    import sys
+
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(aside, target)
+    print(f"rebuild of {target} stopped: the old copy is back in place", file=sys.stderr, flush=True)
 
 
 def stopped_rebuild(out_dir) -> Path | None:
@@ -319,14 +339,32 @@ def stopped_rebuild(out_dir) -> Path | None:
     if not target.is_dir() or (target / META_FILE).exists():
         return None
     old = [a for a in _set_aside(out_dir) if (a / META_FILE).exists()]
-    return old[-1] if old else None
+    return old[0] if old else None   # the copy restore_interrupted_rebuild would put back
 
 
-def rebuilt_since(out_dir, started: float) -> bool:
-    """The set was completed after `started` (time.time()): a second force=true (a job submitted twice) that waited
-    for the first one's lock keeps that fresh set instead of rebuilding it again, without its meta.json meanwhile."""
-    meta = Path(out_dir) / META_FILE
-    return meta.exists() and meta.stat().st_mtime >= started
+def meta_stamp(out_dir) -> tuple | None:
+    """meta.json's inode, size and mtime (None when absent): taken when a force=true command starts, compared once
+    it holds the set's lock (done_meanwhile). No clock is compared: a file server's may differ from this host's."""
+    try:
+        st = (Path(out_dir) / META_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def done_meanwhile(out_dir, before, prepare):
+    """A force=true (the same job submitted twice) that waited for another process, which completed the set
+    meanwhile (meta.json appeared or changed since `before`): that set, if preparing without force accepts it as this
+    command's (`prepare()`), instead of rebuilding it again, without its meta.json meanwhile; else None."""
+    now = meta_stamp(out_dir)
+    if now is None or now == before:
+        return None
+    try:
+        result = prepare()
+    except UserError:   # made otherwise than this command asks: rebuilt, as force=true says
+        return None
+    print(f"{out_dir} was rebuilt by another process while this one waited: kept as it is", flush=True)
+    return result
 
 
 def restore_interrupted_rebuild(out_dir) -> None:

@@ -212,6 +212,26 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
     assert "resuming the stopped rebuild" in said and "resuming: 1 of 3 shards" in said, said
     assert (out / names[0]).stat().st_mtime_ns == first and shards(out) == shards(tmp_path / "full")
     assert not list(tmp_path.glob(".o.replaced-*")) and (out / "meta.json").is_file()
+    # Ctrl-C (or a preemption's signal taken as one) stops a rebuild as a kill does: resumable by the same command
+    from data.vae import Vae
+    real, calls = Vae.encode, []
+
+    def ctrl_c_at_the_second_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+    monkeypatch.setattr(Vae, "encode", ctrl_c_at_the_second_batch)
+    with pytest.raises(SystemExit):
+        cli.main("prepare", prepare_data.main)
+    assert "the same command resumes it" in capsys.readouterr().err
+    assert len(list(tmp_path.glob(".o.replaced-*"))) == 1 and not (out / "meta.json").exists()
+    monkeypatch.setattr(Vae, "encode", real)
+    cli.main("prepare", prepare_data.main)
+    said = capsys.readouterr().out
+    assert "resuming the stopped rebuild" in said and "resuming: 1 of 3 shards" in said, said
+    assert shards(out) == shards(tmp_path / "full") and not list(tmp_path.glob(".o.replaced-*"))
+    first = (out / names[0]).stat().st_mtime_ns
 
     # the same command twice: the second waits for the first, which completes the set meanwhile
     held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "

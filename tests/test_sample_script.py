@@ -37,6 +37,8 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
     import sample
     from training import cli
 
+    monkeypatch.chdir(tmp_path)   # the default out=samples.npz (and its lock) lands here, not in the repository
+
     stage1 = fake_run(tmp_path / "s1", 4, **{"train.steps": 16, "sampler.guidance": "auto"})
     stage2 = fake_run(tmp_path / "s2", 4, config="stage2")
     v_run = fake_run(tmp_path / "v", 4, **{"train.prediction": "v", "sampler.guidance": "cfg"})
@@ -179,6 +181,7 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     with pytest.raises(SystemExit):
         run(tmp_path / "u.npz")
     stopped.stop, calls[:] = False, []
+    assert checksums.step_digest(ck, 2) is not None   # what the key holds for a real checkpoint
     monkeypatch.setattr(checksums, "step_digest", lambda *a: "the weights of another run")
     capsys.readouterr()
     run(tmp_path / "u.npz")
@@ -198,3 +201,4 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
         run(tmp_path / "t.npz")
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "was removed while it was read" in line and "run again" in line and "damaged" not in line, line
+    assert "steps [2]" not in line, line   # not listed as held (Orbax's cached list still named the removed step)

@@ -276,7 +276,10 @@ class Checkpointer:
 
     def _damaged(self, step: int, err: Exception) -> UserError:
         if not (self.directory / str(step)).is_dir():   # not damaged: gone, pruned by the run writing there
-            kept = [s for s in self.manager.all_steps() if not self.is_thinned(s)] if self.directory.is_dir() else []
+            if not self.directory.is_dir():
+                return UserError(f"checkpoint directory {self.directory} was removed while step {step} was read")
+            kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()
+                          and not self.is_thinned(int(p.name)))   # (the manager's list is cached: it names the gone)
             return UserError(f"checkpoint {self.directory / str(step)} was removed while it was read (a run writing "
                              f"{self.directory} keeps only its last train.keep_ckpts steps): run again"
                              + (f"; it holds steps {kept} now" if kept else ""))

@@ -268,9 +268,10 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
 
         from training.runlock import exclusive
 
-        writable = os.access(data_dir, os.W_OK)   # a read-only copy of the set: trained here, kept in memory
-        with exclusive(Path(data_dir) / ".classifier.lock", "waiting for another process training the evaluation "
-                       f"classifier of {meta.get('name')} ...") if writable else contextlib.nullcontext():
+        lock = Path(data_dir) / ".classifier.lock"   # a read-only copy of the set (or another user's lock file):
+        writable = os.access(lock if lock.exists() else data_dir, os.W_OK)   # trained here, kept in memory
+        with exclusive(lock, "waiting for another process training the evaluation classifier of "
+                             f"{meta.get('name')} ...") if writable else contextlib.nullcontext():
             clf = _cached(cache, fp, hp, skeleton)   # the other process's, once it is done
             if clf is None:
                 clf = _train_and_cache(meta, cache, fp, hp, load_split, x_test, y_test, k, seed)

@@ -1,10 +1,12 @@
-"""One training run per checkpoint directory; one preparer per data set (`exclusive`).
+"""One writer per checkpoint directory or sample.py out= (`RunLock`, refused at once); one preparer per data set,
+latent encode or evaluation classifier (`exclusive`, waited for).
 
 Two runs writing into one `train.ckpt_dir` (a job submitted twice, a requeued job whose first copy still runs, a
 command pasted into two terminals) would interleave their steps, delete each other's checkpoints through
 keep-last-N, and the second one's start-up would remove the first one's save in progress as "left by a kill". The
 run that writes (process 0) holds an exclusive `flock` on `<ckpt_dir>/.run.lock` for its whole life; the kernel drops
-it when the process ends in any way (kill -9 included), so a lock is never stale. Readers (sample.py) take none.
+it when the process ends in any way (kill -9 included), so a lock is never stale. sample.py reads a run without it,
+and holds `.<out>.lock` beside the npz it writes.
 """
 
 import contextlib
