@@ -85,6 +85,7 @@ def test_cache_round_trip_and_fingerprint(digits, tmp_path, capsys, monkeypatch)
     for m, ld in [({**meta, "name": "digits2"}, load), (meta, lambda s: changed_data[s]), (meta, load)]:
         get_evaluator(m, str(tmp_path), ld, epochs=EPOCHS)   # each differs from the cache just written: retrains
     assert len(calls) == 3 and capsys.readouterr().out.count("training the evaluation classifier") == 3
+    (tmp_path / ".classifier-old-4194304").mkdir()   # a process killed while it swapped the cache in
     get_evaluator(meta, str(tmp_path), load, epochs=EPOCHS + 1)   # other hyperparameters: retrains too
     (tmp_path / "classifier" / "classifier.eqx").write_bytes(b"garbage")
     get_evaluator(meta, str(tmp_path), load, epochs=EPOCHS + 1)   # corrupt weights: retrains instead of crashing

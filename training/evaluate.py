@@ -274,6 +274,9 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
                              f"{meta.get('name')} ...") if writable else contextlib.nullcontext():
             clf = _cached(cache, fp, hp, skeleton)   # the other process's, once it is done
             if clf is None:
+                if writable:   # under the lock, a swap's leftovers are those of a process killed in it
+                    for left in [*cache.parent.glob(".classifier-tmp-*"), *cache.parent.glob(".classifier-old-*")]:
+                        shutil.rmtree(left, ignore_errors=True)
                 clf = _train_and_cache(meta, cache, fp, hp, load_split, x_test, y_test, k, seed)
     return Evaluator(clf, k, x_test, y_test, seed)
 
