@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import lock_held
 from test_folders import _prep
 from test_vae import write_images
 
@@ -142,8 +143,6 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
     """Two encodes into one out= (a command pasted into two terminals, a job submitted twice) ran at once: each
     removed the other's scratch folder as an interruption's leftover and overwrote the other's resume state. The
     second now waits for the set's preparing lock, then finds the set complete."""
-    import subprocess
-    import sys
     import threading
 
     from data.encode import prepare_latents
@@ -153,11 +152,7 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
     write_images(src / "a", [f"{i}.png" for i in range(2)])
     write_images(src / "b", [f"{i}.png" for i in range(2)], seed=2)
     out = tmp_path / "o"
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-                               str(preparing_lock(out))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(preparing_lock(out)):   # released at the end of the block, as when the other process ends
         got = []
         second = threading.Thread(target=lambda: got.append(prepare_latents(str(src), vae, out, resolution=8,
                                                                             progress=False)))
@@ -165,8 +160,6 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
         second.join(timeout=3)
         assert second.is_alive() and not (out / ".prepare-state.json").exists()   # waiting, nothing touched
         assert "waiting for another process encoding into" in capsys.readouterr().out
-    finally:
-        holder.communicate("")   # the other process ends: its lock goes with it
     second.join(timeout=60)
     assert got and got[0]["splits"]["train"]["num_records"] == 4
 
@@ -178,7 +171,6 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
     waited for the first one (a job submitted twice) saw the set moved aside, took it for absent and encoded it all
     again in place, the set without meta.json meanwhile; it now keeps the set completed while it waited."""
     import shutil
-    import subprocess
     import sys
     import threading
 
@@ -234,18 +226,12 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
     first = (out / names[0]).stat().st_mtime_ns
 
     # the same command twice: the second waits for the first, which completes the set meanwhile
-    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
-                             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-                             str(preparing_lock(out))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert held.stdout.readline().strip() == "held"
+    with lock_held(preparing_lock(out)):
         second = threading.Thread(target=cli.main, args=("prepare", prepare_data.main))
         second.start()
         second.join(timeout=2)
         assert second.is_alive()
         (out / "meta.json").write_text((out / "meta.json").read_text())   # the first one completes it meanwhile
-    finally:
-        held.communicate("")
     second.join(timeout=60)
     assert "rebuilt by another process while this one waited" in capsys.readouterr().out
     assert shards(out) == shards(tmp_path / "full") and (out / names[0]).stat().st_mtime_ns == first

@@ -93,26 +93,19 @@ def test_cache_round_trip_and_fingerprint(digits, tmp_path, capsys, monkeypatch)
 
     # Runs finishing together (a seed sweep) each trained it: one trains, the others wait and read its cache
     import shutil
-    import subprocess
-    import sys
     import threading
+
+    from conftest import lock_held
     shutil.copytree(tmp_path / "classifier", tmp_path / "trained")   # what the other process will have written
     shutil.rmtree(tmp_path / "classifier")
-    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); "
-                             "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
-                             str(tmp_path / ".classifier.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
     got = []
-    try:
-        assert held.stdout.readline().strip() == "held"
+    with lock_held(tmp_path / ".classifier.lock"):
         waiting = threading.Thread(target=lambda: got.append(get_evaluator(meta, str(tmp_path), load,
                                                                            epochs=EPOCHS + 1)))
         waiting.start()
         waiting.join(timeout=3)
         assert waiting.is_alive() and "waiting for another process training" in capsys.readouterr().out
         os.rename(tmp_path / "trained", tmp_path / "classifier")
-    finally:
-        held.communicate("")
     waiting.join(timeout=60)
     assert got and len(calls) == 5   # the other process's classifier, not trained again
 

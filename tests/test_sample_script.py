@@ -150,14 +150,8 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     stopped.stop, calls[:] = False, []
     # Another sample.py writing this out= (a job submitted twice, a sweep in two terminals) mixed its parts into
     # this one's npz, or deleted the parts folder under it: one line naming it now, and its parts are left alone
-    import subprocess
-    import sys
-    held = subprocess.Popen([sys.executable, "-c", "import fcntl, json, os, sys; f = open(sys.argv[1], 'w'); "
-                             "fcntl.flock(f, fcntl.LOCK_EX); f.write(json.dumps({'pid': os.getpid(), 'host': 'h', "
-                             "'started': 'then'})); f.flush(); print('held', flush=True); sys.stdin.read()",
-                             str(tmp_path / ".s.npz.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert held.stdout.readline().strip() == "held"
+    from conftest import lock_held
+    with lock_held(tmp_path / ".s.npz.lock", {"pid": 4194304, "host": "h", "started": "then"}):
         parts = sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir())
         capsys.readouterr()
         with pytest.raises(SystemExit) as refused:
@@ -165,8 +159,6 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert refused.value.code == 2 and "another sample.py (pid" in line and "choose another out=" in line, line
         assert sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir()) == parts and calls == []
-    finally:
-        held.communicate("")
     (tmp_path / ".s.tmp-99999.npz").write_bytes(b"PK half of 20 GB")   # a sample.py killed while writing the npz
     capsys.readouterr()
     run(tmp_path / "s.npz")
