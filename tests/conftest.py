@@ -30,27 +30,6 @@ flags.FLAGS.mark_as_parsed()  # Grain's multiprocessing reads absl flags; pytest
 import pytest  # noqa: E402
 
 
-def lock_held(path, holder: dict | None = None):
-    """Another process holding the project's flock-based lock at `path` (training/runlock.py), with `holder` (pid,
-    host, started) written as RunLock writes it. flock belongs to the open file, so a second descriptor, in this
-    process or another thread, is refused or waits exactly as another process would be. A context manager."""
-    import contextlib
-    import fcntl
-    import json
-
-    @contextlib.contextmanager
-    def held():
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if holder is not None:
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps(holder).encode())
-            yield
-        finally:
-            os.close(fd)
-    return held()
-
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):

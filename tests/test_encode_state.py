@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import lock_held
 from test_folders import _prep
+from training.runlock import exclusive
 from test_vae import write_images
 
 
@@ -152,7 +152,7 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
     write_images(src / "a", [f"{i}.png" for i in range(2)])
     write_images(src / "b", [f"{i}.png" for i in range(2)], seed=2)
     out = tmp_path / "o"
-    with lock_held(preparing_lock(out)):   # released at the end of the block, as when the other process ends
+    with exclusive(preparing_lock(out), "unused"):   # this thread holds it as another process would, until the end
         got = []
         second = threading.Thread(target=lambda: got.append(prepare_latents(str(src), vae, out, resolution=8,
                                                                             progress=False)))
@@ -226,7 +226,7 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
     first = (out / names[0]).stat().st_mtime_ns
 
     # the same command twice: the second waits for the first, which completes the set meanwhile
-    with lock_held(preparing_lock(out)):
+    with exclusive(preparing_lock(out), "unused"):
         second = threading.Thread(target=cli.main, args=("prepare", prepare_data.main))
         second.start()
         second.join(timeout=2)

@@ -95,11 +95,11 @@ def test_cache_round_trip_and_fingerprint(digits, tmp_path, capsys, monkeypatch)
     import shutil
     import threading
 
-    from conftest import lock_held
+    from training.runlock import exclusive
     shutil.copytree(tmp_path / "classifier", tmp_path / "trained")   # what the other process will have written
     shutil.rmtree(tmp_path / "classifier")
     got = []
-    with lock_held(tmp_path / ".classifier.lock"):
+    with exclusive(tmp_path / ".classifier.lock", "unused"):   # held by this thread as by another process
         waiting = threading.Thread(target=lambda: got.append(get_evaluator(meta, str(tmp_path), load,
                                                                            epochs=EPOCHS + 1)))
         waiting.start()

@@ -150,8 +150,9 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
     stopped.stop, calls[:] = False, []
     # Another sample.py writing this out= (a job submitted twice, a sweep in two terminals) mixed its parts into
     # this one's npz, or deleted the parts folder under it: one line naming it now, and its parts are left alone
-    from conftest import lock_held
-    with lock_held(tmp_path / ".s.npz.lock", {"pid": 4194304, "host": "h", "started": "then"}):
+    from training.runlock import RunLock
+    held = RunLock(tmp_path, name=".s.npz.lock").acquire()   # flock belongs to the open file: as another process's
+    try:
         parts = sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir())
         capsys.readouterr()
         with pytest.raises(SystemExit) as refused:
@@ -159,6 +160,8 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert refused.value.code == 2 and "another sample.py (pid" in line and "choose another out=" in line, line
         assert sorted(p.name for p in (tmp_path / ".s.npz.parts").iterdir()) == parts and calls == []
+    finally:
+        held.release()
     (tmp_path / ".s.tmp-99999.npz").write_bytes(b"PK half of 20 GB")   # a sample.py killed while writing the npz
     capsys.readouterr()
     run(tmp_path / "s.npz")
