@@ -19,39 +19,32 @@ def main(cfg):
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
-    from data.prepare import done_meanwhile, meta_stamp, preparing_lock, rebuild_keeping_old, stopped_rebuild
+    from data.prepare import meta_stamp, prepare_or_rebuild
     from training.errors import UserError
-    from training.runlock import exclusive
 
     if cfg.get("source") or cfg.get("vae"):
         return encode_latents(cfg)
     target = Path(cfg.data.root) / cfg.data.name
     before = meta_stamp(target)
-    # The choice between rebuilding and preparing is made under the set's lock: a second force=true meanwhile saw
-    # the set moved aside, took it for absent, and went its own way.
-    with exclusive(preparing_lock(target), f"waiting for another process preparing {target} ..."):
-        done = done_meanwhile(target, before, lambda: _prepare(cfg)) if cfg.force else None
-        stopped = stopped_rebuild(target) if cfg.force and done is None else None
-        if done is not None:
-            meta, data_dir = done
-        elif cfg.force and ((target / "meta.json").exists() or stopped is not None):
-            if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
-                raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data "
-                                f"config; {target} is neither, and removing its meta.json would leave it unusable: "
-                                f"re-run the command that made it (latents: prepare_data.py source=... vae=... "
-                                f"out={target} force=true)")
-            if cfg.data.get("kind") is not None:   # a captioned config replaces only what a data config can remake
-                from data.builtin import is_builtin_copy
-                from data.meta import load_meta
 
-                old = load_meta(stopped or target)
-                if not old.get("text") and not is_builtin_copy(cfg.data.name, old):
-                    raise UserError(f"{target} holds a data set without captions ({old.get('source')}), which "
-                                    f"force=true would delete for good: give the captioned set another data.name")
-            # a stopped rebuild resumes as the preparation itself does (its finished shards and resume state)
-            meta, data_dir = rebuild_keeping_old(target, lambda: _prepare(cfg), resume=lambda: _prepare(cfg))
-        else:
-            meta, data_dir = _prepare(cfg)
+    def check(old_dir):   # what a rebuild from this config would delete for good
+        if cfg.data.get("kind") is None and cfg.data.name not in BUILTIN_NAMES:   # latents: not rebuilt from a name
+            raise UserError(f"force=true rebuilds a built-in ({', '.join(BUILTIN_NAMES)}) or a captioned data config; "
+                            f"{target} is neither, and removing its meta.json would leave it unusable: re-run the "
+                            f"command that made it (latents: prepare_data.py source=... vae=... out={target} "
+                            f"force=true)")
+        if cfg.data.get("kind") is not None:   # a captioned config replaces only what a data config can remake
+            from data.builtin import is_builtin_copy
+            from data.meta import load_meta
+
+            old = load_meta(old_dir)
+            if not old.get("text") and not is_builtin_copy(cfg.data.name, old):
+                raise UserError(f"{target} holds a data set without captions ({old.get('source')}), which force=true "
+                                f"would delete for good: give the captioned set another data.name")
+
+    # a stopped rebuild resumes as the preparation itself does (its finished shards and resume state)
+    prepare = lambda: _prepare(cfg)
+    meta, data_dir = prepare_or_rebuild(target, bool(cfg.force), before, prepare, prepare, prepare, check)
     counts = ", ".join(f"{s}: {v['num_records']}" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {data_dir}: shape {meta['shape']} {meta['dtype']}, {meta['num_classes']} classes, "
           f"{counts}")
@@ -72,10 +65,9 @@ def encode_latents(cfg):
     from pathlib import Path
 
     from data.encode import prepare_latents
-    from data.prepare import done_meanwhile, meta_stamp, preparing_lock, rebuild_keeping_old, stopped_rebuild
+    from data.prepare import meta_stamp, prepare_or_rebuild
     from data.vae import load_vae
     from training.errors import UserError
-    from training.runlock import exclusive
 
     if not cfg.source or not cfg.vae:
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
@@ -90,13 +82,9 @@ def encode_latents(cfg):
                                progress=bool(cfg.progress), force=force, rebuilding=rebuilding)
 
     # force=true over a complete set: it waits aside until the new one is complete, and comes back on any failure; a
-    # rebuild killed outright resumes its new shards (the same command again). Chosen under the set's lock.
-    with exclusive(preparing_lock(out), f"waiting for another process preparing {out} ..."):
-        meta = done_meanwhile(out, before, lambda: encode(force=False)) if cfg.force else None
-        if meta is None and cfg.force and ((out / "meta.json").exists() or stopped_rebuild(out) is not None):
-            meta = rebuild_keeping_old(out, encode, resume=lambda: encode(force=False, rebuilding=True))
-        elif meta is None:
-            meta = encode(force=bool(cfg.force))
+    # rebuild killed outright resumes its new shards (the same command again)
+    meta = prepare_or_rebuild(out, bool(cfg.force), before, lambda: encode(force=False), encode,
+                              lambda: encode(force=False, rebuilding=True))
     counts = ", ".join(f"{s}: {v['num_records']} ({v['skipped']} skipped)" for s, v in meta["splits"].items())
     print(f"{meta['name']} ready in {out}: latents {meta['shape']} {meta['dtype']} from {meta['encoder']['vae']}, "
           f"{meta['num_classes']} classes, {counts}. Train with data.root={out.parent} data.name={out.name} "

@@ -342,6 +342,28 @@ def stopped_rebuild(out_dir) -> Path | None:
     return old[0] if old else None   # the copy restore_interrupted_rebuild would put back
 
 
+def prepare_or_rebuild(out_dir, force: bool, before, prepare, build, resume, check=None):
+    """What a prepare_data.py command does to `out_dir`, chosen under the set's lock (a second force=true meanwhile
+    saw the set moved aside, took it for absent, and went its own way). Without force: prepare() (the set as it is,
+    made if absent). With force: the set another process completed while this one waited, if prepare() accepts it
+    (done_meanwhile; `before`: meta_stamp when the command started); else build() into an empty place, or, over a
+    complete set or a stopped rebuild, rebuild_keeping_old(build, resume), after check(the old set's folder) refuses
+    what a rebuild would lose."""
+    out_dir = Path(out_dir)
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+        if not force:
+            return prepare()
+        done = done_meanwhile(out_dir, before, prepare)
+        if done is not None:
+            return done
+        stopped = stopped_rebuild(out_dir)
+        if stopped is None and not (out_dir / META_FILE).exists():
+            return build()
+        if check is not None:
+            check(stopped or out_dir)
+        return rebuild_keeping_old(out_dir, build, resume=resume)
+
+
 def meta_stamp(out_dir) -> tuple | None:
     """meta.json's inode, size and mtime (None when absent): taken when a force=true command starts, compared once
     it holds the set's lock (done_meanwhile). No clock is compared: a file server's may differ from this host's."""
