@@ -202,12 +202,12 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
         if not f.is_file():
             continue
         caps = _captions_of(f)
-        n, _ = read_records(meta, src, split)
+        n, records = read_records(meta, src, split)
         if len(caps) != n:
             raise UserError(f"{f} lists {len(caps)} captions for {n} records of {src}: encode it again (the "
                             f"prepare_data.py command that made it, with force=true)")
         n = n if limit_of(dc) is None else min(n, limit_of(dc))
-        at = {"next": None, "records": None}   # a sequential reader, started again past the shards a resume keeps
+        at = {"next": 0, "records": records}   # a sequential reader, started again past the shards a resume keeps
 
         def chunk(idx, split=split, at=at):
             if at["next"] != int(idx[0]):

@@ -167,7 +167,6 @@ def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None 
             "batch_size": int(batch_size), "vae": vae_identity(vae), "class_names": list(class_names)}
     if vae.dtype != "float32":   # only when not the default, so that sets encoded before this key keep their plan
         plan["vae_dtype"] = vae.dtype
-    fp = fingerprint(plan, items)
     jobs = []   # (split, shard index, n shards, example indices)
     for split, it in items.items():
         n = max(1, math.ceil(it.n / shard_size))
@@ -184,7 +183,7 @@ def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None 
     if same is not None:   # the VAE copied elsewhere (each node's scratch disk) or touched: judged as the recorded one
         print(f"the VAE {vae.name} has the config and weights {out_dir} was encoded with: the same VAE", flush=True)
         plan = {**plan, "vae": same}
-        fp = fingerprint(plan, items)
+    fp = fingerprint(plan, items)   # (every example's id, label and caption: seconds at ImageNet size, so once)
     kept = bool(state.get("shards")) or (out_dir / META_FILE).exists()   # an encode stopped before its first shard
     kept = kept and not rebuilding   # keeps nothing, nor a rebuild's new set (the old one waits aside): begun anew
     if not force and kept and (state.get("fingerprint", fp) != fp or not state):

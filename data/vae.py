@@ -350,15 +350,17 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
             "are checked against the set's), or re-encode the set with the VAE you have (prepare_data.py source=... "
             "vae=... out=<the set> force=true) and train on it anew")
     device = torch_device(device or os.environ.get("DIT_VAE_DEVICE", "cpu"), knob="DIT_VAE_DEVICE=cpu")
-    where = enc["vae"]
-    if moved and enc.get("weights_fingerprint") and weights_fingerprint(where) == enc["weights_fingerprint"]:
+    where, recorded = enc["vae"], enc.get("weights_fingerprint")
+    held = weights_fingerprint(where) if recorded else None   # what the weights at `where` are, read once
+    if moved and recorded and held == recorded:
         moved = None   # this set's VAE is where it was: DIT_VAE_DIR (exported for another set, say) is not needed
     if moved:
-        if not enc.get("weights_fingerprint"):   # nothing to check a copy against: the recorded name only
+        if not recorded:   # nothing to check a copy against: the recorded name only
             raise UserError(f"DIT_VAE_DIR={moved}: data set {name!r} records no fingerprint of its VAE's weights "
                             f"({enc['vae']}: a hub id, or a set encoded before they were recorded), so a copy "
                             f"elsewhere cannot be checked: unset DIT_VAE_DIR")
         where = str(Path(moved).expanduser())
+        held = weights_fingerprint(where)
     try:   # the device first: a CUDA request under a CPU torch is this host's setting, not a VAE to put back
         vae = load_vae(where, device)
     except UserError as err:
@@ -370,7 +372,7 @@ def vae_for_meta(meta: dict, device: str | None = None) -> Vae:
             raise UserError(f"the VAE at {where} has {k} {getattr(vae, k)} but data set {name!r} was encoded with "
                             f"{enc[k]}: " + ("DIT_VAE_DIR names another VAE; point it at a copy of the set's, or "
                                              "unset it" if moved else f"the VAE changed since; {redo}"))
-    if enc.get("weights_fingerprint") and weights_fingerprint(where) != enc["weights_fingerprint"]:
+    if recorded and held != recorded:
         if moved:
             raise UserError(f"DIT_VAE_DIR={moved} holds other weights than the VAE that encoded data set {name!r} "
                             f"({enc['vae']}): its latents would decode wrongly; point it at a copy of that VAE, or "
