@@ -16,17 +16,16 @@ from training import cli  # noqa: E402
 def main(cfg):
     """One sample.py per out= (a lock beside it): two at once mixed their parts into one npz without a word (another
     seed's images under this one's request), or one deleted the parts folder under the other."""
-    import glob
-
+    from training.files import stale_temps
     from training.runlock import RunLock
 
     out = check_out(cfg.out)
     lock = RunLock(out.parent, "choose another out=", name=f".{out.name}.lock", who="another sample.py",
                    writing=str(out)).acquire()
     try:   # temporary files of a sample.py killed while writing this out= (an npz of 50k images: ~20 GB each)
-        stem = glob.escape(out.stem)   # out=s[1].npz: not .s1.tmp-*, another out='s
-        for stale in [*out.parent.glob(f".{stem}.tmp-*"), *out.parent.glob(f".{stem}.eval.tmp-*")]:
-            stale.unlink(missing_ok=True)
+        for written in (out, out.with_suffix(".png"), out.with_suffix(".eval.json")):
+            for stale in stale_temps(written):
+                stale.unlink(missing_ok=True)
         return _sample(cfg, out)
     finally:
         lock.release()

@@ -70,23 +70,19 @@ def _folder_image(folder: Path, captions_file: Path, row: tuple[int, str, str], 
     it was decoded from (the file is read once: data.text_shards records what each shard was made from). Decoded by
     stage 1's data.folders.open_image, so both stages read a file alike (16-bit scaled, alpha over white); the crop
     and LANCZOS resize stay this function's own, so sets prepared before keep their pixels."""
-    import hashlib
-
     from PIL import Image
 
-    from data.folders import open_image
+    from data.folders import open_image, read_hashed
 
     n, file, _ = row
     try:
-        with open(folder / file, "rb") as f:
-            data = f.read()
+        data, sha = read_hashed(folder / file)
         im = open_image(folder / file, 3, data)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # the bomb guard is no OSError
         raise UserError(f"{captions_file} line {n}: cannot read image {folder / file} ({e})") from None
     s = min(im.size)
     left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
-    return (np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)),
-            hashlib.sha256(data).hexdigest())
+    return np.asarray(im.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)), sha
 
 
 def read_folder(folder, captions_file, size: int, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
@@ -174,7 +170,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
                     [digest_line(rows[j][1], sha) for j, (_, sha) in zip(idx, got)])
 
         def file_lines(idx):   # a finished shard's images, read again (not decoded) at a resume
-            return file_digests([folder / rows[j][1] for j in idx], [rows[j][1] for j in idx])
+            return list(file_digests([folder / rows[j][1] for j in idx], [rows[j][1] for j in idx]))
 
         files, stats, digest = text_shards.write_split(out_dir, state, "train", len(rows), per_shard, chunk, enc,
                                                        int(dc.max_tokens), file_lines=file_lines)

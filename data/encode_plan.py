@@ -122,11 +122,11 @@ def content_key(plan: dict, items: dict) -> str:
 def shard_digest(it: Items, idx, shas: list) -> str | None:
     """shard_bytes of a shard from its files' hashes as the encode read them (Items.load): None for a built-in set,
     or when a file could not be read (no record: the stamps' verdict stands)."""
-    from data.folders import digest_line
+    from data.folders import digest_line, lines_digest
 
     if it.paths is None or any(sha is None for sha in shas):
         return None
-    return hashlib.sha256(b"".join(digest_line(it.names[j], sha) for j, sha in zip(idx, shas))).hexdigest()
+    return lines_digest(digest_line(it.names[j], sha) for j, sha in zip(idx, shas))
 
 
 def shard_bytes(it: Items, idx) -> str | None:

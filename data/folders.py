@@ -81,25 +81,28 @@ def digest_line(name: str, sha256: str) -> bytes:
     return f"{name}:{sha256}\n".encode()
 
 
-def file_digests(paths: list, names: list[str]) -> list[bytes]:
-    """digest_line of each file, read a few threads at a time (hashlib lets go of the GIL)."""
+def file_digests(paths: list, names: list[str]):
+    """digest_line of each file, in order, read a few threads at a time (hashlib lets go of the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    lines = []
     with ThreadPoolExecutor(8) as pool:
         for lo in range(0, len(paths), 4096):   # map() submits all it is given at once: ImageNet's 1.28M futures
-            lines += map(digest_line, names[lo:lo + 4096], pool.map(file_sha256, paths[lo:lo + 4096]))
-    return lines
+            yield from map(digest_line, names[lo:lo + 4096], pool.map(file_sha256, paths[lo:lo + 4096]))
+
+
+def lines_digest(lines) -> str:
+    """sha256 over digest lines: bytes_digest of the files they describe, from lines already made."""
+    total = hashlib.sha256()
+    for line in lines:
+        total.update(line)
+    return total.hexdigest()
 
 
 def bytes_digest(paths: list, names: list[str]) -> str:
     """sha256 over each file's name and the sha256 of its bytes (file_digests): what a list of files is by content,
     for when their stamps (file_stamp) changed but the bytes may not have (`cp -r` or `touch`, a copy on another
     disk). Reads every byte; only when the cheap stamps disagree (a preparation hashes the bytes it decodes)."""
-    total = hashlib.sha256()
-    for lo in range(0, len(paths), 4096):
-        total.update(b"".join(file_digests(paths[lo:lo + 4096], names[lo:lo + 4096])))
-    return total.hexdigest()
+    return lines_digest(file_digests(paths, names))
 
 
 def _subdirs(d: Path) -> list[Path]:
@@ -305,11 +308,17 @@ def load_hashed(path, resolution: int, channels: int) -> tuple[np.ndarray | None
     """(load_image of the file, the sha256 of the bytes it was decoded from), from one read: what a latent encode
     records of each shard's images (data.encode_plan.shard_digest). (None, None) when the file cannot be read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data, sha = read_hashed(path)
     except OSError:
         return load_image(path, resolution, channels), None   # None, with the warning that says why
-    return load_image(path, resolution, channels, data), hashlib.sha256(data).hexdigest()
+    return load_image(path, resolution, channels, data), sha
+
+
+def read_hashed(path) -> tuple[bytes, str]:
+    """A file's bytes and their sha256, from one read: what is hashed is what is then decoded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def load_image(path: Path, resolution: int, channels: int, data: bytes | None = None) -> np.ndarray | None:

@@ -72,6 +72,7 @@ def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, 
     its files hold the bytes it was made from (a source edited since is written again, a `cp -r` of it resumes).
     Returns (shard names, shard_stats of each batch, the split's data.folders.bytes_digest when it has files)."""
     from data.encode import shard_intact
+    from data.folders import lines_digest
     from data.meta import shard_stats
     from data.prepare import captioned_record, shard_name, write_records
 
@@ -95,7 +96,7 @@ def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, 
     for name, idx in zip(names, np.array_split(np.arange(n), total)):   # prepare_arrays' cut, at this shard count
         if name in done and digest is not None:
             lines = _lines_or_none(file_lines, idx)
-            if lines is None or hashlib.sha256(b"".join(lines)).hexdigest() != state["shards"][name].get("bytes"):
+            if lines is None or lines_digest(lines) != state["shards"][name].get("bytes"):
                 print(f"{name}: its source files are not those it was made from: making it again", flush=True)
                 done.remove(name)
             else:
@@ -110,7 +111,7 @@ def write_split(out_dir: Path, state: dict, split: str, n: int, per_shard: int, 
         state["shards"][name] = {"records": len(idx), "stats": mine}
         if digest is not None:
             digest.update(b"".join(lines))
-            state["shards"][name]["bytes"] = hashlib.sha256(b"".join(lines)).hexdigest()
+            state["shards"][name]["bytes"] = lines_digest(lines)
         write_json(out_dir / STATE_FILE, state, indent=None)   # small: counts, statistics and hashes, no captions
     return files, stats, None if digest is None else digest.hexdigest()
 

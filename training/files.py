@@ -28,6 +28,15 @@ def atomic_write(path):
         tmp.unlink(missing_ok=True)
 
 
+def stale_temps(path) -> list[Path]:
+    """The temporary files atomic_write made for `path` and never renamed: a killed writer's (ask only while no
+    writer of `path` runs: under its lock)."""
+    import glob
+
+    path = Path(path)
+    return list(path.parent.glob(f".{glob.escape(path.stem)}.tmp-*{glob.escape(path.suffix)}"))
+
+
 def write_json(path, obj, indent: int | None = 1) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent))
