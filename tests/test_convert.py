@@ -119,15 +119,13 @@ def test_init_from_a_stage2_run_fine_tunes_it(digits_text_root, tmp_path):
     import equinox as eqx
 
     import train_stage2
-    from models.convert import copy_stage2
-    from training.checkpoint import Checkpointer, read_config
+    from models.convert import copy_stage2, load_init
     from training.cli import compose
     from training.errors import UserError
 
-    def ema(ckpt_dir):
-        saved, step = read_config(ckpt_dir)
-        with Checkpointer(ckpt_dir, create=False) as ck:
-            return ck.restore_weights(build_model(saved["model_spec"], key=jax.random.PRNGKey(0)), step), saved
+    def ema(ckpt_dir):   # the run's EMA and saved config, as train.init_from reads them
+        model, _, saved = load_init(ckpt_dir)
+        return model, saved
 
     a_dir, b_dir = str(tmp_path / "a"), str(tmp_path / "b")
     train_stage2.main(compose("stage2", stage2_overrides(digits_text_root, a_dir, steps=3)))

@@ -64,6 +64,7 @@ def caption_topk(model, spec: dict, meta: dict, captions, real, cfg, step: int, 
 
 
 KEYS = {"step": int, "num_samples": int, "cfg_scale": float, "steps": int}
+AT_LEAST = {"num_samples": 1, "steps": 1, "step": 0, "seed": 0}   # the keys' smallest values, in every tool
 USAGE = "usage: python -m training.text_eval <ckpt_dir> [step=N] [num_samples=N] [cfg_scale=X] [steps=N]"
 
 
@@ -82,8 +83,8 @@ def parse_args(argv: list[str], keys: dict = KEYS, usage: str = USAGE) -> tuple[
         except ValueError:
             what = "a whole number" if keys[key] is int else "a number"
             raise UserError(f"{arg}: {key} must be {what}: {usage}") from None
-        if key in ("num_samples", "steps") and kv[key] < 1 or key in ("step", "seed") and kv[key] < 0:
-            raise UserError(f"{arg}: {key} must be >= {0 if key in ('step', 'seed') else 1}: {usage}")
+        if kv[key] < AT_LEAST.get(key, kv[key]):
+            raise UserError(f"{arg}: {key} must be >= {AT_LEAST[key]}: {usage}")
     return argv[0], kv
 
 
