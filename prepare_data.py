@@ -19,7 +19,7 @@ def main(cfg):
     from pathlib import Path
 
     from data.builtin import BUILTIN_NAMES
-    from data.prepare import meta_stamp, prepare_or_rebuild
+    from data.rebuild import meta_stamp, prepare_or_rebuild
     from training.errors import UserError
 
     if cfg.get("source") or cfg.get("vae"):
@@ -65,7 +65,7 @@ def encode_latents(cfg):
     from pathlib import Path
 
     from data.encode import prepare_latents
-    from data.prepare import meta_stamp, prepare_or_rebuild
+    from data.rebuild import meta_stamp, prepare_or_rebuild
     from data.vae import load_vae
     from training.errors import UserError
 

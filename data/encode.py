@@ -121,10 +121,10 @@ def prepare_latents(source: str, vae, out_dir, **settings) -> dict:
     - `force`: encode every shard again even where the set matches; what is there is removed only after the source
       and the VAE have been checked (a typo in either leaves the old set as it was).
     - `on_shard`: called with the shard name after each shard is finished (tests use it to interrupt).
-    - `rebuilding`: out_dir is a stopped force=true rebuild's unfinished new set (data.prepare.rebuild_keeping_old):
+    - `rebuilding`: out_dir is a stopped force=true rebuild's unfinished new set (data.rebuild.rebuild_keeping_old):
       its shards resume if they were made with these settings, and it begins anew (not refused) if not.
     """
-    from data.prepare import preparing_lock
+    from data.rebuild import preparing_lock
     from training.runlock import exclusive
 
     out_dir = Path(out_dir)
@@ -204,7 +204,7 @@ def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None 
             if (out_dir / META_FILE).exists():
                 # A complete set: it waits aside until its replacement is complete, and comes back if the encode
                 # fails or is stopped, as with force=true.
-                from data.prepare import rebuild_keeping_old
+                from data.rebuild import rebuild_keeping_old
                 return rebuild_keeping_old(out_dir, lambda: prepare_latents(source, vae, out_dir, force=True, **again))
     if force or state.get("fingerprint") != fp:   # a new set (or force): nothing can be reused
         state = _start_over(out_dir, fp, plan, items, weights)

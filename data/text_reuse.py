@@ -143,7 +143,7 @@ def _same_bytes(meta: dict, dc, out_dir: Path, now: dict) -> None:
     the recorded values, and meta.json records the images where they are now (under the set's lock), keeping the
     last few (folder, stamps) already compared (`images_verified`: hosts with scratch copies of their own then each
     compare once, not at every start). Sets prepared before the bytes were recorded keep the stamps' verdict."""
-    from data.prepare import preparing_lock
+    from data.rebuild import preparing_lock
     from training.runlock import exclusive
 
     was = meta["text"]["request"]

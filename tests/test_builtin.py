@@ -106,7 +106,7 @@ def test_runs_started_together_prepare_a_set_once(tmp_path, capsys):
     import threading
     import time
 
-    from data.prepare import preparing_lock
+    from data.rebuild import preparing_lock
     from training.runlock import exclusive
 
     out = tmp_path / "digits"

@@ -146,7 +146,7 @@ def test_two_encodes_into_one_folder_take_turns(tmp_path, vae, capsys):
     import threading
 
     from data.encode import prepare_latents
-    from data.prepare import preparing_lock
+    from data.rebuild import preparing_lock
 
     src = tmp_path / "s"
     write_images(src / "a", [f"{i}.png" for i in range(2)])
@@ -176,7 +176,7 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
 
     import prepare_data
     from data.encode import prepare_latents
-    from data.prepare import preparing_lock
+    from data.rebuild import preparing_lock
     from training import cli
 
     src = tmp_path / "s"

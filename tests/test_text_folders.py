@@ -278,7 +278,7 @@ def test_a_killed_caption_rebuild_resumes(tmp_path, minilm, monkeypatch, capsys)
 
     from PIL import Image
 
-    import data.prepare
+    import data.rebuild
     import data.text_shards as text_shards
     import prepare_data
     from data.text import TextEncoder
@@ -302,10 +302,10 @@ def test_a_killed_caption_rebuild_resumes(tmp_path, minilm, monkeypatch, capsys)
     stop = lambda caps: (_ for _ in ()).throw(KeyboardInterrupt) if "new caption 2" in caps else None
     monkeypatch.setattr(TextEncoder, "encode", lambda self, caps, n, **k: stop(caps) or seen.append(list(caps))
                         or encode(self, caps, n, **k))
-    monkeypatch.setattr(data.prepare, "_REBUILDING", {aside})
+    monkeypatch.setattr(data.rebuild, "_REBUILDING", {aside})
     with pytest.raises(KeyboardInterrupt):
         ensure_prepared_text(dc, encoder=minilm)
-    monkeypatch.setattr(data.prepare, "_REBUILDING", set())
+    monkeypatch.setattr(data.rebuild, "_REBUILDING", set())
     seen.clear()
     monkeypatch.setattr(TextEncoder, "encode", lambda self, caps, n, **k: seen.append(list(caps))
                         or encode(self, caps, n, **k))
