@@ -16,6 +16,8 @@ from training import cli  # noqa: E402
 def main(cfg):
     """One sample.py per out= (a lock beside it): two at once mixed their parts into one npz without a word (another
     seed's images under this one's request), or one deleted the parts folder under the other."""
+    import contextlib
+
     from training.files import stale_temps
     from training.runlock import RunLock
 
@@ -26,12 +28,13 @@ def main(cfg):
         for written in (out, out.with_suffix(".png"), out.with_suffix(".eval.json")):
             for stale in stale_temps(written):
                 stale.unlink(missing_ok=True)
-        return _sample(cfg, out)
+        with contextlib.ExitStack() as held:   # the run's data set, held for reading (data.rebuild.reading)
+            return _sample(cfg, out, held)
     finally:
         lock.release()
 
 
-def _sample(cfg, out):
+def _sample(cfg, out, held):
     import json
     import shutil
     from pathlib import Path
@@ -42,6 +45,7 @@ def _sample(cfg, out):
 
     from data.meta import load_meta
     from data.prepare import data_mismatch
+    from data.rebuild import reading
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.checksums import step_digest
@@ -79,6 +83,7 @@ def _sample(cfg, out):
     if cfg.get("data_root"):   # the prepared sets moved (another disk or machine) since the run
         run_cfg.data.root = str(cfg.data_root)
     data_dir = Path(run_cfg.data.root) / run_cfg.data.name
+    held.enter_context(reading(data_dir))   # a rebuild under way is waited for; none starts until the end
     try:
         meta = load_meta(data_dir)
     except UserError as err:

@@ -116,14 +116,17 @@ def score_reconstructions(cfg, vae, x_train, y_train, n: int = 1000) -> dict:
     """The ceiling a latent model can reach by the stage-1 metric (training/evaluate.py): n train images (the
     classifier's real sets are drawn from test, so none is compared with itself) scored as they are and after
     encode + decode. The gap between the two is what the autoencoder alone costs."""
+    import contextlib
+
     import numpy as np
 
     from data.loader import load_split
     from data.prepare import ensure_prepared
     from training.evaluate import get_evaluator
 
-    meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
-    ev = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split))
+    with contextlib.ExitStack() as held:   # no rebuild while the classifier and test split are read (data.rebuild)
+        meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root, held=held)
+        ev = get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split))
     idx = np.sort(np.random.RandomState(2).permutation(len(x_train))[:n])
     keep = ("acc_ratio", "fd", "fd_floor", "fd_ratio")
     as_is = ev.evaluate(x_train[idx], y_train[idx])

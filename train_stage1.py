@@ -13,31 +13,34 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
+    import contextlib
+
     from data.loader import make_iterator
     from data.prepare import ensure_prepared
     from models import model_spec
     from training.loop import Task, run
 
-    meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root)
-    spec = model_spec(cfg.model, meta)
+    with contextlib.ExitStack() as held:   # the data set is held for reading until the run ends (data.rebuild)
+        meta, data_dir = ensure_prepared(cfg.data.name, cfg.data.root, held=held)
+        spec = model_spec(cfg.model, meta)
 
-    def iterator(batch_size, process_index, process_count):
-        return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
-                             hflip=bool(cfg.data.hflip), workers=int(cfg.data.workers),
-                             process_index=process_index, process_count=process_count)
+        def iterator(batch_size, process_index, process_count):
+            return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
+                                 hflip=bool(cfg.data.hflip), workers=int(cfg.data.workers),
+                                 process_index=process_index, process_count=process_count)
 
-    def evaluator():
-        from training.evaluate import evaluator_for  # trains the classifier on first use
+        def evaluator():
+            from training.evaluate import evaluator_for  # trains the classifier on first use
 
-        return evaluator_for(meta, data_dir, cfg.data.root)
+            return evaluator_for(meta, data_dir, cfg.data.root)
 
-    def check_eval():
-        from training.evaluate import eval_target
+        def check_eval():
+            from training.evaluate import eval_target
 
-        eval_target(meta, data_dir, cfg.data.root)
+            eval_target(meta, data_dir, cfg.data.root)
 
-    return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator,
-                         null_cond=spec["num_classes"], evaluator=evaluator, check_eval=check_eval))
+        return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator,
+                             null_cond=spec["num_classes"], evaluator=evaluator, check_eval=check_eval))
 
 
 if __name__ == "__main__":

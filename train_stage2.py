@@ -16,6 +16,7 @@ from training import cli  # noqa: E402
 
 
 def main(cfg):
+    import contextlib
     import functools
 
     import numpy as np
@@ -33,43 +34,44 @@ def main(cfg):
                         "data config: use data=emoji, data=fashion_mnist_text, data=folder or data=latents_text")
     if cfg.model.get("mixing") is None:
         raise UserError("stage 2 needs a text model preset (model=small_text or model.mixing=cross|joint)")
-    meta, data_dir = ensure_prepared_text(cfg.data)
-    spec = model_spec(cfg.model, meta)
-    num_train = int(meta["splits"]["train"]["num_records"])
+    with contextlib.ExitStack() as held:   # the data set is held for reading until the run ends (data.rebuild)
+        meta, data_dir = ensure_prepared_text(cfg.data, held=held)
+        spec = model_spec(cfg.model, meta)
+        num_train = int(meta["splits"]["train"]["num_records"])
 
-    def captions(idx):   # only the records asked for: the whole split's features can be more than memory holds
-        return load_text(meta, data_dir, "train", idx)
+        def captions(idx):   # only the records asked for: the whole split's features can be more than memory holds
+            return load_text(meta, data_dir, "train", idx)
 
-    def iterator(batch_size, process_index, process_count):
-        return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
-                             hflip=bool(cfg.data.hflip), workers=int(cfg.data.workers),
-                             process_index=process_index, process_count=process_count)
+        def iterator(batch_size, process_index, process_count):
+            return make_iterator(meta, data_dir, "train", batch_size=batch_size, seed=int(cfg.train.seed),
+                                 hflip=bool(cfg.data.hflip), workers=int(cfg.data.workers),
+                                 process_index=process_index, process_count=process_count)
 
-    def init_model(model):
-        if not cfg.train.init_from or cfg.train.is_restore:
-            return model
-        from models.convert import init_from
+        def init_model(model):
+            if not cfg.train.init_from or cfg.train.is_restore:
+                return model
+            from models.convert import init_from
 
-        return init_from(str(cfg.train.init_from), model, spec, meta, str(cfg.train.prediction),
-                         float(cfg.train.init_fold_t))
+            return init_from(str(cfg.train.init_from), model, spec, meta, str(cfg.train.prediction),
+                             float(cfg.train.init_fold_t))
 
-    @functools.cache   # read once: the same 8 captions at every grid
-    def grid_captions():  # 8 training captions spread over the set, 8 samples each (one caption per row)
-        return captions(np.linspace(0, num_train - 1, 8).astype(int))
+        @functools.cache   # read once: the same 8 captions at every grid
+        def grid_captions():  # 8 training captions spread over the set, 8 samples each (one caption per row)
+            return captions(np.linspace(0, num_train - 1, 8).astype(int))
 
-    def grid_conds():
-        c = grid_captions()
-        return text_conds(np.repeat(c["text"], 8, axis=0), np.repeat(c["mask"], 8, axis=0))
+        def grid_conds():
+            c = grid_captions()
+            return text_conds(np.repeat(c["text"], 8, axis=0), np.repeat(c["mask"], 8, axis=0))
 
-    def final_eval(ema, step):
-        from training.text_eval import caption_topk
+        def final_eval(ema, step):
+            from training.text_eval import caption_topk
 
-        return caption_topk(ema, spec, meta, captions, StoredImages(meta, data_dir, "train"), cfg, step)
+            return caption_topk(ema, spec, meta, captions, StoredImages(meta, data_dir, "train"), cfg, step)
 
-    return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator, null_cond=None,
-                         conditioning=text_conditioning, init_model=init_model, grid_conds=grid_conds,
-                         grid_rows=lambda: list(grid_captions()["caption"]),
-                         final_eval=final_eval))
+        return run(cfg, Task(spec=spec, meta=meta, data_dir=str(data_dir), make_iterator=iterator, null_cond=None,
+                             conditioning=text_conditioning, init_model=init_model, grid_conds=grid_conds,
+                             grid_rows=lambda: list(grid_captions()["caption"]),
+                             final_eval=final_eval))
 
 
 if __name__ == "__main__":

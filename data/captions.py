@@ -223,11 +223,12 @@ def _prepare_latents_text(dc, out_dir: Path, enc, text_meta: dict, src: Path, me
     text_shards.finish(out_dir)
 
 
-def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
+def ensure_prepared_text(dc, encoder=None, held=None) -> tuple[dict, Path]:
     """(meta, dir) of the captioned set `<data.root>/<data.name>`, preparing it (and its text features) on first use;
     a copy prepared from another request (data.text_reuse.request) is refused. Prepared once under a lock, as the
-    built-ins are (data.prepare.prepare_once)."""
+    built-ins are (data.prepare.prepare_once); `held`: as in data.prepare.ensure_prepared."""
     from data.prepare import prepare_once
+    from data.rebuild import prepared_for_reading
 
     out_dir = Path(dc.root) / dc.name
     if str(dc.kind) == "latents" and Path(str(dc.latents)).expanduser().resolve() == out_dir.resolve():
@@ -246,26 +247,33 @@ def ensure_prepared_text(dc, encoder=None) -> tuple[dict, Path]:
                 continue
         raise UserError(f"{out_dir} kept changing while it was checked (other processes preparing it): run again")
 
-    return prepare_once(out_dir, ready, lambda: _prepare_text(dc, out_dir, encoder)), out_dir
+    prepare = lambda: prepare_once(out_dir, ready, lambda: _prepare_text(dc, out_dir, encoder))   # noqa: E731
+    return (prepare() if held is None else prepared_for_reading(out_dir, prepare, held)), out_dir
 
 
 def _prepare_text(dc, out_dir: Path, encoder) -> None:
+    import contextlib
+
+    from data.rebuild import prepared_for_reading
     from data.text import get_encoder
 
     # sources are read (latents, folders: checked) before anything is said or the text encoder loads, so a wrong path
     # or an unset key (???) is one line at once
     kind = str(dc.kind)
-    latents = _latent_source(dc) if kind == "latents" else None
-    rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)), limit_of(dc)) if kind == "folder" else None
-    print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
-    enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
-    enc.reset_counts()
-    try:
-        _make_text_set(dc, out_dir, enc, latents, rows)
-    finally:   # said also when the preparation stops: which captions the set holds cut
-        note = enc.truncation_note("captions", int(dc.max_tokens))
-        if note:
-            print(note, flush=True)
+    with contextlib.ExitStack() as held:   # the source latents are held for reading while they are copied
+        latents = prepared_for_reading(Path(str(dc.latents)).expanduser(), lambda: _latent_source(dc), held) \
+            if kind == "latents" else None
+        rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)), limit_of(dc)) \
+            if kind == "folder" else None
+        print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
+        enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
+        enc.reset_counts()
+        try:
+            _make_text_set(dc, out_dir, enc, latents, rows)
+        finally:   # said also when the preparation stops: which captions the set holds cut
+            note = enc.truncation_note("captions", int(dc.max_tokens))
+            if note:
+                print(note, flush=True)
 
 
 def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:

@@ -13,7 +13,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builtin_copy, load_builtin
 from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, prepare_hint, write_meta
-from data.rebuild import _set_aside, preparing_lock, restore_interrupted_rebuild
+from data.rebuild import _set_aside, prepared_for_reading, preparing_lock, restore_interrupted_rebuild
 from data.records import ALLOWED_DTYPES, encode_record
 from training.errors import UserError, storage_reason
 from training.runlock import exclusive
@@ -212,9 +212,10 @@ def _short(value):
     return value[:12] + "..." if isinstance(value, str) and len(value) == 64 else value   # a sha256 in hex
 
 
-def ensure_prepared(name: str, root) -> tuple[dict, Path]:
+def ensure_prepared(name: str, root, held=None) -> tuple[dict, Path]:
     """(meta, dir) of `<root>/<name>`, preparing a built-in data set on first use, and again when the copy there was
-    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost)."""
+    cut differently from today's split (it is derived from files the machine keeps, so nothing is lost). `held` (an
+    ExitStack): the set is held for reading until it closes (data.rebuild.reading); no rebuild replaces it meanwhile."""
     out_dir = Path(root) / name
 
     def ready():
@@ -235,7 +236,8 @@ def ensure_prepared(name: str, root) -> tuple[dict, Path]:
         prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
                        split_rule=d["split_rule"])
 
-    return prepare_once(out_dir, ready, build), out_dir
+    prepare = lambda: prepare_once(out_dir, ready, build)   # noqa: E731
+    return (prepare() if held is None else prepared_for_reading(out_dir, prepare, held)), out_dir
 
 
 def prepare_once(out_dir: Path, ready, build) -> dict:

@@ -1,6 +1,7 @@
 """Rebuilding a complete data set (`prepare_data.py ... force=true`) without losing it: the old copy is set aside
 until the new one is complete, a killed rebuild resumes or is undone, and all of it runs under the set's preparing
-lock, so that two preparations never write one set at once.
+lock, so that two preparations never write one set at once. Runs hold the set they read (`reading`): a rebuild is
+refused while they do, instead of renaming the set away under them.
 """
 
 import os
@@ -8,12 +9,40 @@ from pathlib import Path
 
 from data.meta import META_FILE
 from training.errors import UserError
-from training.runlock import exclusive
+from training.runlock import exclusive, shared, unshared
 
 
 def preparing_lock(out_dir: Path) -> Path:
     """The lock file for preparing `out_dir`: beside it, since a rebuild may replace the folder itself."""
     return out_dir.parent / f".{out_dir.name}.prepare.lock"
+
+
+def readers_lock(out_dir) -> Path:
+    """The lock file that runs reading `out_dir` share: beside the folder where it lives (a symlinked set is rebuilt
+    there, whichever path names it)."""
+    target = Path(out_dir).resolve()
+    return target.parent / f".{target.name}.readers.lock"
+
+
+def reading(out_dir):
+    """Held (a shared lock) by each run for as long as it reads the set: training with its grids and evaluation,
+    sample.py, the autoencoder's training. A rebuild of the set (force=true, or an encode whose source changed) is
+    refused meanwhile. It renamed the set away under them: a run that reached its evaluation (the test split, the
+    cached classifier) during an hours-long encode failed there, or scored the new set's images; a rebuild in
+    progress is waited for here instead."""
+    return shared(readers_lock(out_dir), f"waiting for another process rebuilding {out_dir} ...")
+
+
+def prepared_for_reading(out_dir, prepare, held):
+    """prepare() (the set's meta, made if absent) with the set held for reading (`reading`, entered into the
+    ExitStack `held`). The lock is taken once the set is complete; if meta.json changed meanwhile (made, mended or
+    rebuilt by this or another process), prepare() reads the set again, now that no rebuild can replace it."""
+    before = meta_stamp(out_dir)
+    result = prepare()
+    held.enter_context(reading(out_dir))
+    if before is None or meta_stamp(out_dir) != before:
+        result = prepare()
+    return result
 
 
 _REBUILDING: set[Path] = set()   # old copies set aside by rebuilds running in this process
@@ -43,7 +72,10 @@ def rebuild_keeping_old(out_dir, build, resume=None):
     import sys
 
     out_dir = Path(out_dir)
-    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
+    with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."), \
+            unshared(readers_lock(out_dir), f"{out_dir} is being read by a run (training, sample.py, an evaluation): "
+                     "let it end or stop it, then run this command again, or prepare the new set elsewhere "
+                     "(another out= or data.root)"):
         target = out_dir.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
         aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
         stopped = stopped_rebuild(out_dir) if resume is not None else None
@@ -121,21 +153,25 @@ def prepare_or_rebuild(out_dir, force: bool, before, prepare, build, resume, che
 
 
 def meta_stamp(out_dir) -> tuple | None:
-    """meta.json's inode, size and mtime (None when absent): taken when a force=true command starts, compared once
-    it holds the set's lock (done_meanwhile). No clock is compared: a file server's may differ from this host's."""
+    """(meta.json's inode, size and mtime; each shard's name, inode and mtime), None without meta.json: taken when a
+    force=true command starts, compared once it holds the set's lock (done_meanwhile), and around taking a set for
+    reading (prepared_for_reading). No clock is compared: a file server's may differ from this host's."""
+    out_dir = Path(out_dir)
     try:
-        st = (Path(out_dir) / META_FILE).stat()
-    except OSError:
+        st = (out_dir / META_FILE).stat()
+        shards = tuple(sorted((p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in out_dir.glob("*.array_record")))
+    except OSError:   # removed while listed: the set is changing
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return (st.st_ino, st.st_size, st.st_mtime_ns), shards
 
 
 def done_meanwhile(out_dir, before, prepare):
     """A force=true (the same job submitted twice) that waited for another process, which completed the set
-    meanwhile (meta.json appeared or changed since `before`): that set, if preparing without force accepts it as this
-    command's (`prepare()`), instead of rebuilding it again, without its meta.json meanwhile; else None."""
+    meanwhile (meta.json appeared, or the shards changed since `before`; a check that records where a captioned
+    set's images are now rewrites meta.json alone, and is no rebuild): that set, if preparing without force accepts
+    it as this command's (`prepare()`), instead of rebuilding it again, without its meta.json meanwhile; else None."""
     now = meta_stamp(out_dir)
-    if now is None or now == before:
+    if now is None or (before is not None and now[1] == before[1]):
         return None
     try:
         result = prepare()

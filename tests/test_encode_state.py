@@ -1,6 +1,7 @@
 """The latent encode's resume state at scale: each shard's captions in a file of its own, not in the state."""
 
 import json
+import os
 
 import pytest
 
@@ -225,13 +226,23 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
     assert shards(out) == shards(tmp_path / "full") and not list(tmp_path.glob(".o.replaced-*"))
     first = (out / names[0]).stat().st_mtime_ns
 
-    # the same command twice: the second waits for the first, which completes the set meanwhile
-    with exclusive(preparing_lock(out), "unused"):
-        second = threading.Thread(target=cli.main, args=("prepare", prepare_data.main))
-        second.start()
-        second.join(timeout=2)
-        assert second.is_alive()
-        (out / "meta.json").write_text((out / "meta.json").read_text())   # the first one completes it meanwhile
-    second.join(timeout=60)
-    assert "rebuilt by another process while this one waited" in capsys.readouterr().out
-    assert shards(out) == shards(tmp_path / "full") and (out / names[0]).stat().st_mtime_ns == first
+    # the same command twice: the second waits for the first, which completes the set meanwhile (new shard files,
+    # then meta.json); a process that only rewrote meta.json meanwhile (a check recording where a captioned set's
+    # images are now) rebuilt nothing, and the waiting force=true rebuilds
+    def renew(f):
+        (f.parent / f".{f.name}.new").write_bytes(f.read_bytes())
+        os.replace(f.parent / f".{f.name}.new", f)
+    for completes in (True, False):
+        with exclusive(preparing_lock(out), "unused"):
+            second = threading.Thread(target=cli.main, args=("prepare", prepare_data.main))
+            second.start()
+            second.join(timeout=2)
+            assert second.is_alive()
+            for f in [*out.glob("*.array_record"), out / "meta.json"] if completes else [out / "meta.json"]:
+                renew(f)
+            first = (out / names[0]).stat().st_mtime_ns
+        second.join(timeout=60)
+        said = capsys.readouterr().out
+        assert ("rebuilt by another process while this one waited" in said) == completes, said
+        assert ("rebuilding" in said) != completes, said
+        assert shards(out) == shards(tmp_path / "full") and ((out / names[0]).stat().st_mtime_ns == first) == completes

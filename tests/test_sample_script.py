@@ -1,6 +1,8 @@
 """sample.py, the script: its arguments (class ids, each mistake one line) and its npz written whole or not at all.
 The sampler it calls is tested in test_sampling.py."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -138,6 +140,12 @@ def test_a_stopped_large_request_resumes_to_the_same_images(digits_root, tmp_pat
 
     def stopped(*a, **kw):
         calls.append(kw["first"])
+        if len(calls) == 1 and stopped.stop:   # the run's data set is held while sampling: no rebuild under it
+            from data.rebuild import readers_lock
+            from training.errors import UserError
+            from training.runlock import unshared
+            with pytest.raises(UserError, match="read"), unshared(readers_lock(Path(digits_root) / "digits"), "read"):
+                pass
         if len(calls) == 2 and stopped.stop:
             raise KeyboardInterrupt
         return real(*a, **kw)

@@ -213,22 +213,26 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
     """The Evaluator that scores a run's samples: the data set's own or, for latents of a built-in set (meta's
     encoder names its `pixels`), the pixel set's, since samples are decoded before scoring. Training's end-of-run
     evaluation and sample.py both come here, so they cannot score a run differently."""
+    import contextlib
+
     from data.loader import load_split
 
-    meta, data_dir = eval_target(meta, data_dir, root)
-    return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
+    with contextlib.ExitStack() as held:   # a run holds its own set; latents' pixel set is held while it is read
+        meta, data_dir = eval_target(meta, data_dir, root, held=held)
+        return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
 
 
-def eval_target(meta: dict, data_dir, root) -> tuple[dict, Path]:
+def eval_target(meta: dict, data_dir, root, held=None) -> tuple[dict, Path]:
     """(meta, dir) of the pixel set whose classifier scores samples of `meta`'s set, checked without training
-    anything, so that training and sample.py refuse a set the classifier cannot score before their long part."""
+    anything, so that training and sample.py refuse a set the classifier cannot score before their long part.
+    `held`: as in data.prepare.ensure_prepared, for that pixel set."""
     from data.prepare import ensure_prepared, split_rule_of
 
     off = "turn the evaluation off (eval.at_end=false when training, evaluate=false in sample.py)"
     enc = meta.get("encoder") or {}
     pixels = enc.get("pixels")
     if pixels:
-        pix_meta, data_dir = ensure_prepared(pixels, root)
+        pix_meta, data_dir = ensure_prepared(pixels, root, held=held)
         cut, now = split_rule_of(meta), split_rule_of(pix_meta)
         if cut != now:
             raise UserError(f"{meta.get('name')} was encoded from {pixels} split as '{cut}', but {pixels} is now split "

@@ -1,5 +1,6 @@
 """One writer per checkpoint directory or sample.py out= (`RunLock`, refused at once); one preparer per data set,
-latent encode or evaluation classifier (`exclusive`, waited for).
+latent encode or evaluation classifier (`exclusive`, waited for); no rebuild of a data set that runs are reading
+(`shared` by the readers, `unshared` by the rebuild, refused at once).
 
 Two runs writing into one `train.ckpt_dir` (a job submitted twice, a requeued job whose first copy still runs, a
 command pasted into two terminals) would interleave their steps, delete each other's checkpoints through
@@ -23,11 +24,12 @@ from training.errors import UserError
 LOCK_FILE = ".run.lock"
 
 
-def _flock(fd: int, wait: bool) -> bool:
-    """Take an exclusive flock on `fd`: False when another process holds it and `wait` is false. A file system
-    without flock (some Lustre mounts) counts as taken: the work then runs unguarded, as before these locks."""
+def _flock(fd: int, wait: bool, shared: bool = False) -> bool:
+    """Take an exclusive (or `shared`) flock on `fd`: False when another process holds a conflicting one and `wait`
+    is false. A file system without flock (some Lustre mounts) counts as taken: the work then runs unguarded, as
+    before these locks."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
     except OSError:
@@ -100,3 +102,47 @@ def exclusive(path, waiting: str):
     finally:
         held.discard(key)
         os.close(fd)      # closing the descriptor drops the lock
+
+
+def _lock_fd(path: Path) -> int | None:
+    """A descriptor of the lock file `path` (created if absent), or None where it can be neither created nor opened:
+    a read-only copy of a data set, which no one can rebuild in place either, is read unguarded."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            return os.open(path, os.O_RDONLY)   # another user's lock file: flock needs no write access
+        except OSError:
+            return None
+
+
+@contextlib.contextmanager
+def shared(path, waiting: str):
+    """Hold a shared flock on `path` for the block, beside any number of other holders; an `unshared` holder is
+    waited for first (with `waiting` printed once). Nothing is created where `path`'s folder does not exist."""
+    path = Path(path)
+    fd = _lock_fd(path) if path.parent.is_dir() else None
+    try:
+        if fd is not None and not _flock(fd, wait=False, shared=True):
+            print(waiting, flush=True)
+            _flock(fd, wait=True, shared=True)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def unshared(path, refusal: str):
+    """Hold an exclusive flock on `path` for the block; UserError(refusal) at once while a `shared` holder is there.
+    Holders that come meanwhile wait for the block to end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_fd(path)
+    try:
+        if fd is not None and not _flock(fd, wait=False):
+            raise UserError(refusal)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
