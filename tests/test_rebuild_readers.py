@@ -79,3 +79,20 @@ def test_a_run_reads_the_set_again_if_it_changed_before_the_set_was_held(digits_
     assert len(calls) == 1
     with unshared(readers_lock(d), "in use"):   # released with the stack
         pass
+
+
+def test_locks_where_no_lock_file_can_be_made_leave_the_work_unguarded(tmp_path):
+    """A read-only copy of a set (a shared disk, /proc here): its preparing, classifier and readers locks cannot be
+    made there. The work runs without them (no one can write there either) instead of failing on the lock file."""
+    from training.errors import UserError
+    from training.runlock import exclusive, shared, unshared
+
+    ran = []
+    where = Path("/proc/self/dit-test.lock")
+    with exclusive(where, "unused"), shared(where, "unused"), unshared(where, "unused"):
+        ran.append(True)
+    assert ran and not where.exists()
+    lock = tmp_path / ".x.lock"   # and where it can: the readers' shared lock keeps the rebuild's out
+    with shared(lock, "unused"), pytest.raises(UserError, match="busy"):
+        with unshared(lock, "busy"):
+            pass

@@ -268,19 +268,15 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
     skeleton = Classifier(shape, k, width=hp["width"], key=jax.random.PRNGKey(seed))
     clf = _cached(cache, fp, hp, skeleton)
     if clf is None:   # trained by one process at a time: runs finishing together (a seed sweep) each trained it
-        import contextlib
-
         from training.runlock import exclusive
 
-        lock = Path(data_dir) / ".classifier.lock"   # a read-only copy of the set (or another user's lock file):
-        writable = os.access(lock if lock.exists() else data_dir, os.W_OK)   # trained here, kept in memory
-        with exclusive(lock, "waiting for another process training the evaluation classifier of "
-                             f"{meta.get('name')} ...") if writable else contextlib.nullcontext():
+        # a read-only copy of the set: no lock (exclusive), the leftovers stay, and it is trained and kept in memory
+        with exclusive(Path(data_dir) / ".classifier.lock", "waiting for another process training the evaluation "
+                       f"classifier of {meta.get('name')} ..."):
             clf = _cached(cache, fp, hp, skeleton)   # the other process's, once it is done
-            if clf is None:
-                if writable:   # under the lock, a swap's leftovers are those of a process killed in it
-                    for left in [*cache.parent.glob(".classifier-tmp-*"), *cache.parent.glob(".classifier-old-*")]:
-                        shutil.rmtree(left, ignore_errors=True)
+            if clf is None:   # under the lock, a swap's leftovers are those of a process killed in it
+                for left in [*cache.parent.glob(".classifier-tmp-*"), *cache.parent.glob(".classifier-old-*")]:
+                    shutil.rmtree(left, ignore_errors=True)
                 clf = _train_and_cache(meta, cache, fp, hp, load_split, x_test, y_test, k, seed)
     return Evaluator(clf, k, x_test, y_test, seed)
 

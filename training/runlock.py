@@ -84,7 +84,8 @@ def exclusive(path, waiting: str):
     `waiting` printed once). Preparing a data set on first use runs under it: two runs started together on a fresh
     machine each rewrote the set, deleting shards the other had just read meta.json for (development_log.md).
     Re-entrant within a thread (a `force=true` rebuild prepares inside its own lock): a second flock on another
-    descriptor of the same file would wait for the first forever."""
+    descriptor of the same file would wait for the first forever. Where the lock file can be neither made nor
+    opened, the block runs unguarded (_lock_fd)."""
     path = Path(path)
     key = str(path.absolute())
     held = _HELD.__dict__.setdefault("paths", set())
@@ -92,16 +93,17 @@ def exclusive(path, waiting: str):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_fd(path)   # None: a read-only place (a shared copy of a set), where no one else writes either
     try:
-        if not _flock(fd, wait=False):
+        if fd is not None and not _flock(fd, wait=False):
             print(waiting, flush=True)
             _flock(fd, wait=True)
         held.add(key)
         yield
     finally:
         held.discard(key)
-        os.close(fd)      # closing the descriptor drops the lock
+        if fd is not None:
+            os.close(fd)      # closing the descriptor drops the lock
 
 
 def _lock_fd(path: Path) -> int | None:
