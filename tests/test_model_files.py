@@ -257,6 +257,54 @@ def test_a_swap_killed_midway_is_undone_by_the_next_run(tiny_vae, tmp_path):
     assert _files(out) == before
 
 
+@pytest.mark.parametrize("old", [True, False])
+def test_a_swap_killed_at_any_point_after_the_new_model_is_complete_is_finished(tiny_vae, tmp_path, monkeypatch,
+                                                                                 capsys, old):
+    """kill -9 while the new model's files move in: it was undone (the old model back, 12-15 minutes of training
+    lost), or, without an old one, out= kept half a model (weights, no config.json). Now a swap whose new model is
+    complete (its manifest written) is finished by the next run, wherever the kill fell; the user's own files stay."""
+    import train_autoencoder
+
+    out, new = tmp_path / "ae", tmp_path / "new"
+    shutil.copytree(tiny_vae, new)
+    (new / "diffusion_pytorch_model.safetensors").write_bytes(b"new weights")
+    (new / "train_report.json").write_text("{}")
+    want = {**_files(new), "notes.txt": b"mine"}
+    real_move, moves = shutil.move, []
+
+    def killed(src, dst):
+        if len(moves) == killed.at:
+            raise SystemExit("killed")   # (a kill runs nothing after it: recovery below is the next run's)
+        moves.append(dst)
+        return real_move(src, dst)
+    n = 0
+    while True:
+        shutil.rmtree(out, ignore_errors=True)
+        if old:
+            shutil.copytree(tiny_vae, out)
+        else:
+            out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        tmp = out / f"{train_autoencoder.NEW}4194304"
+        shutil.copytree(new, tmp)
+        moves.clear()
+        killed.at = n
+        monkeypatch.setattr(shutil, "move", killed)
+        try:
+            train_autoencoder.publish(tmp, out, force=True)
+            finished = True
+        except SystemExit:
+            finished = False
+        monkeypatch.setattr(shutil, "move", real_move)
+        train_autoencoder.recover_interrupted(out)
+        assert _files(out) == want, (n, sorted(_files(out)))
+        assert finished or "the move is finished" in capsys.readouterr().out
+        if finished:
+            break
+        n += 1
+    assert n == (5 if old else 3)   # every move (old ones aside, new ones in) was a kill point
+
+
 def test_a_second_autoencoder_run_into_the_same_out_is_refused_at_once(tiny_vae, tmp_path):
     """Two runs into one out= both trained for 15 minutes; the second then kept its model aside. Now the second is
     refused at start in one line, naming the first, and out= is left as it was."""
