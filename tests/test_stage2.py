@@ -40,7 +40,7 @@ def root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mixing", ["joint"])  # the resume machinery is the same for both; joint has more parts
-def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing):
+def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing, monkeypatch):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     common = {"train.lr": 3e-3, "model.mixing": mixing, "train.ckpt_every": N}
     train_stage2.main(compose("stage2", stage2_overrides(root, straight, steps=2 * N, **common)))
@@ -62,8 +62,19 @@ def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing):
 
     own = Path(straight) / f"eval-step{2 * N:07d}.json"
     own.write_text('{"the run": "its own result"}')
+    real_topk, held = text_eval.caption_topk, []
+
+    def topk(*a, **k):   # the set is held while it is read: a rebuild now is refused
+        from data.rebuild import readers_lock
+        from training.errors import UserError
+        from training.runlock import unshared
+        with pytest.raises(UserError, match="read"), unshared(readers_lock(Path(root) / "digits_text"), "read"):
+            pass
+        held.append(True)
+        return real_topk(*a, **k)
+    monkeypatch.setattr(text_eval, "caption_topk", topk)
     res = text_eval.main([straight, "num_samples=4", "cfg_scale=2", "steps=2"])
-    assert own.read_text() == '{"the run": "its own result"}'
+    assert held and own.read_text() == '{"the run": "its own result"}'
     saved = json.loads((Path(straight) / f"eval-step{2 * N:07d}-n4-cfg2-steps2.json").read_text())
     assert saved == res and saved["sampler_steps"] == 2 and saved["num_captions"] == 4
 

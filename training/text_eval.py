@@ -88,7 +88,7 @@ def parse_args(argv: list[str], keys: dict = KEYS, usage: str = USAGE) -> tuple[
     return argv[0], kv
 
 
-def load_run(ckpt_dir, step=None, **sampler) -> tuple:
+def load_run(ckpt_dir, step=None, held=None, **sampler) -> tuple:
     """(saved config, cfg, step, meta, data_dir, EMA model) of a saved stage-2 run, with `sampler` overrides
     (cfg_scale, steps ...), checked before anything slow: a stage-1 run, a sampler the run cannot use, or data
     re-prepared since (other caption features, other images) are refused in one line."""
@@ -97,6 +97,7 @@ def load_run(ckpt_dir, step=None, **sampler) -> tuple:
     from data.prompts import check_text_matches
     from data.meta import load_meta
     from data.prepare import data_mismatch
+    from data.rebuild import reading
     from models import build_model
     from training.checkpoint import Checkpointer, read_config
     from training.generate import check_weak_step
@@ -113,6 +114,8 @@ def load_run(ckpt_dir, step=None, **sampler) -> tuple:
     check_sampler(cfg.sampler)
     check_weak_step(cfg.sampler, cfg.train, step)
     data_dir = Path(cfg.data.root) / cfg.data.name
+    if held is not None:   # an ExitStack: the set is held for reading until it closes (data.rebuild.reading)
+        held.enter_context(reading(data_dir))
     meta = load_meta(data_dir)
     check_text_matches(saved, meta, ckpt_dir)
     moved = data_mismatch(saved, meta)
@@ -127,16 +130,19 @@ def load_run(ckpt_dir, step=None, **sampler) -> tuple:
 def main(argv: list[str]) -> dict:
     """python -m training.text_eval <ckpt_dir> [key=value ...]: the check on a saved run (e.g. one stopped early).
     Keys: step, num_samples, cfg_scale, steps (sampler)."""
+    import contextlib
+
     from data.loader import StoredImages, load_text
 
     ckpt_dir, kv = parse_args(argv)
-    saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), **{
-        k: kv[k] for k in ("cfg_scale", "steps") if k in kv})
-    cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
-    # The run's own eval-step<N>.json (written at the end of training) stays: this one is named by its settings.
-    tag = f"-n{int(cfg.eval.num_samples)}-cfg{float(cfg.sampler.cfg_scale):g}-steps{int(cfg.sampler.steps)}"
-    return caption_topk(ema, saved["model_spec"], meta, lambda idx: load_text(meta, data_dir, "train", idx),
-                        StoredImages(meta, data_dir, "train"), cfg, step, tag=tag)
+    with contextlib.ExitStack() as held:
+        saved, cfg, step, meta, data_dir, ema = load_run(ckpt_dir, kv.get("step"), held, **{
+            k: kv[k] for k in ("cfg_scale", "steps") if k in kv})
+        cfg.eval.num_samples = kv.get("num_samples", cfg.eval.num_samples)
+        # The run's own eval-step<N>.json (written at the end of training) stays: this one is named by its settings.
+        tag = f"-n{int(cfg.eval.num_samples)}-cfg{float(cfg.sampler.cfg_scale):g}-steps{int(cfg.sampler.steps)}"
+        return caption_topk(ema, saved["model_spec"], meta, lambda idx: load_text(meta, data_dir, "train", idx),
+                            StoredImages(meta, data_dir, "train"), cfg, step, tag=tag)
 
 
 def run(argv: list[str]) -> None:
