@@ -65,7 +65,7 @@ def encode_latents(cfg):
     from pathlib import Path
 
     from data.encode import prepare_latents
-    from data.rebuild import meta_stamp, prepare_or_rebuild
+    from data.rebuild import meta_stamp, prepare_or_rebuild, refuse_if_read
     from data.vae import load_vae
     from training.errors import UserError
 
@@ -73,6 +73,8 @@ def encode_latents(cfg):
         raise UserError("encoding latents needs both source=<folder or built-in name> and vae=<dir, hub id or preset>")
     out = Path(cfg.out) if cfg.out else Path(cfg.data.root) / f"{Path(str(cfg.source)).name}_latents"
     before = meta_stamp(out)
+    if cfg.force and before is not None:
+        refuse_if_read(out)
     vae = load_vae(str(cfg.vae), cfg.vae_device, cfg.vae_dtype)
 
     def encode(force=True, rebuilding=False):

@@ -49,7 +49,7 @@ def holds_model(d) -> bool:
     return d.is_dir() and any(_is_model_file(p.name) for p in d.iterdir())
 
 
-MANIFEST = ".publishing.json"   # in the new model's folder: it is complete, and these files are to be moved in
+MANIFEST = ".publishing.json"   # in the new model's folder: it is complete; its files' names and stamps
 
 
 def recover_interrupted(out) -> None:
@@ -68,9 +68,13 @@ def recover_interrupted(out) -> None:
         kind, pid = d.name[:-len(d.name.rpartition("-")[2])], d.name.rpartition("-")[2]
         if kind not in (NEW, OLD) or not pid.isdigit() or not d.is_dir():
             continue
-        if kind == NEW and (d / MANIFEST).is_file():
-            _move_in(d, out, out / f"{OLD}{pid}")
+        files = _manifest(d) if kind == NEW else None
+        if files and all((d / n).is_file() or _moved_in(n, stamp, d, out) for n, stamp in files.items()):
+            _move_in(d, out, out / f"{OLD}{pid}", files)
             print(f"{out}: a run was killed while it moved its new autoencoder in; the move is finished", flush=True)
+        elif files:
+            print(f"{out}: the new autoencoder a killed run was moving in has files changed since; it is deleted, "
+                  "and out= keeps what it holds", flush=True)
         elif kind == OLD and (d / "config.json").exists() and not (out / "config.json").exists():
             for f in d.iterdir():
                 shutil.move(str(f), str(out / f.name))
@@ -98,29 +102,54 @@ def publish(tmp, out, force: bool) -> None:
         os.rename(tmp, keep)
         raise UserError(f"out={out} got an autoencoder while this one trained; the new one is in {keep}: move it "
                         "where you want it")
+    files = {name: _stamp(tmp / name) for name in names}   # a rename inside out= keeps all three
     with open(tmp / f"{MANIFEST}.tmp", "w") as fh:
-        json.dump(names, fh)
+        json.dump(files, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp / f"{MANIFEST}.tmp", tmp / MANIFEST)
-    _move_in(tmp, out, out / f"{OLD}{os.getpid()}")
+    _move_in(tmp, out, out / f"{OLD}{os.getpid()}", files)
 
 
-def _move_in(new, out, aside) -> None:
+def _manifest(new) -> dict | None:
+    """MANIFEST's {file name: stamp}; None when absent or unreadable (the model is then taken as unfinished)."""
+    import json
+
+    try:
+        files = json.loads((new / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(files, dict) and all(isinstance(v, list) and len(v) == 3 for v in files.values())
+    return files if ok and files else None
+
+
+def _stamp(path) -> list:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _moved_in(name: str, stamp: list, new, out) -> bool:
+    """The new model's file `name` is already in out=: not in `new` any more, and out='s file of that name is that
+    very file (inode, size and mtime), not one of the old model's, nor one written over it by hand since."""
+    try:
+        return not (new / name).exists() and _stamp(out / name) == stamp
+    except OSError:
+        return False
+
+
+def _move_in(new, out, aside, files: dict) -> None:
     """The swap, from wherever a killed one stopped: every model file in `out` that is not one of the new model's
     already moved in goes to `aside` (config.json first), then the new model's files still in `new` move in
     (config.json last), then `new` and `aside` go."""
-    import json
     import shutil
 
-    names = set(json.loads((new / MANIFEST).read_text()))
     olds = [f for f in out.iterdir() if _is_model_file(f.name) and f.is_file()
-            and not (f.name in names and not (new / f.name).exists())]
+            and not (f.name in files and _moved_in(f.name, files[f.name], new, out))]
     if olds:
         aside.mkdir(exist_ok=True)
     for f in sorted(olds, key=lambda f: f.name != "config.json"):
         shutil.move(str(f), str(aside / f.name))
-    for name in sorted(names, key=lambda n: n == "config.json"):
+    for name in sorted(files, key=lambda n: n == "config.json"):
         if (new / name).exists():
             shutil.move(str(new / name), str(out / name))
     shutil.rmtree(new)

@@ -13,7 +13,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data.builtin import BUILTIN_NAMES, BUILTIN_SPLITS, LEGACY_SPLITS, is_builtin_copy, load_builtin
 from data.meta import META_FILE, META_FORMAT_VERSION, channel_stats, load_meta, prepare_hint, write_meta
-from data.rebuild import _set_aside, prepared_for_reading, preparing_lock, restore_interrupted_rebuild
+from data.rebuild import (_set_aside, prepared_for_reading, preparing_lock, rebuild_keeping_old,
+                          restore_interrupted_rebuild)
 from data.records import ALLOWED_DTYPES, encode_record
 from training.errors import UserError, storage_reason
 from training.runlock import exclusive
@@ -226,15 +227,18 @@ def ensure_prepared(name: str, root, held=None) -> tuple[dict, Path]:
         meta = load_meta(out_dir)
         return meta if not is_builtin_copy(name, meta) or split_rule_of(meta) == BUILTIN_SPLITS[name] else None
 
-    def build():
-        if (out_dir / META_FILE).exists():
-            print(f"{out_dir} holds the old split of {name} ({split_rule_of(load_meta(out_dir))}); re-preparing it "
-                  f"with {BUILTIN_SPLITS[name]}", flush=True)
-        else:
-            print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
+    def make():
         d = load_builtin(name)
         prepare_arrays(out_dir, name, {"train": d["train"], "test": d["test"]}, d["class_names"], d["source"],
                        split_rule=d["split_rule"])
+
+    def build():
+        if (out_dir / META_FILE).exists():   # a complete set: replaced as force=true does, refused while it is read
+            print(f"{out_dir} holds the old split of {name} ({split_rule_of(load_meta(out_dir))}); re-preparing it "
+                  f"with {BUILTIN_SPLITS[name]}", flush=True)
+            return rebuild_keeping_old(out_dir, make)
+        print(f"preparing built-in data set {name!r} in {out_dir} ...", flush=True)
+        make()
 
     prepare = lambda: prepare_once(out_dir, ready, build)   # noqa: E731
     return (prepare() if held is None else prepared_for_reading(out_dir, prepare, held)), out_dir

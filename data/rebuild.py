@@ -26,10 +26,11 @@ def readers_lock(out_dir) -> Path:
 
 def reading(out_dir):
     """Held (a shared lock) by each run for as long as it reads the set: training with its grids and evaluation,
-    sample.py, the autoencoder's training. A rebuild of the set (force=true, or an encode whose source changed) is
-    refused meanwhile. It renamed the set away under them: a run that reached its evaluation (the test split, the
-    cached classifier) during an hours-long encode failed there, or scored the new set's images; a rebuild in
-    progress is waited for here instead."""
+    sample.py and text_eval to their end; a latent set's pixel set and the autoencoder's scoring set while their
+    evaluator reads them. A rebuild of the set (force=true, or an encode whose source changed, or a built-in copy
+    re-cut to today's split) is refused meanwhile. It renamed the set away under them: a run that reached its
+    evaluation (the test split, the cached classifier) during an hours-long encode failed there, or scored the new
+    set's images; a rebuild in progress is waited for here instead."""
     return shared(readers_lock(out_dir), f"waiting for another process rebuilding {out_dir} ...")
 
 
@@ -73,9 +74,7 @@ def rebuild_keeping_old(out_dir, build, resume=None):
 
     out_dir = Path(out_dir)
     with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."), \
-            unshared(readers_lock(out_dir), f"{out_dir} is being read by a run (training, sample.py, an evaluation): "
-                     "let it end or stop it, then run this command again, or prepare the new set elsewhere "
-                     "(another out= or data.root)"):
+            unshared(readers_lock(out_dir), _being_read(out_dir)):
         target = out_dir.resolve()   # a symlinked set is rebuilt where it lives, and the link keeps pointing at it
         aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
         stopped = stopped_rebuild(out_dir) if resume is not None else None
@@ -109,6 +108,18 @@ def rebuild_keeping_old(out_dir, build, resume=None):
         finally:
             _REBUILDING.discard(aside)
     return result
+
+
+def _being_read(out_dir) -> str:
+    return (f"{out_dir} is being read by a run (training, sample.py, an evaluation): let it end or stop it, then run "
+            "this command again, or prepare the new set elsewhere (another out= or data.root)")
+
+
+def refuse_if_read(out_dir) -> None:
+    """rebuild_keeping_old's refusal before the slow part of a command that will rebuild (loading a VAE, comparing a
+    source): a set being read is said at once, not after a minute. The rebuild itself checks again."""
+    with unshared(readers_lock(out_dir), _being_read(out_dir)):
+        pass
 
 
 def _put_back(target: Path, aside: Path) -> None:

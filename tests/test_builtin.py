@@ -88,6 +88,10 @@ def test_a_builtin_copy_cut_the_old_way_is_re_prepared(tmp_path, capsys):
     # A copy prepared before meta.json recorded its split rule: the test split was a file-order tail (other writers).
     old = {k: v for k, v in meta.items() if k != "split_rule"}
     (d / META_FILE).write_text(json.dumps(old))
+    from data.rebuild import reading
+    with reading(d), pytest.raises(UserError, match="is being read by a run"):   # sample.py on a run of the old cut
+        ensure_prepared("digits", tmp_path)
+    assert json.loads((d / META_FILE).read_text()) == old   # left as it was while it was read
     capsys.readouterr()
     again, _ = ensure_prepared("digits", tmp_path)
     assert "holds the old split of digits" in capsys.readouterr().out

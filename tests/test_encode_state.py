@@ -246,3 +246,9 @@ def test_a_rebuild_killed_outright_resumes_and_a_second_one_keeps_the_fresh_set(
         assert ("rebuilt by another process while this one waited" in said) == completes, said
         assert ("rebuilding" in said) != completes, said
         assert shards(out) == shards(tmp_path / "full") and ((out / names[0]).stat().st_mtime_ns == first) == completes
+    # a run reading the set: force=true is refused at once, before the VAE loads (a minute for an SD-sized one)
+    from data.rebuild import reading
+    monkeypatch.setattr("data.vae.load_vae", lambda *a: pytest.fail("the VAE was loaded before the refusal"))
+    with reading(out), pytest.raises(SystemExit) as exc:
+        cli.main("prepare", prepare_data.main)
+    assert exc.value.code == 2 and "is being read by a run" in capsys.readouterr().err

@@ -305,6 +305,47 @@ def test_a_swap_killed_at_any_point_after_the_new_model_is_complete_is_finished(
     assert n == (5 if old else 3)   # every move (old ones aside, new ones in) was a kill point
 
 
+def test_a_killed_swap_whose_files_changed_since_is_not_finished(tiny_vae, tmp_path, monkeypatch, capsys):
+    """The new model's files are matched by inode, size and mtime, not by name: after a kill, the user put the old
+    model back by hand (cp over the new weights keeps their inode); finishing the swap then put the new config.json
+    over the old weights. And a damaged manifest is no reason
+    to stop every later run: the swap is undone as one killed before its manifest."""
+    import train_autoencoder
+
+    out, new = tmp_path / "ae", tmp_path / "new"
+    shutil.copytree(tiny_vae, new)
+    (new / "diffusion_pytorch_model.safetensors").write_bytes(b"new weights")
+    real_move = shutil.move
+    for damage in ("by hand", "manifest"):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tiny_vae, out)
+        old = _files(out)
+        tmp = out / f"{train_autoencoder.NEW}4194304"
+        shutil.copytree(new, tmp)
+        moves = []
+
+        def killed(src, dst):   # killed after the old model went aside and the new weights moved in
+            if len(moves) == 3:
+                raise SystemExit("killed")
+            moves.append(dst)
+            return real_move(src, dst)
+        monkeypatch.setattr(shutil, "move", killed)
+        with pytest.raises(SystemExit):
+            train_autoencoder.publish(tmp, out, force=True)
+        monkeypatch.setattr(shutil, "move", real_move)
+        if damage == "by hand":
+            aside = out / f"{train_autoencoder.OLD}{os.getpid()}"
+            for f in aside.iterdir():   # the user puts the old model back (cp, so the names match, not the files)
+                shutil.copy(f, out / f.name)
+        else:
+            (tmp / train_autoencoder.MANIFEST).write_text("{")
+        capsys.readouterr()
+        train_autoencoder.recover_interrupted(out)
+        assert _files(out) == old, damage
+        said = capsys.readouterr().out
+        assert ("files changed since" in said) == (damage == "by hand"), said
+
+
 def test_a_second_autoencoder_run_into_the_same_out_is_refused_at_once(tiny_vae, tmp_path):
     """Two runs into one out= both trained for 15 minutes; the second then kept its model aside. Now the second is
     refused at start in one line, naming the first, and out= is left as it was."""

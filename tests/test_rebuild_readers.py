@@ -92,6 +92,9 @@ def test_locks_where_no_lock_file_can_be_made_leave_the_work_unguarded(tmp_path)
     with exclusive(where, "unused"), shared(where, "unused"), unshared(where, "unused"):
         ran.append(True)
     assert ran and not where.exists()
+    (tmp_path / "a folder").mkdir()   # other errors are not taken for a read-only place
+    with pytest.raises(IsADirectoryError), exclusive(tmp_path / "a folder", "unused"):
+        pass
     lock = tmp_path / ".x.lock"   # and where it can: the readers' shared lock keeps the rebuild's out
     with shared(lock, "unused"), pytest.raises(UserError, match="busy"):
         with unshared(lock, "busy"):

@@ -217,7 +217,7 @@ def evaluator_for(meta: dict, data_dir, root, *, epochs: int | None = None) -> E
 
     from data.loader import load_split
 
-    with contextlib.ExitStack() as held:   # a run holds its own set; latents' pixel set is held while it is read
+    with contextlib.ExitStack() as held:   # a run holds its own set; latents' pixel set only while it is read here
         meta, data_dir = eval_target(meta, data_dir, root, held=held)
         return get_evaluator(meta, data_dir, lambda split: load_split(meta, data_dir, split), epochs=epochs)
 
@@ -270,7 +270,7 @@ def get_evaluator(meta: dict, data_dir, load_split, *, epochs: int | None = None
     if clf is None:   # trained by one process at a time: runs finishing together (a seed sweep) each trained it
         from training.runlock import exclusive
 
-        # a read-only copy of the set: no lock (exclusive), the leftovers stay, and it is trained and kept in memory
+        # a read-only copy of the set: no lock unless one is there (exclusive), leftovers stay, kept in memory
         with exclusive(Path(data_dir) / ".classifier.lock", "waiting for another process training the evaluation "
                        f"classifier of {meta.get('name')} ..."):
             clf = _cached(cache, fp, hp, skeleton)   # the other process's, once it is done

@@ -11,6 +11,7 @@ and holds `.<out>.lock` beside the npz it writes.
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -85,7 +86,7 @@ def exclusive(path, waiting: str):
     machine each rewrote the set, deleting shards the other had just read meta.json for (development_log.md).
     Re-entrant within a thread (a `force=true` rebuild prepares inside its own lock): a second flock on another
     descriptor of the same file would wait for the first forever. Where the lock file can be neither made nor
-    opened, the block runs unguarded (_lock_fd)."""
+    opened for want of access, the block runs unguarded (_lock_fd); a folder that cannot be made raises."""
     path = Path(path)
     key = str(path.absolute())
     held = _HELD.__dict__.setdefault("paths", set())
@@ -106,16 +107,26 @@ def exclusive(path, waiting: str):
             os.close(fd)      # closing the descriptor drops the lock
 
 
+_NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)   # ENOENT: a file system that makes no files
+
+
 def _lock_fd(path: Path) -> int | None:
-    """A descriptor of the lock file `path` (created if absent), or None where it can be neither created nor opened:
-    a read-only copy of a data set, which no one can rebuild in place either, is read unguarded."""
+    """A descriptor of the lock file `path` (created if absent), or None where it can be neither created nor opened
+    for want of access: a read-only copy of a data set, which no one can rebuild in place either, is read unguarded.
+    Other errors (a full disk, too many open files) are raised, as before. Another user's lock file is opened
+    read-only (flock needs no write access; on NFS, where flock is emulated by POSIX locks, an exclusive lock on it
+    fails and the work runs unguarded, as it did before it was honoured)."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            return os.open(path, os.O_RDONLY)   # another user's lock file: flock needs no write access
-        except OSError:
-            return None
+    except OSError as e:
+        if e.errno not in _NO_ACCESS:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno not in _NO_ACCESS:
+            raise
+        return None
 
 
 @contextlib.contextmanager
