@@ -315,6 +315,26 @@ def test_ctrl_c_is_held_until_the_running_call_returns(monkeypatch, python_sigin
     # the running chunk's 3 solves (one per image, vmapped) finished; the chunks after it never started
     assert len(calls) == 3 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
+    # Host work between compiled calls (a chunk's VAE decode: minutes for an SD-sized VAE on CPU) stops at once
+    monkeypatch.setattr(training.sampling, "solve", real_solve)
+    decoded = []
+
+    def decode(x):   # decodes image by image, as a VAE does batch by batch; Ctrl-C after the first
+        for i, im in enumerate(x):
+            decoded.append(i)
+            if i == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+        return x
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, balanced_labels(9, 10), jax.random.PRNGKey(0), null_cond=10, shape=(8, 8, 1),
+               sampler_cfg=sampler_cfg(steps=2, chunk=3), finish=decode)
+    assert decoded == [0]   # held, it decoded the chunk's other two images first
+    with DeferredInterrupt() as stop:   # a Ctrl-C held from a compiled call raises when the host work begins
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt), stop.immediate():
+            decoded.append("never")
+    assert decoded == [0]
+
 
 def test_sample_grids_replace_their_png_whole_or_not_at_all(tmp_path, monkeypatch):
     """The PNG grids (training's samples/, sample.py's beside the npz) go through the same temporary-then-rename

@@ -7,6 +7,7 @@ development_log.md). Long loops of compiled calls (sampling chunks, the evaluati
 hold the first Ctrl-C and raise it themselves at the next `check()`, after the running call has returned.
 """
 
+import contextlib
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ class DeferredInterrupt:
 
     def __enter__(self):
         self.pending = False
+        self._now = False
         self._previous = None
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
@@ -26,7 +28,7 @@ class DeferredInterrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.pending:          # the second Ctrl-C: out now
+        if self.pending or self._now:   # the second Ctrl-C, or one inside immediate(): out now
             self.pending = False
             raise KeyboardInterrupt
         self.pending = True
@@ -42,6 +44,18 @@ class DeferredInterrupt:
 
                 jax.block_until_ready(in_flight)
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def immediate(self):
+        """Host work inside the block that Python may stop anywhere, between library calls (a torch VAE decode of a
+        chunk, minutes for an SD-sized VAE on CPU): a held Ctrl-C raises on entry, and a new one at once, instead of
+        after the work. No compiled call may be in flight here (the chunk's arrays are on the host already)."""
+        self.check()
+        self._now = True
+        try:
+            yield
+        finally:
+            self._now = False
 
     def __exit__(self, exc_type, exc, tb):
         if self._previous is not None:

@@ -251,7 +251,11 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                                 f"lower cfg_scale / guide_scale")
             if failed.any():
                 raise RuntimeError(f"the sampler's ODE solve failed for {int(failed.sum())} of {chunk} images")
-            x = x[:chunk - pad] if finish is None else finish(x[:chunk - pad])
+            if finish is None:
+                x = x[:chunk - pad]
+            else:
+                with stop.immediate():   # a VAE decode stops at a Ctrl-C (it used to be held until it finished)
+                    x = finish(x[:chunk - pad])
             if out is None:   # one array filled in place: a list and a concatenate held the result twice
                 out = np.empty((n, *x.shape[1:]), x.dtype)
             out[start:start + len(x)] = x
