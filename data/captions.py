@@ -17,7 +17,7 @@ import numpy as np
 
 from data.meta import META_FILE, load_meta
 from data.records import check_str
-from data.text_reuse import SetChanged, check_reuse, limit_of, request
+from data.text_reuse import SetChanged, check_reuse, folder_of, limit_of, request
 from training.errors import UserError
 
 FASHION_TEMPLATES = ("a photo of a {}", "a {}", "a black and white picture of a {}", "a small grayscale {}",
@@ -160,7 +160,7 @@ def _prepare_folder_text(dc, out_dir: Path, enc, text_meta: dict, rows: list) ->
     from data.meta import combine_stats, write_meta
     from data.prepare import RECORDS_PER_SHARD, set_meta
 
-    folder, captions_file, size = Path(str(dc.folder)), Path(str(dc.captions_file)), int(dc.size)
+    folder, captions_file, size = folder_of(dc), Path(str(dc.captions_file)), int(dc.size)
     per_shard = min(RECORDS_PER_SHARD, max(1, text_shards.SHARD_BYTES // (size * size * 3)))
     state = text_shards.start(out_dir, text_shards.resume_request(text_meta, per_shard, enc))
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -263,7 +263,7 @@ def _prepare_text(dc, out_dir: Path, encoder) -> None:
     with contextlib.ExitStack() as held:   # the source latents are held for reading while they are copied
         latents = prepared_for_reading(Path(str(dc.latents)).expanduser(), lambda: _latent_source(dc), held) \
             if kind == "latents" else None
-        rows = caption_rows(Path(str(dc.folder)), Path(str(dc.captions_file)), limit_of(dc)) \
+        rows = caption_rows(folder_of(dc), Path(str(dc.captions_file)), limit_of(dc)) \
             if kind == "folder" else None
         print(f"preparing captioned data set {dc.name!r} ({dc.kind}) in {out_dir} ...", flush=True)
         enc = encoder or get_encoder(str(dc.text_encoder), dc.get("text_encoder_path"))
@@ -281,7 +281,8 @@ def _make_text_set(dc, out_dir: Path, enc, latents, rows) -> None:
 
     d = None if latents or rows else _load(dc)
     text_meta = {"encoder": enc.name, "encoder_source": enc.source, "encoder_path": dc.get("text_encoder_path"),
-                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16", "request": request(dc)}
+                 "dim": enc.dim, "max_tokens": int(dc.max_tokens), "stored_dtype": "float16",
+                 "request": request(dc, rows)}   # the rows parsed already: the captions file is not parsed again
     if latents:   # streamed shard by shard
         return _prepare_latents_text(dc, out_dir, enc, text_meta, *latents)
     if rows:   # streamed shard by shard, recording the images' bytes as they are decoded

@@ -66,10 +66,16 @@ def images_bytes_sha256(folder: Path, rows) -> str | None:
         return None
 
 
-def request(dc) -> dict:
+def request(dc, rows=None) -> dict:
     """What a captioned set is made from. Stored in meta["text"]["request"] so that `data.name` pointing at a copy
     prepared from another folder, captions file, size, limit or encoder is refused instead of silently reused (the
-    folder config keeps one name, `my_captions`, for every folder)."""
+    folder config keeps one name, `my_captions`, for every folder). `rows`: the captions file's rows when the caller
+    has parsed them already (the file is parsed otherwise)."""
+    return _request(dc, rows)[0]
+
+
+def _request(dc, rows=None) -> tuple[dict, list | None]:
+    """request(dc) and the caption rows it stamped the images of (None without them)."""
     from data.text import encoder_weights
 
     opt_path = lambda v: None if v is None else str(Path(str(v)).resolve())
@@ -84,10 +90,11 @@ def request(dc) -> dict:
         req["size"] = int(dc.size)
     if req["kind"] == "folder":
         captions = Path(str(dc.captions_file))
+        rows = rows if rows is not None else _rows(folder_of(dc), captions, req["limit"])
         req.update(folder=opt_path(dc.folder), captions_file=opt_path(captions),
                    captions_sha256=hashlib.sha256(captions.read_bytes()).hexdigest() if captions.is_file() else None,
-                   images_sha256=images_sha256(folder_of(dc), _rows(folder_of(dc), captions, req["limit"])))
-    return req
+                   images_sha256=images_sha256(folder_of(dc), rows))
+    return req, rows
 
 
 def check_reuse(meta: dict, dc, out_dir: Path) -> None:
@@ -102,7 +109,7 @@ def check_reuse(meta: dict, dc, out_dir: Path) -> None:
     was = meta["text"].get("request")
     if was is None:
         return
-    now = request(dc)
+    now, rows = _request(dc)
     if now["kind"] == "folder" and was.get("captions_sha256"):
         # Sources that moved (prepared/ copied to another machine, a folder renamed) or are gone leave the prepared
         # set usable: the captions' hash, not their path, says whether they changed; another folder of images counts
@@ -116,7 +123,7 @@ def check_reuse(meta: dict, dc, out_dir: Path) -> None:
                 now["folder"] = was.get("folder")
             if now["images_sha256"] is not None and (now["folder"], now["images_sha256"]) != (was.get("folder"),
                                                                                           was.get("images_sha256")):
-                _same_bytes(meta, dc, out_dir, now)
+                _same_bytes(meta, dc, out_dir, now, rows)
         if now["images_sha256"] is None:   # images gone (a copy elsewhere): the prepared pixels are all there is
             now["images_sha256"] = was.get("images_sha256")
     if now["kind"] == "latents" and was.get("latents_sha256"):
@@ -137,7 +144,7 @@ class SetChanged(Exception):
     data.captions.ensure_prepared_text reads it again and judges against what is there now."""
 
 
-def _same_bytes(meta: dict, dc, out_dir: Path, now: dict) -> None:
+def _same_bytes(meta: dict, dc, out_dir: Path, now: dict, rows) -> None:
     """The listed images' stamps (or their folder) are not those recorded, under the same captions: a `cp -r` to
     scratch disk, a `touch`, or edited images. Their bytes say which. The same bytes are the same set: `now` takes
     the recorded values, and meta.json records the images where they are now (under the set's lock), keeping the
@@ -154,7 +161,6 @@ def _same_bytes(meta: dict, dc, out_dir: Path, now: dict) -> None:
         folder = folder_of(dc)
         print(f"note: the images in {folder} are not as {out_dir} recorded them (other times, or another folder): "
               f"comparing their bytes with the prepared ones ...", flush=True)
-        rows = _rows(folder, Path(str(dc.captions_file)), limit_of(dc))
         if images_bytes_sha256(folder, rows) != was["images_bytes_sha256"]:
             return   # refused by the caller: the stamps differ, and so do the bytes
         with exclusive(preparing_lock(out_dir), f"waiting for another process preparing {out_dir} ..."):
