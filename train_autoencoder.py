@@ -87,8 +87,9 @@ def publish(tmp, out, force: bool) -> None:
     disk), so that from then on a kill at any point is finished by the next run (recover_interrupted) rather than
     undone: 12-15 minutes of training are not lost to a window of a few renames, and out= never keeps half of each
     model. An old model there is moved aside whole and deleted once the new one is in place (config.json last)."""
-    import json
     from pathlib import Path
+
+    from training.files import write_json
 
     tmp, out = Path(tmp), Path(out)
     names = sorted(f.name for f in tmp.iterdir())
@@ -103,11 +104,7 @@ def publish(tmp, out, force: bool) -> None:
         raise UserError(f"out={out} got an autoencoder while this one trained; the new one is in {keep}: move it "
                         "where you want it")
     files = {name: _stamp(tmp / name) for name in names}   # a rename inside out= keeps all three
-    with open(tmp / f"{MANIFEST}.tmp", "w") as fh:
-        json.dump(files, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp / f"{MANIFEST}.tmp", tmp / MANIFEST)
+    write_json(tmp / MANIFEST, files)   # on disk, whole, before the first move
     _move_in(tmp, out, out / f"{OLD}{os.getpid()}", files)
 
 

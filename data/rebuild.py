@@ -170,10 +170,15 @@ def meta_stamp(out_dir) -> tuple | None:
     out_dir = Path(out_dir)
     try:
         st = (out_dir / META_FILE).stat()
-        shards = tuple(sorted((p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in out_dir.glob("*.array_record")))
+        shards = tuple(sorted((p.name, *_ino_mtime(p)) for p in out_dir.glob("*.array_record")))
     except OSError:   # removed while listed: the set is changing
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns), shards
+
+
+def _ino_mtime(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
 
 
 def done_meanwhile(out_dir, before, prepare):

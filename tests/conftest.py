@@ -30,7 +30,6 @@ flags.FLAGS.mark_as_parsed()  # Grain's multiprocessing reads absl flags; pytest
 import pytest  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
     """Built-in digits prepared once per test session (real ArrayRecord shards + meta.json)."""

@@ -65,11 +65,10 @@ def test_stage2_resume_is_bitwise_exact(root, tmp_path, mixing, monkeypatch):
     real_topk, held = text_eval.caption_topk, []
 
     def topk(*a, **k):   # the set is held while it is read: a rebuild now is refused
-        from data.rebuild import readers_lock
+        from data.rebuild import refuse_if_read
         from training.errors import UserError
-        from training.runlock import unshared
-        with pytest.raises(UserError, match="read"), unshared(readers_lock(Path(root) / "digits_text"), "read"):
-            pass
+        with pytest.raises(UserError, match="read"):
+            refuse_if_read(Path(root) / "digits_text")
         held.append(True)
         return real_topk(*a, **k)
     monkeypatch.setattr(text_eval, "caption_topk", topk)

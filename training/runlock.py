@@ -94,17 +94,30 @@ def exclusive(path, waiting: str):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock_fd(path)   # None: a read-only place (a shared copy of a set), where no one else writes either
-    try:
-        if fd is not None and not _flock(fd, wait=False):
-            print(waiting, flush=True)
-            _flock(fd, wait=True)
+    with _flocked(path, False, waiting):
         held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, share: bool, busy):
+    """The one way a lock is held: a flock on `path` for the block, none where _lock_fd gives no descriptor (a
+    read-only place, where no one else writes either). While another process holds a conflicting one, `busy` (a
+    string) is printed once and waited out, or (a UserError) raised at once. Closing the descriptor drops it."""
+    fd = _lock_fd(path)
+    try:
+        if fd is not None and not _flock(fd, wait=False, shared=share):
+            if isinstance(busy, UserError):
+                raise busy
+            print(busy, flush=True)
+            _flock(fd, wait=True, shared=share)
         yield
     finally:
-        held.discard(key)
         if fd is not None:
-            os.close(fd)      # closing the descriptor drops the lock
+            os.close(fd)
 
 
 _NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)   # ENOENT: a file system that makes no files
@@ -134,15 +147,11 @@ def shared(path, waiting: str):
     """Hold a shared flock on `path` for the block, beside any number of other holders; an `unshared` holder is
     waited for first (with `waiting` printed once). Nothing is created where `path`'s folder does not exist."""
     path = Path(path)
-    fd = _lock_fd(path) if path.parent.is_dir() else None
-    try:
-        if fd is not None and not _flock(fd, wait=False, shared=True):
-            print(waiting, flush=True)
-            _flock(fd, wait=True, shared=True)
+    if not path.parent.is_dir():
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+        return
+    with _flocked(path, True, waiting):
+        yield
 
 
 @contextlib.contextmanager
@@ -151,11 +160,5 @@ def unshared(path, refusal: str):
     Holders that come meanwhile wait for the block to end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _lock_fd(path)
-    try:
-        if fd is not None and not _flock(fd, wait=False):
-            raise UserError(refusal)
+    with _flocked(path, False, UserError(refusal)):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)
