@@ -22,16 +22,14 @@ def main(cfg):
     from training.runlock import RunLock
 
     out = check_out(cfg.out)
-    lock = RunLock(out.parent, "choose another out=", name=f".{out.name}.lock", who="another sample.py",
-                   writing=str(out)).acquire()
-    try:   # temporary files of a sample.py killed while writing this out= (an npz of 50k images: ~20 GB each)
+    # `held`: the run's data set, held for reading to the end (data.rebuild.reading)
+    with RunLock(out.parent, "choose another out=", name=f".{out.name}.lock", who="another sample.py",
+                 writing=str(out)), contextlib.ExitStack() as held:
+        # temporary files of a sample.py killed while writing this out= (an npz of 50k images: ~20 GB each)
         for written in (out, out.with_suffix(".png"), out.with_suffix(".eval.json")):
             for stale in stale_temps(written):
                 stale.unlink(missing_ok=True)
-        with contextlib.ExitStack() as held:   # the run's data set, held for reading (data.rebuild.reading)
-            return _sample(cfg, out, held)
-    finally:
-        lock.release()
+        return _sample(cfg, out, held)
 
 
 def _sample(cfg, out, held):

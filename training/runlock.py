@@ -40,7 +40,8 @@ def _flock(fd: int, wait: bool, shared: bool = False) -> bool:
 
 class RunLock:
     """An exclusive flock on `<directory>/<name>` held by one writer, refused at once to another (one line naming
-    the holder). `writing`: what is written, in that line (default: the directory)."""
+    the holder). `writing`: what is written, in that line (default: the directory). `with RunLock(...):` holds it
+    for the block; acquire() / release() where the holder's life is not one block (a checkpoint manager)."""
 
     def __init__(self, directory, elsewhere: str = "choose another train.ckpt_dir", name: str = LOCK_FILE,
                  who: str = "another run", writing: str | None = None):
@@ -66,6 +67,12 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)     # closing the descriptor drops the lock
             self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _describe(raw: bytes) -> str:
