@@ -128,7 +128,7 @@ class Checkpointer:
         if free < nbytes:
             raise UserError(f"checkpoint directory {self.directory} has {free / 2**20:.1f} MiB free but one checkpoint "
                             f"needs about {nbytes / 2**20:.1f} MiB: free disk space, or choose another train.ckpt_dir")
-        held = sum(1 for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())   # already on the disk
+        held = len(step_numbers(self.directory))   # already on the disk
         if nbytes and free < (most - held) * nbytes and jax.process_index() == 0:
             size = (lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB")
             print(f"warning: {self.directory} has {size(free)} free, room for {free // nbytes} more "
@@ -142,8 +142,7 @@ class Checkpointer:
         if reason is None and not isinstance(err, OSError):
             return None
         reason = reason or getattr(err, "strerror", None) or type(err).__name__
-        complete = sorted(int(p.name) for p in self.directory.iterdir()
-                          if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
+        complete = step_numbers(self.directory, "_CHECKPOINT_METADATA")
         last = f"the last complete checkpoint is step {complete[-1]}" if complete else "no checkpoint was completed"
         return UserError(f"writing a checkpoint to {self.directory} failed ({reason}); {last}, intact: free disk "
                          f"space (or fix the directory), then resume with train.is_restore=true")
@@ -182,8 +181,7 @@ class Checkpointer:
         if jax.process_index() != 0 or not self.preserve:
             return
         # complete steps a run can resume from (a thinned one cannot)
-        whole = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and (p / "params").is_dir()
-                 and (p / "_CHECKPOINT_METADATA").is_file()]
+        whole = step_numbers(self.directory, "params", "_CHECKPOINT_METADATA")
         for step in self.preserve:
             d = self.directory / str(step)
             if sum(s > step for s in whole) >= self.keep and any((d / item).is_dir() for item in THINNED):
@@ -278,8 +276,8 @@ class Checkpointer:
         if not (self.directory / str(step)).is_dir():   # not damaged: gone, pruned by the run writing there
             if not self.directory.is_dir():
                 return UserError(f"checkpoint directory {self.directory} was removed while step {step} was read")
-            kept = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()
-                          and not self.is_thinned(int(p.name)))   # (the manager's list is cached: it names the gone)
+            # (the manager's list is cached: it names the gone)
+            kept = [s for s in step_numbers(self.directory) if not self.is_thinned(s)]
             return UserError(f"checkpoint {self.directory / str(step)} was removed while it was read (a run writing "
                              f"{self.directory} keeps only its last train.keep_ckpts steps): run again"
                              + (f"; it holds steps {kept} now" if kept else ""))
@@ -360,6 +358,13 @@ def _listed(names: list[str], shown: int = 3) -> str:
 EVAL_FILES = (".json", ".png")   # eval-step*.json (scores), eval-step*.png (stage 2's caption grid)
 
 
+def step_numbers(directory, *holding: str) -> list[int]:
+    """The steps saved in a run's folder (its digit-named folders), in order; only those holding every `holding`
+    entry (a complete save: "_CHECKPOINT_METADATA"; one a run can resume from: also "params")."""
+    return sorted(int(p.name) for p in Path(directory).iterdir()
+                  if p.name.isdigit() and p.is_dir() and all((p / h).exists() for h in holding))
+
+
 def _is_step_dir(path: Path) -> bool:
     """One step of a run (`<ckpt_dir>/<step>/`), which a user may pass where the run's folder belongs."""
     return path.name.isdigit() and path.is_dir() and ((path / "_CHECKPOINT_METADATA").is_file()
@@ -374,7 +379,7 @@ def read_config(ckpt_dir: str, step: int | None = None, keys=("ckpt_dir", "step"
     path = Path(ckpt_dir)
     if not path.is_dir():
         raise UserError(f"{key}={path}: no checkpoint directory there: train first, or pass {key}=<dir of a run>")
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "config").is_dir())
+    steps = step_numbers(path, "config")
     if not steps:
         if _is_step_dir(path):
             raise UserError(f"{key}={path} is one step of a run: pass the run's folder, {path.parent}, and "
