@@ -32,7 +32,7 @@ from data.encode_plan import (builtin_items, changed_settings, content_key, fing
                               recorded_vae, refuse_other_plan, same_content, shard_digest, vae_identity)
 from data.prepare import _write_shards, clear_set, set_meta, shard_name
 from training.errors import UserError
-from training.files import atomic_write, weights_fingerprint, write_json
+from training.files import atomic_write, write_json
 
 STATE_FILE = ".prepare-state.json"
 CAPTIONS_DIR = ".captions"   # each finished shard's captions (JSON lines), beside the state rather than inside it
@@ -178,7 +178,7 @@ def _prepare_latents(source: str, vae, out_dir: Path, *, resolution: int | None 
         state = json.loads((out_dir / STATE_FILE).read_text())
     except (OSError, ValueError):
         pass
-    weights = weights_fingerprint(vae.name)
+    weights = vae.weights
     same = None if force else recorded_vae(out_dir, state, plan, weights)
     if same is not None:   # the VAE copied elsewhere (each node's scratch disk) or touched: judged as the recorded one
         print(f"the VAE {vae.name} has the config and weights {out_dir} was encoded with: the same VAE", flush=True)

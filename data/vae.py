@@ -129,10 +129,15 @@ class Vae:
                 "shift_factor": self.shift_factor, "latent_channels": self.latent_channels,
                 "downsample": self.downsample, "image_channels": self.in_channels,
                 "convention": "stored = (posterior - shift_factor) * scaling_factor (data/vae.py)"}
-        digest = weights_fingerprint(self.name)
-        if digest:
-            info["weights_fingerprint"] = digest
+        if self.weights:
+            info["weights_fingerprint"] = self.weights
         return info
+
+    @functools.cached_property
+    def weights(self) -> str | None:
+        """training.files.weights_fingerprint of a local VAE's directory (None for a hub id or preset), read once: the
+        encode compares it with the set's record at start and writes it into meta.json at the end."""
+        return weights_fingerprint(self.name)
 
     def encode(self, images: np.ndarray, *, batch_size: int = 64, sample: bool = False, seed: int = 0) -> np.ndarray:
         """uint8 images (N, H, W, C) -> stored latents float32 (N, h, w, c), in batches.
