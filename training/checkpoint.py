@@ -361,8 +361,8 @@ EVAL_FILES = (".json", ".png")   # eval-step*.json (scores), eval-step*.png (sta
 def step_numbers(directory, *holding: str) -> list[int]:
     """The steps saved in a run's folder (its digit-named folders), in order; only those holding every `holding`
     entry (a complete save: "_CHECKPOINT_METADATA"; one a run can resume from: also "params")."""
-    return sorted(int(p.name) for p in Path(directory).iterdir()
-                  if p.name.isdigit() and p.is_dir() and all((p / h).exists() for h in holding))
+    return sorted(int(p.name) for p in Path(directory).iterdir()   # ASCII digits: "²".isdigit(), int("²") fails
+                  if p.name.isascii() and p.name.isdigit() and p.is_dir() and all((p / h).exists() for h in holding))
 
 
 def _is_step_dir(path: Path) -> bool:
