@@ -7,7 +7,10 @@ For real test set A (1000 images) against: real set B (the floor), B blurred (si
 noise, B x 1.1, B with gamma 0.8, B with a random half mirrored
 (what training with hflip teaches); per class, the share of test images that face like the class mean rather than
 its mirror; then for each npz from sample.py: the FD split into its mean and covariance terms, FD per class,
-per-class pixel mean / spread across images, and background haze / sharpness (pixel_stats), next to the real ones.
+per-class pixel mean / spread across images, and background haze / sharpness (pixel_stats), next to the real ones,
+and how much of the evaluator's FD ratio is tone (tone_share): the ratio as sampled, with the pixel values mapped
+through one monotone curve onto the train split's value distribution, and with grey below 16 set to 0. Diagnostics
+only: nothing the project writes is ever edited this way.
 """
 
 import json
@@ -36,6 +39,18 @@ def pixel_stats(x) -> dict:
     lap = 4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]
     return {"zero": round(float(np.mean(x == 0)), 3), "grey_1_7": round(float(np.mean((x >= 1) & (x <= 7))), 3),
             "mean_abs_laplacian": round(float(np.abs(lap).mean()), 1)}
+
+
+def tone_share(ev, im, lb, x_train) -> dict:
+    """The evaluator's FD / floor for the samples as they are, tone-matched (each value sent to the train value at
+    the same quantile of all pixels: fixes brightness and contrast, keeps every shape) and with the haze cleared."""
+    q = np.linspace(0, 1, 2001)
+    g = im.astype(np.float64)
+    matched = np.interp(g, np.quantile(g, q), np.quantile(x_train.astype(np.float64), q))
+    ratio = lambda x: round(ev.evaluate(x, lb)["fd_ratio"], 3)
+    u8 = np.clip(np.rint(matched), 0, 255).astype(np.uint8)
+    return {"as_sampled": ratio(im), "tones_matched_to_train": ratio(u8),
+            "grey_below_16_set_to_0": ratio(np.where(im < 16, 0, im).astype(np.uint8))}
 
 
 def main(argv):
@@ -68,6 +83,7 @@ def main(argv):
     for name, x in changes.items():
         f, logits = _apply(ev.classifier, x)
         out["real_vs"][name] = {**parts(f, fa), "acc": float((logits.argmax(-1) == yt[b_idx]).mean())}
+    x_train = load_split(meta, d, "train")[0] if files else None
     for path in files:
         z = np.load(path)
         im, lb = z["images"], z["labels"]
@@ -80,7 +96,8 @@ def main(argv):
                      "pixel_mean_real": [round(float(xt[yt == c].mean()), 1) for c in range(k)],
                      "spread_gen": [round(float(im[lb == c].mean((1, 2, 3)).std()), 1) for c in range(k)],
                      "spread_real": [round(float(xt[yt == c].mean((1, 2, 3)).std()), 1) for c in range(k)],
-                     "pixels": {"generated": pixel_stats(im), "real_test": pixel_stats(xt[real])}}
+                     "pixels": {"generated": pixel_stats(im), "real_test": pixel_stats(xt[real])},
+                     "fd_ratio": tone_share(ev, im, lb, x_train)}
     print(json.dumps(out, indent=1))
 
 
