@@ -33,11 +33,18 @@ def parts(f1, f2) -> dict:
     return {"fd": round(fd, 2), "mean_term": round(mean, 2), "cov_term": round(fd - mean, 2)}
 
 
+def u8(x) -> np.ndarray:
+    """Float pixel values -> uint8, clipped and rounded as the samplers write them."""
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def pixel_stats(x) -> dict:
-    """Background and sharpness: share of pixels exactly 0 and at grey 1-7 (haze), mean |4-neighbour Laplacian|."""
+    """Tone, background and sharpness: mean grey level, share of pixels at grey >= 224 (near-white), exactly 0 and at
+    grey 1-7 (haze), mean |4-neighbour Laplacian|."""
     a = x[..., 0].astype(np.float32)
     lap = 4 * a[:, 1:-1, 1:-1] - a[:, :-2, 1:-1] - a[:, 2:, 1:-1] - a[:, 1:-1, :-2] - a[:, 1:-1, 2:]
-    return {"zero": round(float(np.mean(x == 0)), 3), "grey_1_7": round(float(np.mean((x >= 1) & (x <= 7))), 3),
+    return {"mean": round(float(a.mean()), 1), "grey_224_up": round(float(np.mean(x >= 224)), 3),
+            "zero": round(float(np.mean(x == 0)), 3), "grey_1_7": round(float(np.mean((x >= 1) & (x <= 7))), 3),
             "mean_abs_laplacian": round(float(np.abs(lap).mean()), 1)}
 
 
@@ -48,8 +55,7 @@ def tone_share(ev, im, lb, x_train) -> dict:
     g = im.astype(np.float64)
     matched = np.interp(g, np.quantile(g, q), np.quantile(x_train.astype(np.float64), q))
     ratio = lambda x: round(ev.evaluate(x, lb)["fd_ratio"], 3)
-    u8 = np.clip(np.rint(matched), 0, 255).astype(np.uint8)
-    return {"as_sampled": ratio(im), "tones_matched_to_train": ratio(u8),
+    return {"as_sampled": ratio(im), "tones_matched_to_train": ratio(u8(matched)),
             "grey_below_16_set_to_0": ratio(np.where(im < 16, 0, im).astype(np.uint8))}
 
 
@@ -63,7 +69,6 @@ def main(argv):
     perm = rs.permutation(len(yt))
     a_idx, b_idx = perm[:1000], perm[1000:2000]
     fa, xb = ev.f_test[a_idx], xt[b_idx].astype(np.float32)
-    u8 = lambda x: np.clip(x, 0, 255).round().astype(np.uint8)
     changes = {"real B (floor)": xt[b_idx], "blur 0.5 px": u8(nd.gaussian_filter(xb, (0, .5, .5, 0))),
                "blur 0.8 px": u8(nd.gaussian_filter(xb, (0, .8, .8, 0))),
                "noise sd 8": u8(xb + rs.normal(0, 8, xb.shape)),
