@@ -126,8 +126,10 @@ def _sample(cfg, out, held):
         weak_from = sampler.get("guide_ckpt_dir") or f"step {sampler.guide_step}"
         guide = f", autoguidance {sampler.guide_scale} from {weak_from}"
     plain = "apg" if sampler.get("guidance") == "apg" else "cfg"
+    star = (", scaled branches" if sampler.get("opt_scale") else "") + (
+        f", first {sampler.zero_steps} step(s) zeroed" if sampler.get("zero_steps") else "")
     print(f"sampling {len(labels)} images from {cfg.ckpt_dir} step {step} ({sampler.solver}, {sampler.steps} steps, "
-          f"{plain} {sampler.cfg_scale}{guide})", flush=True)
+          f"{plain} {sampler.cfg_scale}{guide}{star})", flush=True)
     key = jax.random.PRNGKey(int(cfg.seed))
 
     def make(lo, hi):   # images lo..hi-1 of the request
@@ -262,7 +264,7 @@ def sampler_for(cfg, run_cfg, step: int):
     sampler = run_cfg.sampler
     given = [k for k in ("cfg_scale", "cfg_interval", "guidance", "apg_eta", "guide_step", "guide_ckpt_dir",
                          "guide_scale", "guide_interval", "solver", "shift", "noise", "t_eps", "steps", "rtol", "atol",
-                         "chunk") if cfg[k] is not None]
+                         "chunk", "opt_scale", "zero_steps") if cfg[k] is not None]
     for k in given:
         sampler[k] = cfg[k]
     # An option the chosen guidance or solver does not use would be ignored without a word: refused instead.
@@ -275,6 +277,8 @@ def sampler_for(cfg, run_cfg, step: int):
         if k == "t_eps" and run_cfg.train.get("prediction", "v") != "x":
             raise UserError(f"t_eps clamps x-prediction's conversion to velocity, and this run predicts "
                             f"{run_cfg.train.get('prediction', 'v')}: drop t_eps")
+        if k == "zero_steps" and solver in ADAPTIVE and cfg[k]:
+            raise UserError(f"zero_steps is for the fixed-step solvers (euler, heun); solver={solver} ignores it")
         if k in ("rtol", "atol") and solver not in ADAPTIVE:
             raise UserError(f"{k} is for the adaptive solvers ({', '.join(ADAPTIVE)}); solver={solver} takes steps=N")
     gd = sampler.get("guide_ckpt_dir")

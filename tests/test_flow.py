@@ -99,3 +99,13 @@ def test_projected_guidance_drops_only_the_part_along_the_clean_estimate():
     update = flow.projected_guided_velocity(v_c, v_u, x_c, 2.5, eta=0.0) - v_c
     np.testing.assert_allclose(jnp.sum(update * x_c, axis=(1, 2, 3)), 0.0, atol=1e-4)  # orthogonal, per example
     assert float(jnp.abs(update).max()) > 0.1
+
+
+def test_optimized_scale_leaves_out_only_a_difference_of_length():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    v_c, v_b = jax.random.normal(k1, (3, 4, 4, 1)), jax.random.normal(k2, (3, 4, 4, 1))
+    s = flow.optimized_scale(v_c, v_b)
+    assert s.shape == (3, 1, 1, 1)
+    np.testing.assert_allclose(jnp.sum((v_c - s * v_b) * v_b, axis=(1, 2, 3)), 0.0, atol=1e-4)  # the projection
+    lengths = jnp.array([0.5, 2.0, -3.0]).reshape(3, 1, 1, 1)
+    np.testing.assert_allclose(flow.optimized_scale(v_c, lengths * v_c) * lengths, 1.0, rtol=1e-5)

@@ -68,6 +68,8 @@ def test_sample_py_refuses_bad_requests_in_one_line(tmp_path, monkeypatch, capsy
                          ([f"ckpt_dir={stage1}", "apg_eta=0.5"], "apg_eta is for guidance=apg"),
                          ([f"ckpt_dir={v_run}", "t_eps=0.9"], "this run predicts v: drop t_eps"),
                          ([f"ckpt_dir={stage1}", "guide_step=2", "rtol=1e-9"], "rtol is for the adaptive solvers"),
+                         ([f"ckpt_dir={stage1}", "guide_step=2", "solver=tsit5", "zero_steps=1"],
+                          "zero_steps is for the fixed-step solvers"),
                          # guide_ckpt_dir naming the run itself: its own-run rule (it guided away from itself)
                          ([f"ckpt_dir={stage1}", f"guide_ckpt_dir={stage1}"], "guide_step=8 is not before"),
                          # a mistyped weak run: named as guide_ckpt_dir (it said "pass ckpt_dir="), before any slow work

@@ -108,6 +108,14 @@ def guided_velocity(v_cond, v_uncond, scale: float):
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def optimized_scale(v_c, v_b):
+    """CFG-Zero*'s s* (Fan et al. 2025), per example: the scalar s that brings s v_b closest to v_c,
+    <v_c, v_b> / |v_b|^2. Guiding away from s* v_b instead of v_b leaves out the part of the two branches' gap that is
+    only a difference of length, which an undertrained flow's branches show (sampler.opt_scale; development_log.md)."""
+    axes = tuple(range(1, v_c.ndim))
+    return jnp.sum(v_c * v_b, axis=axes, keepdims=True) / (jnp.sum(jnp.square(v_b), axis=axes, keepdims=True) + 1e-8)
+
+
 def autoguided_velocity(v_cond, v_weak, v_uncond, auto_scale: float, cfg_scale: float):
     """Autoguidance (Karras et al. 2024) with optional plain guidance on top.
 

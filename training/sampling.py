@@ -40,7 +40,8 @@ def null_fn(cond_null) -> Callable:
 
 def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", t_eps: float = 0.05,
                   dtype=jnp.float32, cfg_interval=None, guidance: str = "cfg", apg_eta: float = 0.0,
-                  weak=None, guide_scale: float = 1.0, guide_interval=None) -> Callable:
+                  weak=None, guide_scale: float = 1.0, guide_interval=None, opt_scale: bool = False,
+                  zero_before: float = 0.0) -> Callable:
     """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1.
 
     cond: per-example model arguments after (x, t): an array of labels, or a tuple of arrays (stage 2:
@@ -51,7 +52,9 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
     guidance: "cfg" (plain) or "apg" (flow.projected_guided_velocity: the update's part along the conditional clean
     estimate kept with weight apg_eta) or "auto" (flow.autoguided_velocity: `weak`, a weaker model of the same
     architecture, guided away from with guide_scale within guide_interval (None: at every t), plus plain guidance
-    with cfg_scale within cfg_interval)."""
+    with cfg_scale within cfg_interval).
+    opt_scale: each branch guided away from (unconditional, weak) enters scaled by flow.optimized_scale (CFG-Zero*).
+    zero_before: the velocity is 0 for t < zero_before (CFG-Zero*'s zero-init of the first steps; 0: never)."""
     mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
     weak_mdl = None if weak is None else cast_floats(weak, dtype)
@@ -70,16 +73,23 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
         return v_c, v_u, jnp.split(out, 2)[0]
 
     def v(t, x, cond):
-        cond = cond if isinstance(cond, tuple) else (cond,)
+        out = guided(t, x, cond if isinstance(cond, tuple) else (cond,))
+        return out if zero_before <= 0.0 else jnp.where(t < zero_before, jnp.zeros_like(out), out)
+
+    def star(v_c, v_b):
+        return flow.optimized_scale(v_c, v_b) * v_b if opt_scale else v_b
+
+    def guided(t, x, cond):
         if cfg_scale == 1.0 and guidance != "auto":
             return raw(x, t, cond)[0]
         if cfg_scale == 1.0:   # autoguidance alone: no unconditional branch needed
             v_c = v_u = raw(x, t, cond)[0]
         else:
             v_c, v_u, out_c = cond_and_null(x, t, cond)
+            v_u = star(v_c, v_u)
         scale = within(cfg_interval, t, cfg_scale)
         if guidance == "auto":
-            return flow.autoguided_velocity(v_c, raw(x, t, cond, weak_mdl)[0], v_u,
+            return flow.autoguided_velocity(v_c, star(v_c, raw(x, t, cond, weak_mdl)[0]), v_u,
                                             within(guide_interval, t, guide_scale), scale)
         if guidance == "apg":
             return flow.projected_guided_velocity(v_c, v_u, flow.to_clean(out_c, x, t, prediction), scale, apg_eta)
@@ -194,6 +204,12 @@ def check_sampler(sampler_cfg):
     t_eps = None if t_eps is None else float(t_eps)
     if t_eps is not None and not 0.0 < t_eps < 1.0:
         raise UserError(f"sampler.t_eps={t_eps} must be in (0, 1), or null for the training value train.t_eps")
+    zero_steps = sampler_cfg.get("zero_steps", 0)
+    if zero_steps is not None and zero_steps != 0:
+        check_whole("sampler.zero_steps", zero_steps, 0, "the first steps whose velocity is zeroed")
+        if int(zero_steps) >= int(sampler_cfg.steps):
+            raise UserError(f"sampler.zero_steps={zero_steps} zeroes every one of the {sampler_cfg.steps} steps: "
+                            f"use fewer (CFG-Zero*: 1), or 0")
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
         raise UserError(f"sampler.noise={noise} must be >= 0, and > 0 only with sampler.solver=euler "
                         f"(Euler-Maruyama); got solver={sampler_cfg.solver!r}")
@@ -213,6 +229,10 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     62.5% of the way to the clean estimate, and that partial step is worth a lot of FD (development_log.md).
     weak: the weaker model for sampler_cfg.guidance = "auto" (training.checkpoint: an earlier EMA of the run)."""
     intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
+    zero_steps = int(sampler_cfg.get("zero_steps", 0) or 0)   # absent (runs saved before it existed): 0
+    zero_before = 0.0
+    if zero_steps and sampler_cfg.solver not in ADAPTIVE:   # between the last zeroed step's start and the next one's
+        zero_before = float(np.mean(time_grid(int(sampler_cfg.steps), shift)[zero_steps - 1:zero_steps + 1]))
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
     # A request smaller than a chunk runs as one smaller chunk; a part of a larger one (first > 0) keeps the request's
@@ -223,7 +243,8 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                 ("dtype", DTYPES[precision]), ("cfg_interval", intervals["cfg"]),
                 ("guide_interval", intervals["guide"]), ("guidance", str(sampler_cfg.get("guidance", "cfg"))),
                 ("apg_eta", float(sampler_cfg.get("apg_eta", 0.0))),
-                ("guide_scale", float(sampler_cfg.get("guide_scale", 1.0))))
+                ("guide_scale", float(sampler_cfg.get("guide_scale", 1.0))),
+                ("opt_scale", bool(sampler_cfg.get("opt_scale", False))), ("zero_before", zero_before))
     solver = (("solver", str(sampler_cfg.solver)), ("steps", int(sampler_cfg.steps)),
               ("rtol", float(sampler_cfg.rtol)), ("atol", float(sampler_cfg.atol)), ("noise", noise), ("shift", shift))
     run = _chunk_sampler(null_cond, tuple(int(d) for d in shape), chunk, velocity, solver)

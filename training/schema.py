@@ -69,7 +69,7 @@ SAMPLER = {   # training configs keep these under `sampler.`; sample.py has them
     "guidance": choice(*GUIDANCE),
     "apg_eta": real(), "guide_step": whole(1, null=True), "guide_scale": real(), "guide_interval": pair(),
     "shift": real(0, lo_open=True), "noise": real(0), "t_eps": real(0, 1, lo_open=True, hi_open=True, null=True),
-    "chunk": whole(1)}
+    "chunk": whole(1), "opt_scale": choice(True, False), "zero_steps": whole(0)}
 TRAINING = {
     "train.steps": whole(1), "train.batch_size": whole(1), "train.lr": real(0, lo_open=True),
     "train.seed": whole(0, hi=SEED_MAX),
