@@ -207,7 +207,7 @@ def check_sampler(sampler_cfg):
     zero_steps = sampler_cfg.get("zero_steps", 0)
     if zero_steps is not None and zero_steps != 0:
         check_whole("sampler.zero_steps", zero_steps, 0, "the first steps whose velocity is zeroed")
-        if int(zero_steps) >= int(sampler_cfg.steps):
+        if int(zero_steps) >= int(sampler_cfg.steps) and sampler_cfg.solver not in ADAPTIVE:   # those ignore it
             raise UserError(f"sampler.zero_steps={zero_steps} zeroes every one of the {sampler_cfg.steps} steps: "
                             f"use fewer (CFG-Zero*: 1), or 0")
     if noise < 0.0 or (noise > 0.0 and sampler_cfg.solver != "euler"):
