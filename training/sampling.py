@@ -40,8 +40,7 @@ def null_fn(cond_null) -> Callable:
 
 def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", t_eps: float = 0.05,
                   dtype=jnp.float32, cfg_interval=None, guidance: str = "cfg", apg_eta: float = 0.0,
-                  weak=None, guide_scale: float = 1.0, guide_interval=None, opt_scale: bool = False,
-                  zero_before: float = 0.0) -> Callable:
+                  weak=None, guide_scale: float = 1.0, guide_interval=None, opt_scale: bool = False) -> Callable:
     """v(t, x, cond) for a batch, with classifier-free guidance when cfg_scale != 1.
 
     cond: per-example model arguments after (x, t): an array of labels, or a tuple of arrays (stage 2:
@@ -53,8 +52,8 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
     estimate kept with weight apg_eta) or "auto" (flow.autoguided_velocity: `weak`, a weaker model of the same
     architecture, guided away from with guide_scale within guide_interval (None: at every t), plus plain guidance
     with cfg_scale within cfg_interval).
-    opt_scale: each branch guided away from (unconditional, weak) enters scaled by flow.optimized_scale (CFG-Zero*).
-    zero_before: the velocity is 0 for t < zero_before (CFG-Zero*'s zero-init of the first steps; 0: never)."""
+    opt_scale: each branch guided away from (unconditional, weak) enters scaled by flow.optimized_scale (CFG-Zero*;
+    its zero-init is `solve`'s start)."""
     mdl, null = cast_floats(model, dtype), null_fn(cond_null)
 
     weak_mdl = None if weak is None else cast_floats(weak, dtype)
@@ -72,14 +71,11 @@ def make_velocity(model, cond_null, *, cfg_scale: float, prediction: str = "v", 
         v_c, v_u = jnp.split(both, 2)
         return v_c, v_u, jnp.split(out, 2)[0]
 
-    def v(t, x, cond):
-        out = guided(t, x, cond if isinstance(cond, tuple) else (cond,))
-        return out if zero_before <= 0.0 else jnp.where(t < zero_before, jnp.zeros_like(out), out)
-
     def star(v_c, v_b):
         return flow.optimized_scale(v_c, v_b) * v_b if opt_scale else v_b
 
-    def guided(t, x, cond):
+    def v(t, x, cond):
+        cond = cond if isinstance(cond, tuple) else (cond,)
         if cfg_scale == 1.0 and guidance != "auto":
             return raw(x, t, cond)[0]
         if cfg_scale == 1.0:   # autoguidance alone: no unconditional branch needed
@@ -133,11 +129,14 @@ def time_grid(steps: int, shift: float = 1.0) -> np.ndarray:
 
 
 def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, atol: float = 1e-3, args=None,
-          noise: float = 0.0, key=None, shift: float = 1.0):
-    """(x at t = 1, diffrax's result code): the caller checks the code (sample raises on the host)."""
+          noise: float = 0.0, key=None, shift: float = 1.0, start: int = 0):
+    """(x at t = 1, diffrax's result code): the caller checks the code (sample raises on the host).
+    start (fixed-step solvers): the solve begins at the grid's time t_start from x0, as if the first `start` steps
+    had zero velocity (CFG-Zero*'s zero-init) without evaluating the model there."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: one of {', '.join(SOLVERS)}")
-    ts = time_grid(steps, shift)
+    ts = time_grid(steps, shift)[start:]
+    t0 = float(ts[0])
     # shift 1: uniform steps through ConstantStepSize (what runs saved before `shift` existed used); else StepTo(ts).
     fixed = (lambda t1: (diffrax.ConstantStepSize(), 1.0 / steps)) if shift == 1.0 else \
         (lambda t1: (diffrax.StepTo(ts=jnp.asarray(ts[ts <= t1 + 1e-9], jnp.float32)), None))
@@ -147,19 +146,21 @@ def solve(v, x0, *, solver: str = "euler", steps: int = 32, rtol: float = 1e-3, 
                              f"not {solver!r}")
         # Euler-Maruyama up to the last step, then one noise-free Euler step: noise injected there would stay in the
         # image (the final step moves to, or with t_eps > its length most of the way to, the clean estimate).
-        t_last = float(ts[-2])
-        controller, dt0 = fixed(t_last)
-        sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=0.0, t1=t_last, dt0=dt0,
-                                  y0=x0, args=args, saveat=diffrax.SaveAt(t1=True),
-                                  stepsize_controller=controller, max_steps=steps + 1, throw=False,
-                                  adjoint=diffrax.ForwardMode())   # no reverse-mode through sampling anyway
-        x = sol.ys[-1]
-        return x + (1.0 - t_last) * v(jnp.float32(t_last), x, args), sol.result
+        t_last = float(ts[-2]) if len(ts) > 1 else t0
+        x, result = x0, diffrax.RESULTS.successful
+        if t0 < t_last:   # else every step but the last was zeroed
+            controller, dt0 = fixed(t_last)
+            sol = diffrax.diffeqsolve(sde_terms(v, noise, x0.shape, key), diffrax.Euler(), t0=t0, t1=t_last, dt0=dt0,
+                                      y0=x0, args=args, saveat=diffrax.SaveAt(t1=True),
+                                      stepsize_controller=controller, max_steps=steps + 1, throw=False,
+                                      adjoint=diffrax.ForwardMode())   # no reverse-mode through sampling anyway
+            x, result = sol.ys[-1], sol.result
+        return x + (1.0 - t_last) * v(jnp.float32(t_last), x, args), result
     if solver in ADAPTIVE:
         (controller, dt0), max_steps = (diffrax.PIDController(rtol=rtol, atol=atol), 1.0 / steps), adaptive_cap(steps)
     else:
         (controller, dt0), max_steps = fixed(1.0), steps + 1
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(v), SOLVERS[solver](), t0=0.0, t1=1.0, dt0=dt0, y0=x0,
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(v), SOLVERS[solver](), t0=t0, t1=1.0, dt0=dt0, y0=x0,
                               args=args, saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
                               max_steps=max_steps, throw=False)
     return sol.ys[-1], sol.result
@@ -229,10 +230,8 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
     62.5% of the way to the clean estimate, and that partial step is worth a lot of FD (development_log.md).
     weak: the weaker model for sampler_cfg.guidance = "auto" (training.checkpoint: an earlier EMA of the run)."""
     intervals, shift, noise, own_t_eps = check_sampler(sampler_cfg)
-    zero_steps = int(sampler_cfg.get("zero_steps", 0) or 0)   # absent (runs saved before it existed): 0
-    zero_before = 0.0
-    if zero_steps and sampler_cfg.solver not in ADAPTIVE:   # between the last zeroed step's start and the next one's
-        zero_before = float(np.mean(time_grid(int(sampler_cfg.steps), shift)[zero_steps - 1:zero_steps + 1]))
+    # zeroed first steps (CFG-Zero*): the solve starts later; absent in runs saved before it existed; adaptive: ignored
+    start = 0 if sampler_cfg.solver in ADAPTIVE else int(sampler_cfg.get("zero_steps", 0) or 0)
     conds = tuple(np.asarray(c) for c in labels) if isinstance(labels, tuple) else (np.asarray(labels, np.int32),)
     n = len(conds[0])
     # A request smaller than a chunk runs as one smaller chunk; a part of a larger one (first > 0) keeps the request's
@@ -244,9 +243,10 @@ def sample(model, labels, key, *, null_cond, shape, sampler_cfg, prediction="v",
                 ("guide_interval", intervals["guide"]), ("guidance", str(sampler_cfg.get("guidance", "cfg"))),
                 ("apg_eta", float(sampler_cfg.get("apg_eta", 0.0))),
                 ("guide_scale", float(sampler_cfg.get("guide_scale", 1.0))),
-                ("opt_scale", bool(sampler_cfg.get("opt_scale", False))), ("zero_before", zero_before))
+                ("opt_scale", bool(sampler_cfg.get("opt_scale", False))))
     solver = (("solver", str(sampler_cfg.solver)), ("steps", int(sampler_cfg.steps)),
-              ("rtol", float(sampler_cfg.rtol)), ("atol", float(sampler_cfg.atol)), ("noise", noise), ("shift", shift))
+              ("rtol", float(sampler_cfg.rtol)), ("atol", float(sampler_cfg.atol)), ("noise", noise), ("shift", shift),
+              ("start", start))
     run = _chunk_sampler(null_cond, tuple(int(d) for d in shape), chunk, velocity, solver)
 
     out = None
